@@ -1,0 +1,37 @@
+# contralateral: two commands on a fresh machine -- `make demo` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# timm imports torchvision, and PyPI's torchvision only loads beside the matching torch build,
+# so torch and torchvision are pinned as a pair (see README "Install").
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+DEMO ?= demo
+DEMO_STUDIES ?= 40
+DEMO_SEED ?= 7
+STUDY_SEEDS ?= 0 1 2
+
+.PHONY: venv demo test bench study clean-demo
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/python -m pipelines.demo --out $(DEMO) --studies $(DEMO_STUDIES) --seed $(DEMO_SEED)
+
+test: venv
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: venv
+	$(BIN)/python benchmarks/prep_bench.py
+	$(BIN)/python benchmarks/loader_bench.py
+	$(BIN)/python benchmarks/train_bench.py
+
+clean-demo:
+	rm -rf $(DEMO)

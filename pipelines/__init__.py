@@ -1,0 +1,1 @@
+"""contralateral.pipelines: planning and Dask execution of builds, and end-to-end jobs (demo, study)."""

@@ -1,0 +1,3 @@
+from prep.cli import app
+
+app(prog_name="prep")
