@@ -1,0 +1,375 @@
+"""One synthetic screening study in memory: four views, lesion masks, boxes and true L/R correspondences.
+
+The two breasts of a study are one body model per view (a shared texture field plus an independent
+part per side, 70/30 in variance) seen through each side's own affine + elastic transform
+(`anatomy.SideTransform`); the R image is then mirrored for storage, as VinDr stores it (chest
+wall on the right edge). Findings live in the body frame of one side, so every image of that side
+(including a re-acquired duplicate view) shows them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from prep.synth import anatomy
+
+CATEGORIES = ("Mass", "Suspicious Calcification", "Focal Asymmetry", "Architectural Distortion")
+DENSITIES = ("A", "B", "C", "D")
+VIEWS = ("CC", "MLO")
+DEFAULT_IMAGES = (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))
+SIZES = ("small", "full")
+SMALL_FACTOR = 5  # `--size small`: the same physical field at 1/5 of the pixels
+
+# vendor -> (Manufacturer, Manufacturer's Model Name, [(rows, cols, spacing_mm) at full size])
+DEVICES = {
+    "SIEMENS": ("SIEMENS", "Mammomat Inspiration", [(3518, 2800, 0.085), (3580, 2812, 0.085)]),
+    "Planmed": ("Planmed", "Planmed Nuance", [(2812, 2012, 0.1)]),
+    "IMS": ("IMS GIOTTO S.p.A.", "GIOTTO IMAGE 3DL", [(4096, 3328, 0.07)]),
+}
+
+# density class -> (fibroglandular area fraction, fibroglandular contrast over fat)
+_DENSITY_TISSUE = {"A": (0.08, 0.22), "B": (0.25, 0.27), "C": (0.50, 0.31), "D": (0.75, 0.35)}
+_FINDING_BIRADS = {
+    "Mass": (3, 4, 5),
+    "Suspicious Calcification": (4, 5),
+    "Focal Asymmetry": (3, 4),
+    "Architectural Distortion": (4, 5),
+}
+_FAT_LEVEL = 0.30
+_SHARED_VARIANCE = 0.7  # bilateral model: 70 % of texture variance shared by both breasts
+_MAX_ROTATION_DEG = 4.0  # per side, so the L<->R relative rotation stays within ~8 deg
+_MAX_SCALE = 0.04  # per side, so the relative scale stays within ~+-8 %
+_MAX_ELASTIC_MM = 1.5
+_BODY_MARGIN_MM = 45.0
+
+
+def image_geometry(vendor: str, size: str, alt_shape: bool = False) -> tuple[int, int, float]:
+    """(rows, cols, spacing_mm) of a vendor's detector at `size` ('full' or 'small' = 1/5 pixels)."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    shapes = DEVICES[vendor][2]
+    rows, cols, spacing = shapes[1 if alt_shape and len(shapes) > 1 else 0]
+    if size == "small":
+        return int(round(rows / SMALL_FACTOR)), int(round(cols / SMALL_FACTOR)), spacing * SMALL_FACTOR
+    return rows, cols, spacing
+
+
+@dataclass
+class SynthImage:
+    """One rendered view. `image` is float32 [0, 1] bright = dense in the STORED orientation."""
+
+    laterality: str
+    view: str
+    image: np.ndarray
+    breast_mask: np.ndarray
+    lesion_mask: np.ndarray | None
+    findings: list[dict]  # category, birads, xmin, ymin, xmax, ymax (stored px, pixel edges)
+    spacing_mm: float
+    stored_chest_wall: str  # "left" for L, "right" for R
+
+
+@dataclass
+class SynthStudy:
+    images: list[SynthImage]
+    correspondences: dict[str, np.ndarray]  # view -> (N, 4) x_left, y_left, x_right, y_right (stored px)
+    density: str
+    breast_birads: dict[str, str]  # "L"/"R" -> "BI-RADS n"
+    finding_side: str | None
+    bilateral_benign: bool
+    beta: float
+    transforms: dict[tuple[str, str, int], anatomy.SideTransform] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Lesion:
+    """A finding in the body frame (mm) of one side and view."""
+
+    category: str
+    birads: int
+    centre_mm: tuple[float, float]
+    params: dict
+
+
+def _breast_shape(view: str, rows: int, cols: int, spacing: float, rng: np.random.Generator) -> anatomy.BreastShape:
+    h_mm, w_mm = rows * spacing, cols * spacing
+    if view == "CC":
+        half = min(rng.uniform(75.0, 125.0), 0.45 * h_mm)  # 150-250 mm along the chest wall
+        return anatomy.BreastShape(
+            depth_mm=min(rng.uniform(0.45, 0.66) * w_mm, 160.0),
+            centre_y_mm=h_mm / 2 + rng.uniform(-10.0, 10.0),
+            half_height_up_mm=half,
+            half_height_down_mm=half * rng.uniform(0.92, 1.08),
+            exponent=rng.uniform(2.0, 2.8),
+        )
+    centre = rng.uniform(0.52, 0.6) * h_mm
+    depth = min(rng.uniform(0.5, 0.68) * w_mm, 165.0)
+    return anatomy.BreastShape(
+        depth_mm=depth,
+        centre_y_mm=centre,
+        half_height_up_mm=centre * rng.uniform(1.2, 1.45),  # runs off the top edge into the axilla
+        half_height_down_mm=min(rng.uniform(0.3, 0.38) * h_mm, 0.96 * h_mm - centre),
+        exponent=rng.uniform(2.0, 2.6),
+        pectoral_width_mm=rng.uniform(0.32, 0.48) * depth,
+        pectoral_height_mm=rng.uniform(0.45, 0.62) * h_mm,
+    )
+
+
+def _sample_lesion(
+    category: str, birads: int, shape: anatomy.BreastShape, rng: np.random.Generator, at_chest_wall: bool
+) -> _Lesion:
+    if category == "Mass":
+        diameter = rng.uniform(6.0, 30.0)
+        ratio = rng.uniform(0.65, 1.0)
+        spiculated = rng.random() < 0.35
+        spicules = (
+            [(a, rng.uniform(0.5, 1.2) * diameter / 2) for a in rng.uniform(0, 360, rng.integers(8, 16))]
+            if spiculated else []
+        )
+        params = {"axes_mm": (diameter / 2, diameter / 2 * ratio), "angle": rng.uniform(0, 180),
+                  "spicules": spicules, "contrast": rng.uniform(0.24, 0.32)}
+        radius = diameter / 2
+    elif category == "Suspicious Calcification":
+        n = int(rng.integers(8, 21))
+        offsets = np.clip(rng.normal(0.0, 2.6, (n, 2)), -5.0, 5.0)  # a ~1 cm cluster
+        params = {"offsets_mm": offsets, "diameters_mm": rng.uniform(0.2, 0.6, n), "level": rng.uniform(0.9, 1.0)}
+        radius = 6.0
+    elif category == "Focal Asymmetry":
+        sig = (rng.uniform(8.0, 14.0), rng.uniform(6.0, 11.0))
+        params = {"sigmas_mm": sig, "angle": rng.uniform(0, 180), "contrast": rng.uniform(0.2, 0.26)}
+        radius = 1.5 * max(sig)
+    else:  # Architectural Distortion
+        n = int(rng.integers(10, 17))
+        rays = [(a, rng.uniform(10.0, 25.0)) for a in np.sort(rng.uniform(0, 360, n))]
+        params = {"rays_mm": rays, "width_mm": 0.45, "contrast": rng.uniform(0.28, 0.36)}
+        radius = max(r for _, r in rays)
+    if at_chest_wall:
+        # straddles the chest-wall edge so its annotated box runs off the image
+        qx = 0.3 * radius
+        qy = shape.centre_y_mm + rng.uniform(-0.3, 0.3) * shape.half_height_down_mm
+    else:
+        qy = shape.centre_y_mm + rng.uniform(-0.5, 0.5) * min(shape.half_height_up_mm, shape.half_height_down_mm)
+        depth = float(anatomy.breast_depth_mm(np.array(qy), shape))
+        lo, hi = max(radius + 6.0, 0.3 * depth), depth - radius - 8.0
+        if shape.pectoral_width_mm > 0:
+            lo = max(lo, shape.pectoral_width_mm * 0.6 + radius)
+        qx = rng.uniform(lo, max(lo, hi))
+    return _Lesion(category, birads, (float(qx), float(qy)), params)
+
+
+def _render_lesion(
+    lesion: _Lesion, transform: anatomy.SideTransform, shape_px: tuple[int, int], spacing: float
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """(density layer, mask, compositing mode) of a body-frame lesion in a side's canonical pixels."""
+    scale = float(np.sqrt(abs(np.linalg.det(transform.matrix)))) / spacing  # mm (body) -> side px
+    rotation = float(np.degrees(np.arctan2(transform.matrix[1, 0], transform.matrix[0, 0])))
+    cx_mm, cy_mm = transform.from_body(np.array(lesion.centre_mm[0]), np.array(lesion.centre_mm[1]))
+    centre = (float(cx_mm) / spacing, float(cy_mm) / spacing)
+    p = lesion.params
+    if lesion.category == "Mass":
+        density, mask = anatomy.mass_layer(
+            shape_px, centre, (p["axes_mm"][0] * scale, p["axes_mm"][1] * scale), p["angle"] + rotation,
+            [(a + rotation, length * scale) for a, length in p["spicules"]], 0.5 * scale, 1.0 * scale)
+        return density * p["contrast"], mask, "add"
+    if lesion.category == "Suspicious Calcification":
+        qx = lesion.centre_mm[0] + p["offsets_mm"][:, 0]
+        qy = lesion.centre_mm[1] + p["offsets_mm"][:, 1]
+        px, py = transform.from_body(qx, qy)
+        dots = np.stack([px / spacing, py / spacing], 1)
+        layer = anatomy.calcification_layer(shape_px, dots, p["diameters_mm"] / 2 * scale)
+        return layer * p["level"], anatomy.cluster_mask(shape_px, dots, 1.0 * scale), "max"
+    if lesion.category == "Focal Asymmetry":
+        density, mask = anatomy.asymmetry_layer(
+            shape_px, centre, (p["sigmas_mm"][0] * scale, p["sigmas_mm"][1] * scale), p["angle"] + rotation)
+        return density * p["contrast"], mask, "add"
+    density, mask = anatomy.distortion_layer(
+        shape_px, centre, [(a + rotation, r * scale) for a, r in p["rays_mm"]], p["width_mm"] * scale)
+    return density * p["contrast"], mask, "add"
+
+
+def _composite(image: np.ndarray, layer: np.ndarray, mode: str, breast: np.ndarray) -> np.ndarray:
+    if mode == "add":
+        out = image + layer * breast
+    else:
+        out = np.where(breast & (layer > image), layer, image)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def _add_artefacts(image: np.ndarray, label: str | None, chest_wall_right: bool, spacing: float,
+                   rng: np.random.Generator) -> np.ndarray:
+    """Burned-in label, markers and collimator line, drawn in the stored orientation."""
+    rows, cols = image.shape
+    away_right = not chest_wall_right  # markers go on the side away from the chest wall
+    if label:
+        image = anatomy.burn_label(image, label, away_right, spacing)
+    margin = int(round(12.0 / spacing))
+    if rng.random() < 0.3:
+        x = cols - margin if away_right else margin
+        image = anatomy.lead_marker(image, (x, rows - margin), spacing)
+    if rng.random() < 0.2:
+        x0 = int(round(cols - margin - 5 * 10.0 / spacing)) if away_right else margin
+        image = anatomy.ruler_dots(image, (x0, rows - margin // 2), spacing)
+    if rng.random() < 0.15:
+        image = anatomy.collimator_line(image, "top" if rng.random() < 0.5 else "bottom", spacing)
+    return image
+
+
+def _correspondences(
+    t_left: anatomy.SideTransform, t_right: anatomy.SideTransform, mask_left: np.ndarray,
+    mask_right_canonical: np.ndarray, spacing: float, rng: np.random.Generator, n: int = 256,
+) -> np.ndarray:
+    """Points inside the left breast (stored px) and their true stored positions in the right image."""
+    ys, xs = np.nonzero(mask_left)
+    rows_r, cols_r = mask_right_canonical.shape
+    kept = np.zeros((0, 4))
+    for _ in range(8):
+        pick = rng.integers(0, xs.size, 4 * n)
+        xl = xs[pick] + rng.uniform(-0.5, 0.5, pick.size)
+        yl = ys[pick] + rng.uniform(-0.5, 0.5, pick.size)
+        qx, qy = t_left.to_body(xl * spacing, yl * spacing)
+        px, py = t_right.from_body(qx, qy)
+        xr, yr = px / spacing, py / spacing
+        ix, iy = np.round(xr).astype(int), np.round(yr).astype(int)
+        ok = (ix >= 0) & (ix < cols_r) & (iy >= 0) & (iy < rows_r)
+        ok[ok] = mask_right_canonical[iy[ok], ix[ok]]
+        # stored R = canonical R mirrored: x_stored = cols - 1 - x_canonical (pixel centres)
+        rows_ok = np.stack([xl[ok], yl[ok], (cols_r - 1) - xr[ok], yr[ok]], 1)
+        kept = np.concatenate([kept, rows_ok])[:n]
+        if len(kept) >= n:
+            break
+    return kept.astype(np.float64)
+
+
+def make_study(
+    rng_seed,
+    size: str = "small",
+    *,
+    vendor: str = "SIEMENS",
+    density: str | None = None,
+    finding: str | None = None,
+    finding_side: str = "L",
+    bilateral_benign: bool = False,
+    box_outside: bool = False,
+    images: tuple[tuple[str, str], ...] = DEFAULT_IMAGES,
+    alt_shape_right: bool = False,
+    burned_label: bool | None = None,
+    artefacts: bool = True,
+) -> SynthStudy:
+    """Render one study in memory (no DICOM, no files).
+
+    rng_seed: anything `np.random.default_rng` accepts; the same seed gives the same arrays.
+    finding: one of `CATEGORIES` on `finding_side` (both views of that breast), or None.
+    box_outside: the finding straddles the chest-wall edge and its boxes overshoot the image by
+      5-30 px (negative xmin on L images, xmax > width on R images), like some VinDr boxes.
+    images: (laterality, view) list to render; repeat an entry for a re-acquired duplicate view.
+    alt_shape_right: R images use the vendor's alternative detector shape (L/R shape mismatch).
+    """
+    rng = np.random.default_rng(rng_seed)
+    if finding is not None and finding not in CATEGORIES:
+        raise ValueError(f"finding must be one of {CATEGORIES}, got {finding!r}")
+    density = density or str(rng.choice(DENSITIES, p=[0.05, 0.2, 0.55, 0.2]))
+    dense_fraction, dense_contrast = _DENSITY_TISSUE[density]
+    beta = float(rng.uniform(2.8, 3.2))
+    burned_label = vendor == "SIEMENS" if burned_label is None else burned_label
+    rendered: list[SynthImage] = []
+    transforms: dict[tuple[str, str, int], anatomy.SideTransform] = {}
+    correspondences: dict[str, np.ndarray] = {}
+    # one lesion per breast: the same category and assessment in both of its views
+    finding_birads = int(rng.choice(_FINDING_BIRADS[finding])) if finding else 0
+
+    for view in VIEWS:
+        view_images = [(lat, v) for lat, v in images if v == view]
+        if not view_images:
+            continue
+        geom = {lat: image_geometry(vendor, size, alt_shape_right and lat == "R") for lat in ("L", "R")}
+        spacing = geom["L"][2]
+        rows_max = max(g[0] for g in geom.values())
+        cols_max = max(g[1] for g in geom.values())
+        shape = _breast_shape(view, geom["L"][0], geom["L"][1], spacing, rng)
+        margin_px = int(round(_BODY_MARGIN_MM / spacing))
+        body_px = (rows_max + 2 * margin_px, cols_max + 2 * margin_px)
+        origin = (-margin_px * spacing, -margin_px * spacing)
+        shared = anatomy.power_law_field(body_px, beta, rng)
+        own = {lat: anatomy.power_law_field(body_px, beta, rng) for lat in ("L", "R")}
+        lesion = None
+        if finding is not None:
+            lesion = _sample_lesion(finding, finding_birads, shape, rng, at_chest_wall=box_outside)
+        overshoot = float(rng.uniform(5.0, 30.0)) if box_outside else 0.0
+        benign_dots = None
+        if bilateral_benign:
+            n = int(rng.integers(3, 7))
+            qy = shape.centre_y_mm + rng.uniform(-0.5, 0.5, n) * shape.half_height_down_mm
+            qx = rng.uniform(0.3, 0.75, n) * anatomy.breast_depth_mm(qy, shape)
+            benign_dots = (qx, qy, rng.uniform(1.0, 2.5, n))
+        threshold = None
+        first_canonical: dict[str, tuple[anatomy.SideTransform, np.ndarray]] = {}
+        falloff = rng.uniform(6.0, 10.0)
+        pectoral_level = rng.uniform(0.62, 0.72)
+        for occurrence, (lat, _) in enumerate(view_images):
+            rows, cols, _ = geom[lat]
+            transform = anatomy.random_side_transform(
+                rng, (0.0, shape.centre_y_mm), _MAX_ROTATION_DEG, _MAX_SCALE, (-6.0, 0.0), 8.0, _MAX_ELASTIC_MM)
+            transforms[(lat, view, occurrence)] = transform
+            px, py = anatomy.pixel_grid_mm(rows, cols, spacing)
+            qx, qy = transform.to_body(px, py)
+            breast = anatomy.breast_inside(qx, qy, shape)
+            pectoral = anatomy.pectoral_inside(qx, qy, shape) & breast
+            texture = (np.sqrt(_SHARED_VARIANCE) * anatomy.sample_body_field(shared, origin, spacing, qx, qy)
+                       + np.sqrt(1 - _SHARED_VARIANCE) * anatomy.sample_body_field(own[lat], origin, spacing, qx, qy))
+            envelope = 1.2 * anatomy.gland_envelope(qx, qy, shape)
+            if threshold is None:
+                threshold = anatomy.tissue_threshold(texture, envelope, breast & ~pectoral, dense_fraction)
+            dense = anatomy.dense_tissue(texture, envelope, threshold, softness=0.6)
+            distance = anatomy.inside_distance_mm(breast, spacing)
+            thickness = anatomy.skin_falloff(distance, falloff)
+            gland = _FAT_LEVEL + dense_contrast * dense + 0.04 * texture
+            muscle = pectoral_level + 0.04 * texture - 0.08 * (qy / (shape.pectoral_height_mm or 1.0))
+            image = np.where(pectoral, muscle, gland) * thickness
+            image = np.clip(image, 0.0, 1.0).astype(np.float32)
+            lesion_mask = None
+            findings: list[dict] = []
+            if lesion is not None and lat == finding_side:
+                layer, lesion_mask, mode = _render_lesion(lesion, transform, (rows, cols), spacing)
+                lesion_mask &= breast
+                image = _composite(image, layer, mode, breast)
+                box = anatomy.box_of(lesion_mask)
+                if box is not None:
+                    xmin, ymin, xmax, ymax = box
+                    xmin -= overshoot  # canonical chest wall is x = 0
+                    findings.append({"category": lesion.category, "birads": f"BI-RADS {lesion.birads}",
+                                     "xmin": xmin, "ymin": ymin, "xmax": xmax, "ymax": ymax})
+            if benign_dots is not None:
+                bx, by = transform.from_body(benign_dots[0], benign_dots[1])
+                dots = np.stack([bx / spacing, by / spacing], 1)
+                radii = benign_dots[2] / 2 / spacing
+                image = _composite(image, 0.95 * anatomy.calcification_layer((rows, cols), dots, radii), "max", breast)
+            image = anatomy.quantum_noise(image, 0.02, rng)
+            if lat not in first_canonical:
+                first_canonical[lat] = (transform, breast)
+            if lat == "R":  # VinDr stores R breasts with the chest wall on the right edge
+                image, breast = image[:, ::-1], breast[:, ::-1]
+                lesion_mask = None if lesion_mask is None else lesion_mask[:, ::-1]
+                for f in findings:
+                    f["xmin"], f["xmax"] = cols - f["xmax"], cols - f["xmin"]
+            if artefacts:
+                image = _add_artefacts(np.ascontiguousarray(image), f"{lat}-{view}" if burned_label else None,
+                                       lat == "R", spacing, rng)
+            rendered.append(SynthImage(lat, view, np.ascontiguousarray(image, np.float32),
+                                       np.ascontiguousarray(breast), None if lesion_mask is None
+                                       else np.ascontiguousarray(lesion_mask), findings, spacing,
+                                       "right" if lat == "R" else "left"))
+        if "L" in first_canonical and "R" in first_canonical:
+            (t_l, mask_l), (t_r, mask_r) = first_canonical["L"], first_canonical["R"]
+            correspondences[view] = _correspondences(t_l, t_r, mask_l, mask_r, spacing, rng)
+
+    birads = {}
+    for lat in ("L", "R"):
+        if finding is not None and lat == finding_side:
+            birads[lat] = f"BI-RADS {finding_birads}"
+        elif bilateral_benign:
+            birads[lat] = "BI-RADS 2"
+        else:
+            birads[lat] = "BI-RADS 2" if rng.random() < 0.25 else "BI-RADS 1"
+    return SynthStudy(rendered, correspondences, density, birads, finding_side if finding else None,
+                      bilateral_benign, beta, transforms)
