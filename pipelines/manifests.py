@@ -1,0 +1,165 @@
+"""Parquet manifests of a build: explicit schemas, atomic writes, assembly from per-group parts.
+
+Layout under the manifest folder (`data_manifests/<build>/` by default):
+  images.parquet, pairs.parquet, samples.parquet, rejects.parquet, shards.parquet  (final, sorted)
+  build.json, wids.json
+  parts/<split>-g<group>.<table>.parquet + parts/<split>-g<group>.done.json        (one set per shard group)
+
+`samples.parquet.shard` and `shards.parquet.shard` are paths relative to the shard folder
+(`<split>/<build>-<split>-NNNNNN.tar`); `offset` is the sample's index inside that tar.
+`wids.json` urls are relative to the manifest folder (wids resolves relative urls against the json's
+own location), so a build can be moved as long as both folders move together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import IO, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TABLES = ("images", "pairs", "samples", "rejects", "shards")
+
+FINDING = pa.struct([("category", pa.string()), ("birads", pa.string()), ("xmin", pa.float64()),
+                     ("ymin", pa.float64()), ("xmax", pa.float64()), ("ymax", pa.float64())])
+
+IMAGES_SCHEMA = pa.schema([
+    ("dataset", pa.string()), ("study_id", pa.string()), ("series_id", pa.string()), ("image_id", pa.string()),
+    ("rel_path", pa.string()), ("laterality", pa.string()), ("view", pa.string()), ("split", pa.string()),
+    ("manufacturer", pa.string()), ("transfer_syntax", pa.string()), ("photometric", pa.string()),
+    ("bits_stored", pa.int32()), ("rows", pa.int32()), ("cols", pa.int32()), ("spacing_mm", pa.list_(pa.float64())),
+    ("voi_kind", pa.string()), ("inverted", pa.bool_()), ("laterality_tag", pa.string()), ("view_tag", pa.string()),
+    ("chest_wall_side", pa.string()), ("orientation_flag", pa.string()), ("breast_area_mm2", pa.float64()),
+    ("findings", pa.list_(FINDING)), ("breast_birads", pa.string()), ("breast_density", pa.string()),
+    ("status", pa.string()), ("reason", pa.string()),
+])
+
+PAIRS_SCHEMA = pa.schema([
+    ("dataset", pa.string()), ("split", pa.string()), ("study_id", pa.string()), ("view", pa.string()),
+    ("left_image_id", pa.string()), ("right_image_id", pa.string()),
+    ("affine_l_to_r", pa.list_(pa.float64())), ("affine_r_to_l", pa.list_(pa.float64())),
+    ("method", pa.string()), ("ecc_mask", pa.float64()), ("ecc_intensity", pa.float64()), ("dice", pa.float64()),
+    ("area_ratio", pa.float64()), ("rotation_deg", pa.float64()), ("scale", pa.float64()), ("reg_ok", pa.bool_()),
+    ("reason", pa.string()), ("n_samples", pa.int64()), ("seconds", pa.float64()), ("seed", pa.int64()),
+    ("status", pa.string()),
+])
+
+# The label fields are read by evaluation only (ARCHITECTURE.md "Shards and manifests").
+SAMPLE_FIELDS = [
+    ("key", pa.string()), ("shard", pa.string()), ("offset", pa.int64()), ("dataset", pa.string()),
+    ("split", pa.string()), ("study_id", pa.string()), ("view", pa.string()), ("ipsi_lat", pa.string()),
+    ("ipsi_image_id", pa.string()), ("contra_image_id", pa.string()), ("patch_px", pa.int32()),
+    ("mm_per_px", pa.float64()),
+    ("ipsi_cx", pa.float64()), ("ipsi_cy", pa.float64()), ("contra_cx", pa.float64()), ("contra_cy", pa.float64()),
+    ("ipsi_cx_orig", pa.float64()), ("ipsi_cy_orig", pa.float64()),
+    ("contra_cx_orig", pa.float64()), ("contra_cy_orig", pa.float64()),
+    ("tissue_frac_ipsi", pa.float64()), ("tissue_frac_contra", pa.float64()),
+    ("ipsi_abnormal", pa.bool_()), ("contra_abnormal", pa.bool_()), ("lesion_overlap", pa.float64()),
+    ("finding_categories", pa.list_(pa.string())), ("finding_birads", pa.list_(pa.string())),
+    ("breast_birads_ipsi", pa.string()), ("breast_birads_contra", pa.string()), ("density", pa.string()),
+    ("seed", pa.int64()), ("sampling", pa.string()),
+]
+SAMPLES_SCHEMA = pa.schema(SAMPLE_FIELDS)
+# what process_pair's PatchSample.meta must provide (the rest is added by the build)
+SAMPLE_META_KEYS = tuple(n for n, _ in SAMPLE_FIELDS if n not in ("key", "shard", "offset", "split", "dataset"))
+
+REJECTS_SCHEMA = pa.schema([
+    ("dataset", pa.string()), ("split", pa.string()), ("study_id", pa.string()), ("view", pa.string()),
+    ("image_id", pa.string()), ("laterality", pa.string()), ("level", pa.string()),  # image | pair
+    ("stage", pa.string()),  # plan | decode | process
+    ("reason", pa.string()), ("detail", pa.string()),
+])
+
+SHARDS_SCHEMA = pa.schema([
+    ("shard", pa.string()), ("split", pa.string()), ("group", pa.int64()), ("nsamples", pa.int64()),
+    ("bytes", pa.int64()), ("sha256", pa.string()),
+])
+
+SCHEMAS = {"images": IMAGES_SCHEMA, "pairs": PAIRS_SCHEMA, "samples": SAMPLES_SCHEMA,
+           "rejects": REJECTS_SCHEMA, "shards": SHARDS_SCHEMA}
+SORT_KEYS = {"images": ["study_id", "image_id"], "pairs": ["split", "study_id", "view"],
+             "samples": ["shard", "offset"], "rejects": ["study_id", "view", "image_id", "reason"],
+             "shards": ["shard"]}
+
+TMP_SUFFIX = ".tmp"
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path) -> Iterator[IO[bytes]]:
+    """Write `path` through a temp file in the same folder: fsync, then os.replace (never a partial file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_open(path) as handle:
+        handle.write(data)
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def write_table(path: Path, name: str, rows: list[dict]) -> None:
+    """Rows -> Parquet with the table's explicit schema, atomically."""
+    table = pa.Table.from_pylist(rows, schema=SCHEMAS[name])
+    with atomic_open(path) as handle:
+        pq.write_table(table, handle)
+
+
+def read_table(path: Path, name: str) -> pa.Table:
+    return pq.read_table(path, schema=SCHEMAS[name])
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def remove_stray_temp_files(folder: Path) -> list[Path]:
+    """Delete leftovers of interrupted atomic writes (`*.tmp`) under `folder`; returns what was removed."""
+    removed = []
+    if Path(folder).is_dir():
+        for tmp in sorted(Path(folder).rglob(f"*{TMP_SUFFIX}")):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+def assemble(parts: list[Path], name: str, extra_rows: list[dict] | None = None) -> pa.Table:
+    """Concatenate part files (given in sorted order) plus client-side rows, sorted by the table's key."""
+    tables = [read_table(p, name) for p in parts]
+    if extra_rows:
+        tables.append(pa.Table.from_pylist(extra_rows, schema=SCHEMAS[name]))
+    table = pa.concat_tables(tables) if tables else SCHEMAS[name].empty_table()
+    return table.sort_by([(k, "ascending") for k in SORT_KEYS[name]])
+
+
+def write_final_table(path: Path, table: pa.Table) -> None:
+    with atomic_open(path) as handle:
+        pq.write_table(table, handle)
+
+
+def wids_index(shard_rows: list[dict], shards_dir: Path, manifests_dir: Path, name: str) -> dict:
+    """The wids shard list; urls relative to the manifest folder."""
+    shardlist = [{"url": os.path.relpath(Path(shards_dir) / r["shard"], manifests_dir), "nsamples": r["nsamples"]}
+                 for r in sorted(shard_rows, key=lambda r: r["shard"])]
+    return {"wids_version": 1, "name": name, "shardlist": shardlist}

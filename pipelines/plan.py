@@ -1,0 +1,208 @@
+"""Plan a build: images table -> (study, view) pairs -> rejects with reasons -> shard groups per split.
+
+Everything here runs in the client and reads headers only (through the dataset adapter). The plan is
+deterministic for given inputs and options; its hash names the build and guards resumes.
+
+Plan-stage reject reasons (rejects.parquet `stage == "plan"`):
+  image level: the `prep.decode.UnsupportedImage` reason of the header check (unreadable, for_processing,
+    multi_frame, colour, bad_geometry, ...), `missing_file`, `unknown_laterality`, `unknown_view`
+  pair level: `duplicate_view` (a side has more than one image for the view), `missing_partner` (no image of
+    the other side), `laterality_disagreement` / `view_disagreement` (labels vs header tags; the whole pair
+    is rejected), `partner_rejected` (the other image of the pair was rejected).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+from pipelines.shards import derive_seed
+from prep.config import PrepConfig
+from prep.datasets import ImageRecord
+
+PLAN_VERSION = 1
+LATERALITIES = ("L", "R")
+VIEWS = ("CC", "MLO")
+PAIR_FLAGS = ("laterality_disagreement", "view_disagreement")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything that changes the bytes of a build (its hash guards resumes)."""
+
+    dataset: str
+    prep: PrepConfig = field(default_factory=PrepConfig)
+    codec: str = "npy"
+    shard_max_samples: int = 10_000
+    shard_max_bytes: int = 500_000_000
+    group_pairs: int = 100
+
+    def __post_init__(self) -> None:
+        if self.shard_max_samples < 1 or self.shard_max_bytes < 1 or self.group_pairs < 1:
+            raise ValueError("shard_max_samples, shard_max_bytes and group_pairs must be positive")
+
+    def to_dict(self) -> dict:
+        return {"dataset": self.dataset, "prep": self.prep.to_dict(), "codec": self.codec,
+                "shard_max_samples": self.shard_max_samples, "shard_max_bytes": self.shard_max_bytes,
+                "group_pairs": self.group_pairs}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BuildOptions":
+        return cls(**{**data, "prep": PrepConfig.from_dict(data["prep"])})
+
+
+@dataclass
+class PlannedPair:
+    split: str
+    study_id: str
+    view: str
+    group: int
+    seed: int
+    left: ImageRecord
+    right: ImageRecord
+
+
+@dataclass
+class ShardGroup:
+    split: str
+    group: int
+    pairs: list[PlannedPair]
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-g{self.group:06d}"
+
+    def to_dict(self) -> dict:
+        return {"split": self.split, "group": self.group,
+                "pairs": [{**dataclasses.asdict(p), "left": p.left.to_dict(), "right": p.right.to_dict()}
+                          for p in self.pairs]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ShardGroup":
+        pairs = [PlannedPair(**{**p, "left": ImageRecord.from_dict(p["left"]),
+                                "right": ImageRecord.from_dict(p["right"])}) for p in data["pairs"]]
+        return cls(split=data["split"], group=data["group"], pairs=pairs)
+
+
+@dataclass
+class Plan:
+    options: BuildOptions
+    records: list[ImageRecord]
+    groups: list[ShardGroup]
+    rejects: list[dict]  # rejects.parquet rows, stage "plan"
+    rejected_images: list[ImageRecord]
+    config_hash: str
+
+    @property
+    def pairs(self) -> list[PlannedPair]:
+        return [p for g in self.groups for p in g.pairs]
+
+    def default_build_name(self) -> str:
+        return f"{self.options.dataset}-{self.config_hash[:8]}"
+
+    def counts(self) -> dict:
+        pairs_per_split = Counter(p.split for p in self.pairs)
+        return {"images": len(self.records), "pairs": dict(sorted(pairs_per_split.items())),
+                "groups": dict(sorted(Counter(g.split for g in self.groups).items())),
+                "rejects": dict(sorted(Counter(r["reason"] for r in self.rejects).items()))}
+
+
+def reject_row(record: ImageRecord, reason: str, detail: str, level: str, stage: str = "plan") -> dict:
+    return {"dataset": record.dataset, "split": record.split, "study_id": record.study_id, "view": record.view,
+            "image_id": record.image_id, "laterality": record.laterality, "level": level, "stage": stage,
+            "reason": reason, "detail": detail}
+
+
+def image_reject_reason(record: ImageRecord) -> tuple[str, str] | None:
+    """Why this image cannot be used on its own, from its header and labels; None when it can."""
+    if record.header_error:
+        return record.header_error, record.header_detail or ""
+    if record.laterality not in LATERALITIES:
+        return "unknown_laterality", f"laterality {record.laterality!r}"
+    if record.view not in VIEWS:
+        return "unknown_view", f"view {record.view!r}"
+    return None
+
+
+def pair_images(records: list[ImageRecord]) -> tuple[list[tuple[ImageRecord, ImageRecord]], list[dict]]:
+    """(left, right) per (study, view) and the plan rejects of every image that is not in a pair."""
+    by_pair: dict[tuple[str, str], list[ImageRecord]] = {}
+    rejects: list[dict] = []
+    for record in records:
+        problem = image_reject_reason(record)
+        if problem and problem[0] in ("unknown_laterality", "unknown_view"):
+            rejects.append(reject_row(record, *problem, level="image"))
+            continue
+        by_pair.setdefault((record.study_id, record.view), []).append(record)
+
+    pairs = []
+    for (study_id, view), members in sorted(by_pair.items()):
+        sides = {lat: [m for m in members if m.laterality == lat] for lat in LATERALITIES}
+        if any(len(sides[lat]) > 1 for lat in LATERALITIES):
+            lats = "".join(m.laterality for m in members)
+            rejects += [reject_row(m, "duplicate_view", f"{view} images per side: {lats}", "pair") for m in members]
+            continue
+        if not sides["L"] or not sides["R"]:
+            for m in members:
+                problem = image_reject_reason(m)
+                rejects.append(reject_row(m, *problem, level="image") if problem else
+                               reject_row(m, "missing_partner", f"no {view} image of the other side", "pair"))
+            continue
+        left, right = sides["L"][0], sides["R"][0]
+        problems = {m.image_id: image_reject_reason(m) for m in (left, right)}
+        if any(problems.values()):
+            for m in (left, right):
+                if problems[m.image_id]:
+                    rejects.append(reject_row(m, *problems[m.image_id], level="image"))
+                else:
+                    other = next(p for p in problems.values() if p)
+                    rejects.append(reject_row(m, "partner_rejected", f"partner rejected: {other[0]}", "pair"))
+            continue
+        flags = [f for f in PAIR_FLAGS if f in left.flags or f in right.flags]
+        if flags:
+            detail = "; ".join(f"{m.laterality}: labels {m.laterality}-{m.view}, header "
+                               f"{m.header.get('laterality_tag')}-{m.header.get('view_tag')}" for m in (left, right))
+            rejects += [reject_row(m, flags[0], detail, "pair") for m in (left, right)]
+            continue
+        pairs.append((left, right))
+    return pairs, rejects
+
+
+def study_bucket(study_id: str) -> int:
+    return int(hashlib.sha256(study_id.encode()).hexdigest()[:12], 16)
+
+
+def make_plan(records: list[ImageRecord], options: BuildOptions) -> Plan:
+    """Pair, reject and group the images; groups are hash(study) buckets within each split."""
+    pairs, rejects = pair_images(records)
+    groups: list[ShardGroup] = []
+    for split in sorted({left.split for left, _ in pairs}):
+        split_pairs = [(l, r) for l, r in pairs if l.split == split]
+        n_groups = max(1, math.ceil(len(split_pairs) / options.group_pairs))
+        buckets: dict[int, list[PlannedPair]] = {}
+        for left, right in split_pairs:
+            group = study_bucket(left.study_id) % n_groups
+            seed = derive_seed(options.prep.seed, options.dataset, left.study_id, left.view)
+            buckets.setdefault(group, []).append(
+                PlannedPair(split=split, study_id=left.study_id, view=left.view, group=group, seed=seed,
+                            left=left, right=right))
+        groups += [ShardGroup(split, g, sorted(ps, key=lambda p: (p.study_id, p.view)))
+                   for g, ps in sorted(buckets.items())]
+    paired = {r.image_id for g in groups for p in g.pairs for r in (p.left, p.right)}
+    rejected_images = [r for r in records if r.image_id not in paired]
+    rejects.sort(key=lambda r: (r["study_id"], r["view"], r["image_id"], r["reason"]))
+    return Plan(options=options, records=records, groups=groups, rejects=rejects,
+                rejected_images=rejected_images, config_hash=plan_hash(options, groups))
+
+
+def plan_hash(options: BuildOptions, groups: list[ShardGroup]) -> str:
+    """16 hex chars over the options and the exact pair -> group assignment (inputs by id and path)."""
+    layout = [[g.split, g.group, [[p.study_id, p.view, p.left.image_id, p.left.rel_path, p.right.image_id,
+                                   p.right.rel_path] for p in g.pairs]] for g in groups]
+    blob = json.dumps({"version": PLAN_VERSION, "options": options.to_dict(), "groups": layout},
+                      sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,124 @@
+"""WebDataset shards: sample encoding, reproducible tar writing, deterministic shard numbering.
+
+Shard path: `<out>/<split>/<build>-<split>-NNNNNN.tar`. Shard group `g` of a split owns the index block
+[g * SHARD_STRIDE, (g + 1) * SHARD_STRIDE): its k-th tar is `g * SHARD_STRIDE + k`. The index therefore depends
+only on the plan (never on which worker finished first), a group can be rewritten without renumbering any
+other, and a resumed build reproduces the same names. Index blocks are sparse (list shards with `wids.json`,
+`shards.parquet` or a glob, not a brace range).
+
+Tars are byte-reproducible: webdataset's `TarWriter` with mtime=0, fixed user/group/mode, members of a sample
+in sorted order (`contra.<codec>`, `ipsi.<codec>`, `json`), samples shuffled with a seeded RNG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from webdataset.writer import TarWriter
+
+from pipelines.manifests import atomic_open, sha256_file
+from prep.codec import encode_patch
+
+SHARD_STRIDE = 1000
+TAR_BLOCK = 512
+TAR_USER = "contralateral"
+TAR_MODE = 0o444
+
+
+class ShardLimitError(Exception):
+    """A shard group needs more than SHARD_STRIDE shards (reason `group_too_large`)."""
+
+    reason = "group_too_large"
+
+
+def shard_name(build: str, split: str, index: int) -> str:
+    return f"{build}-{split}-{index:06d}.tar"
+
+
+def shard_relpath(build: str, split: str, group: int, part: int) -> str:
+    """`<split>/<build>-<split>-NNNNNN.tar` for the `part`-th tar of shard group `group`."""
+    if part >= SHARD_STRIDE:
+        raise ShardLimitError(f"group {group} of {split} needs more than {SHARD_STRIDE} shards: "
+                              "lower --group-pairs or raise --shard-max-samples/--shard-max-bytes")
+    return f"{split}/{shard_name(build, split, group * SHARD_STRIDE + part)}"
+
+
+def group_of_shard_index(index: int) -> int:
+    return index // SHARD_STRIDE
+
+
+def derive_seed(*parts: object) -> int:
+    """A 31-bit seed from any tuple of values (stable across processes and Python versions)."""
+    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+@dataclass
+class EncodedSample:
+    """One sample ready for a tar: `row` is its samples.parquet row minus shard/offset (= the json member)."""
+
+    row: dict
+    members: dict[str, bytes]
+
+    @property
+    def tar_bytes(self) -> int:
+        return sum(TAR_BLOCK + -(-len(v) // TAR_BLOCK) * TAR_BLOCK for v in self.members.values())
+
+
+def encode_sample(row: dict, ipsi: np.ndarray, contra: np.ndarray, codec: str) -> EncodedSample:
+    members = {f"ipsi.{codec}": encode_patch(ipsi, codec), f"contra.{codec}": encode_patch(contra, codec),
+               "json": json.dumps(row, sort_keys=True, separators=(",", ":")).encode()}
+    return EncodedSample(row=row, members=members)
+
+
+def write_tar(path: Path, samples: list[EncodedSample]) -> None:
+    """Write samples in the given order to `path`, atomically and byte-reproducibly."""
+    with atomic_open(path) as handle:
+        writer = TarWriter(handle, user=TAR_USER, group=TAR_USER, mode=TAR_MODE, encoder=False, mtime=0)
+        for sample in samples:
+            writer.write({"__key__": sample.row["key"], **sample.members})
+        writer.close()
+
+
+@dataclass
+class ShardRoller:
+    """Buffers a group's samples and writes a shuffled tar whenever a limit would be exceeded.
+
+    Memory is bounded by one shard (max_bytes). `rows` collects the samples.parquet rows (with shard and
+    offset) and `shards` the shards.parquet rows of everything written so far.
+    """
+
+    shards_dir: Path
+    build: str
+    split: str
+    group: int
+    seed: int
+    max_samples: int
+    max_bytes: int
+    rows: list[dict] = field(default_factory=list)
+    shards: list[dict] = field(default_factory=list)
+    _buffer: list[EncodedSample] = field(default_factory=list)
+    _buffer_bytes: int = 0
+
+    def add(self, sample: EncodedSample) -> None:
+        if self._buffer and (len(self._buffer) >= self.max_samples
+                             or self._buffer_bytes + sample.tar_bytes > self.max_bytes):
+            self.flush()
+        self._buffer.append(sample)
+        self._buffer_bytes += sample.tar_bytes
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        relpath = shard_relpath(self.build, self.split, self.group, len(self.shards))
+        rng = np.random.default_rng(derive_seed(self.seed, relpath))
+        ordered = [self._buffer[i] for i in rng.permutation(len(self._buffer))]
+        path = Path(self.shards_dir) / relpath
+        write_tar(path, ordered)
+        self.rows.extend({**s.row, "shard": relpath, "offset": offset} for offset, s in enumerate(ordered))
+        self.shards.append({"shard": relpath, "split": self.split, "group": self.group, "nsamples": len(ordered),
+                            "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+        self._buffer, self._buffer_bytes = [], 0

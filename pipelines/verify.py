@@ -1,0 +1,129 @@
+"""`verify_build`: check shards against their manifests, reading every sample.
+
+Checks: every tar of `shards.parquet` exists with its sha256 and no unlisted tar lies in the shard folder;
+every sample is read back (plain `webdataset`), its key sits at the offset `samples.parquet` gives and its
+json equals the manifest row (minus shard/offset); counts agree with `shards.parquet` and `wids.json`;
+one sample per shard decodes (`prep.codec.decode_pair`) to two uint16 patches of the manifest's patch_px.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from pipelines.manifests import sha256_file
+from prep.codec import decode_json, decode_pair
+
+
+@dataclass
+class VerifyReport:
+    shards: int = 0
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def same_value(a: object, b: object) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def check_sample_json(meta: dict, row: dict) -> list[str]:
+    expected = {k: v for k, v in row.items() if k not in ("shard", "offset")}
+    if set(meta) != set(expected):
+        return [f"json fields differ from the manifest: {sorted(set(meta) ^ set(expected))}"]
+    return [f"json {k}={meta[k]!r} but manifest {expected[k]!r}" for k in expected if not same_value(meta[k], expected[k])]
+
+
+def check_decoded(sample: dict, patch_px: int) -> list[str]:
+    ipsi, contra = decode_pair(sample)
+    problems = []
+    for name, patch in (("ipsi", ipsi), ("contra", contra)):
+        if patch.dtype != np.uint16 or patch.shape != (patch_px, patch_px):
+            problems.append(f"{name} decodes to {patch.dtype} {patch.shape}, expected uint16 ({patch_px}, {patch_px})")
+    return problems
+
+
+def verify_shard(path: Path, rows: list[dict]) -> tuple[int, list[str]]:
+    """Read every sample of one tar and compare with its manifest rows (sorted by offset)."""
+    problems, count = [], 0
+    try:
+        for offset, sample in enumerate(wds.WebDataset(str(path), shardshuffle=False, empty_check=False)):
+            count += 1
+            if offset >= len(rows):
+                continue
+            row = rows[offset]
+            if sample["__key__"] != row["key"]:
+                problems.append(f"offset {offset}: key {sample['__key__']} but manifest says {row['key']}")
+                continue
+            try:
+                problems += [f"{row['key']}: {p}" for p in check_sample_json(decode_json(sample), row)]
+                if offset == 0:
+                    problems += [f"{row['key']}: {p}" for p in check_decoded(sample, row["patch_px"])]
+            except (KeyError, ValueError) as exc:  # undecodable json or patch: a mismatch, not a crash
+                problems.append(f"{row['key']}: cannot decode: {type(exc).__name__}: {exc}")
+    except (OSError, tarfile.TarError, ValueError) as exc:
+        problems.append(f"unreadable tar after {count} samples: {type(exc).__name__}: {exc}")
+    if count != len(rows):
+        problems.append(f"{count} samples in the tar, {len(rows)} in samples.parquet")
+    return count, problems
+
+
+def verify_build(shards_dir: Path | str, manifests_dir: Path | str,
+                 on_shard: Callable[[str], None] | None = None) -> VerifyReport:
+    shards_dir, manifests_dir = Path(shards_dir).resolve(), Path(manifests_dir).resolve()
+    report = VerifyReport()
+    missing = [n for n in ("shards.parquet", "samples.parquet", "wids.json") if not (manifests_dir / n).is_file()]
+    if missing:
+        report.problems.append(f"missing manifest file(s) in {manifests_dir}: {', '.join(missing)}")
+        return report
+    shards = pq.read_table(manifests_dir / "shards.parquet").to_pylist()
+    samples = pq.read_table(manifests_dir / "samples.parquet").to_pylist()
+    by_shard: dict[str, list[dict]] = {}
+    for row in samples:
+        by_shard.setdefault(row["shard"], []).append(row)
+    listed = {s["shard"] for s in shards}
+    on_disk = {p.relative_to(shards_dir).as_posix() for p in shards_dir.rglob("*.tar")}
+    report.problems += [f"{s}: tar not listed in shards.parquet" for s in sorted(on_disk - listed)]
+    report.problems += [f"{s}: samples.parquet names a shard not in shards.parquet"
+                        for s in sorted(set(by_shard) - listed)]
+    wids = json.loads((manifests_dir / "wids.json").read_text())
+    wids_counts = {os.path.realpath(manifests_dir / e["url"]): e["nsamples"] for e in wids.get("shardlist", [])}
+
+    for shard in sorted(shards, key=lambda s: s["shard"]):
+        name, path = shard["shard"], shards_dir / shard["shard"]
+        report.shards += 1
+        if on_shard:
+            on_shard(name)
+        if not path.is_file():
+            report.problems.append(f"{name}: missing")
+            continue
+        if sha256_file(path) != shard["sha256"]:
+            report.problems.append(f"{name}: sha256 differs from shards.parquet")
+        rows = sorted(by_shard.get(name, []), key=lambda r: r["offset"])
+        if [r["offset"] for r in rows] != list(range(len(rows))):
+            report.problems.append(f"{name}: offsets in samples.parquet are not 0..{len(rows) - 1}")
+        count, problems = verify_shard(path, rows)
+        report.samples += count
+        report.problems += [f"{name}: {p}" for p in problems]
+        if count != shard["nsamples"]:
+            report.problems.append(f"{name}: {count} samples, shards.parquet says {shard['nsamples']}")
+        wids_count = wids_counts.get(os.path.realpath(path))
+        if wids_count != count:
+            report.problems.append(f"{name}: wids.json nsamples {wids_count} != {count}")
+    return report

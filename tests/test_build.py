@@ -1,0 +1,187 @@
+"""End-to-end builds on the synthetic archive: content, determinism, resume after kill -9, external scheduler."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from typer.testing import CliRunner
+
+from pipelines.build import build_shards, plan_build, process_planned_pair
+from pipelines.plan import BuildOptions
+from pipelines.verify import verify_build
+from prep.cli import app
+from prep.codec import decode_json, decode_pair
+from prep.config import PrepConfig
+
+pytestmark = pytest.mark.slow
+
+BUILD = "t"
+CLI_FLAGS = ["--mm-per-px", "0.4", "--patch-px", "64", "--grid-patches", "3", "--group-pairs", "1",
+             "--shard-max-samples", "12", "--build", BUILD]
+OPTIONS = BuildOptions(dataset="vindr", prep=PrepConfig(mm_per_px=0.4, patch_px=64, grid_patches_per_direction=3),
+                       group_pairs=1, shard_max_samples=12)
+
+
+def tar_digests(shards_dir: Path) -> dict[str, str]:
+    return {p.relative_to(shards_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(shards_dir.rglob("*.tar"))}
+
+
+def cli_args(archive: Path, out: Path, *extra: str) -> list[str]:
+    return ["build-shards", "--root", str(archive), "--out", str(out / "shards"),
+            "--manifests", str(out / "manifests"), *CLI_FLAGS, *extra]
+
+
+def cli(archive: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "prep", *cli_args(archive, out, *extra)]
+
+
+@pytest.fixture(scope="module")
+def reference(synth_archive, tmp_path_factory):
+    """An uninterrupted build, run in this process (workers=0: the task code without a cluster)."""
+    out = tmp_path_factory.mktemp("reference")
+    summary = build_shards("vindr", synth_archive, options=OPTIONS, out=out / "shards",
+                           manifests=out / "manifests", build=BUILD, workers=0)
+    return out, summary
+
+
+def test_build_writes_verified_shards_and_manifests(synth_archive, reference):
+    out, summary = reference
+    report = verify_build(out / "shards", out / "manifests")
+    assert report.ok, report.problems
+    samples = pq.read_table(out / "manifests" / "samples.parquet")
+    assert report.samples == samples.num_rows == summary["n_samples"] > 0
+    assert {"ipsi_image_id", "contra_image_id", "ipsi_abnormal", "contra_abnormal", "sampling"} <= set(
+        samples.column_names)
+    # every DICOM of the archive has exactly one images row
+    truth = json.loads((synth_archive / "ground_truth" / "truth.json").read_text())
+    images = pq.read_table(out / "manifests" / "images.parquet").to_pylist()
+    assert sorted(r["image_id"] for r in images) == sorted(truth["images"])
+    # the truncated file only shows when its pixels are read: a decode-stage reject, the build went on
+    rejects = pq.read_table(out / "manifests" / "rejects.parquet").to_pylist()
+    truncated = [r for r in rejects if r["image_id"] in truth["traps"]["truncated_file"]]
+    assert [(r["stage"], r["reason"]) for r in truncated] == [("decode", "unreadable")]
+    assert {"duplicate_view", "missing_partner", "laterality_disagreement", "for_processing"} <= set(summary["rejects"])
+    build_json = json.loads((out / "manifests" / "build.json").read_text())
+    assert build_json["config"] == OPTIONS.to_dict() and build_json["counts"]["n_samples"] == summary["n_samples"]
+    wids = json.loads((out / "manifests" / "wids.json").read_text())
+    assert wids["wids_version"] == 1
+    assert sum(e["nsamples"] for e in wids["shardlist"]) == samples.num_rows
+    assert all((out / "manifests" / e["url"]).is_file() for e in wids["shardlist"])
+    # shard names follow <split>/<build>-<split>-NNNNNN.tar
+    for name in tar_digests(out / "shards"):
+        split, base = name.split("/")
+        assert base.startswith(f"{BUILD}-{split}-") and len(base.rsplit("-", 1)[1]) == len("000000.tar")
+
+
+def test_shards_hold_exactly_the_patches_process_pair_makes(synth_archive, reference):
+    out, _ = reference
+    plan = plan_build("vindr", synth_archive, OPTIONS)
+    planned = next(p for p in plan.pairs if p.left.findings or p.right.findings)
+    expected = {row["key"]: (row, s) for row, s in process_planned_pair(planned, OPTIONS).samples}
+    assert expected
+    urls = [str(p) for p in sorted((out / "shards").rglob("*.tar"))]
+    seen = 0
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        if sample["__key__"] not in expected:
+            continue
+        row, patch = expected[sample["__key__"]]
+        ipsi, contra = decode_pair(sample)
+        assert ipsi.dtype == np.uint16 and np.array_equal(ipsi, patch.ipsi) and np.array_equal(contra, patch.contra)
+        meta = decode_json(sample)
+        assert {k: meta[k] for k in ("ipsi_abnormal", "contra_abnormal", "finding_categories", "sampling")} == {
+            k: row[k] for k in ("ipsi_abnormal", "contra_abnormal", "finding_categories", "sampling")}
+        seen += 1
+    assert seen == len(expected)
+
+
+def test_kill_9_half_way_then_rerun_gives_the_same_bytes(synth_archive, reference, tmp_path):
+    ref_out, _ = reference
+    n_groups = len(list((ref_out / "manifests" / "parts").glob("*.done.json")))
+    command = cli(synth_archive, tmp_path, "--workers", "1")
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    parts = tmp_path / "manifests" / "parts"
+    deadline = time.monotonic() + 120
+    while len(list(parts.glob("*.done.json"))) < max(1, n_groups // 3) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the build ended before it could be interrupted"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its Dask workers, mid-build
+    proc.wait()
+    finished = len(list(parts.glob("*.done.json")))
+    assert 0 < finished < n_groups
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert tar_digests(tmp_path / "shards") == tar_digests(ref_out / "shards")
+    assert (tmp_path / "manifests" / "samples.parquet").read_bytes() == (
+        ref_out / "manifests" / "samples.parquet").read_bytes()
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert verify_build(tmp_path / "shards", tmp_path / "manifests").ok
+
+
+def test_changed_config_is_refused_and_dry_run_writes_nothing(synth_archive, reference, tmp_path):
+    out, _ = reference
+    before = tar_digests(out / "shards")
+    result = CliRunner().invoke(app, cli_args(synth_archive, out, "--workers", "0", "--patch-px", "32"))
+    assert result.exit_code == 2
+    assert "config_changed" in result.output and "patch_px" in result.output
+    assert tar_digests(out / "shards") == before
+
+    dry = CliRunner().invoke(app, cli_args(synth_archive, tmp_path, "--dry-run"))
+    assert dry.exit_code == 0, dry.output
+    assert "est. disk" in dry.output
+    assert not (tmp_path / "shards").exists() and not (tmp_path / "manifests").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def dask_cluster(tmp_path):
+    """A separately started `dask scheduler` + `dask worker` on 127.0.0.1, torn down afterwards."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask = str(Path(sys.executable).with_name("dask"))
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    procs.append(subprocess.Popen([dask, "worker", address, "--nthreads", "1",
+                                   "--nworkers", "1", "--no-dashboard"], cwd=tmp_path,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    try:
+        yield address
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def test_external_scheduler_rebuild_is_byte_identical(synth_archive, reference, dask_cluster, tmp_path):
+    ref_out, ref_summary = reference
+    summary = build_shards("vindr", synth_archive, options=OPTIONS, out=tmp_path / "shards",
+                           manifests=tmp_path / "manifests", build=BUILD, scheduler=dask_cluster)
+    assert summary["n_samples"] == ref_summary["n_samples"]
+    assert tar_digests(tmp_path / "shards") == tar_digests(ref_out / "shards")
+    for table in ("samples", "images", "pairs", "rejects", "shards"):
+        a = pq.read_table(tmp_path / "manifests" / f"{table}.parquet").drop_columns(
+            [c for c in ("seconds",) if table == "pairs"])
+        b = pq.read_table(ref_out / "manifests" / f"{table}.parquet").drop_columns(
+            [c for c in ("seconds",) if table == "pairs"])
+        assert a.equals(b), table

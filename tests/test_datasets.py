@@ -1,0 +1,112 @@
+"""Dataset adapters on the synthetic archive: records, categories, clipping, header cross-check, layouts."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pandas as pd
+import pytest
+
+from prep.datasets import DatasetError, ImageRecord, get_adapter
+from prep.datasets.vindr import clip_box, findings_by_image, parse_categories
+
+HEX32 = re.compile(r"^[0-9a-f]{32}$")
+
+
+@pytest.fixture(scope="module")
+def truth(synth_archive):
+    return json.loads((synth_archive / "ground_truth" / "truth.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def records(synth_archive) -> list[ImageRecord]:
+    return get_adapter("vindr")(synth_archive).images()
+
+
+def test_vindr_lists_every_image_with_its_labels(records, truth, synth_archive):
+    assert [r.image_id for r in records] == sorted(truth["images"], key=lambda i: (truth["images"][i]["study_id"], i))
+    for r in records:
+        expected = truth["images"][r.image_id]
+        assert (r.study_id, r.laterality, r.view) == (expected["study_id"], expected["laterality"], expected["view"])
+        assert HEX32.match(r.study_id) and HEX32.match(r.image_id)
+        assert r.path == str(synth_archive.resolve() / r.rel_path)
+        assert r.split in ("training", "test") and r.breast_density.startswith("DENSITY ")
+        assert {f["category"] for f in r.findings} == {f["category"] for f in expected["findings"]}
+
+
+def test_boxes_outside_the_image_are_clipped(records, truth, synth_archive):
+    raw = pd.read_csv(synth_archive / "finding_annotations.csv")
+    trapped = truth["traps"]["box_outside"]
+    assert trapped
+    outside = raw[raw.image_id.isin(trapped)]
+    assert ((outside.xmin < 0) | (outside.ymin < 0) | (outside.xmax > outside.width)
+            | (outside.ymax > outside.height)).any()
+    for r in records:
+        for f in r.findings:
+            assert 0 <= f["xmin"] < f["xmax"] <= r.width and 0 <= f["ymin"] < f["ymax"] <= r.height
+
+
+def test_header_cross_check_flags_the_wrong_laterality_tag_and_for_processing(records, truth):
+    by_id = {r.image_id: r for r in records}
+    wrong = set(truth["traps"]["wrong_laterality_tag"])
+    assert wrong and all("laterality_disagreement" in by_id[i].flags for i in wrong)
+    assert not [r.image_id for r in records if "laterality_disagreement" in r.flags and r.image_id not in wrong]
+    assert [by_id[i].header_error for i in truth["traps"]["for_processing"]] == ["for_processing"]
+    ok = [r for r in records if r.header_error is None]
+    assert all(r.header["rows"] == r.height and r.header["cols"] == r.width for r in ok)
+
+
+def test_categories_are_parsed_and_unioned_per_image():
+    assert parse_categories("['Mass', 'Suspicious Calcification']") == ["Mass", "Suspicious Calcification"]
+    assert parse_categories("['No Finding']") == [] and parse_categories(float("nan")) == []
+    frame = pd.DataFrame([
+        {"image_id": "a", "width": "100", "height": "80", "finding_categories": "['Mass']", "finding_birads": "BI-RADS 4",
+         "xmin": "10", "ymin": "10", "xmax": "20", "ymax": "20"},
+        {"image_id": "a", "width": "100", "height": "80", "finding_categories": "['Suspicious Calcification', "
+         "'Mass']", "finding_birads": None, "xmin": "-5", "ymin": "70", "xmax": "30", "ymax": "95"},
+        {"image_id": "b", "width": "100", "height": "80", "finding_categories": "['No Finding']", "finding_birads": None,
+         "xmin": None, "ymin": None, "xmax": None, "ymax": None},
+    ])
+    found = findings_by_image(frame)
+    assert sorted(f["category"] for f in found["a"]) == ["Mass", "Mass", "Suspicious Calcification"]
+    assert {(f["xmin"], f["ymax"]) for f in found["a"]} == {(10.0, 20.0), (0.0, 80.0)}
+    assert "b" not in found
+    assert clip_box((120.0, 5.0, 150.0, 9.0), 100, 80) is None
+
+
+def test_physionet_top_folder_and_no_ground_truth_needed(synth_archive, records, tmp_path):
+    # a copy of the archive without ground_truth/, one folder down (as the PhysioNet zip unpacks)
+    top = tmp_path / "vindr-mammo-a-large-scale-benchmark-dataset-1.0.0"
+    top.mkdir()
+    for name in ("breast-level_annotations.csv", "finding_annotations.csv", "metadata.csv", "images"):
+        (top / name).symlink_to(synth_archive / name)
+    again = get_adapter("vindr")(tmp_path).images()
+    strip = lambda r: {k: v for k, v in r.to_dict().items() if k != "path"}  # noqa: E731
+    assert [strip(r) for r in again] == [strip(r) for r in records]
+
+
+def test_dicom_dir_takes_labels_from_tags_and_pseudonymises_ids(synth_archive, truth):
+    records = get_adapter("dicom-dir")(synth_archive / "images").images()
+    assert len(records) == len(truth["images"])
+    wrong = truth["traps"]["wrong_laterality_tag"][0]
+    wrong_rel = f"{truth['images'][wrong]['study_id']}/{wrong}.dicom"
+    by_rel = {r.rel_path: r for r in records}
+    assert by_rel[wrong_rel].laterality != truth["images"][wrong]["laterality"]  # the tag, not the truth
+    readable = [r for r in records if r.header_error is None]
+    assert {r.view for r in readable} == {"CC", "MLO"} and {r.laterality for r in readable} == {"L", "R"}
+    assert all(HEX32.match(r.study_id) and HEX32.match(r.image_id) for r in records)
+    assert not {r.image_id for r in records} & set(truth["images"])  # keyed hashes, not the archive's md5s
+    studies = {}
+    for r in readable:
+        studies.setdefault(r.study_id, set()).add(r.split)
+    assert all(len(s) == 1 for s in studies.values())
+
+
+def test_unknown_dataset_and_bad_root_are_clear_errors(tmp_path):
+    with pytest.raises(DatasetError) as unknown:
+        get_adapter("inbreast")
+    assert unknown.value.reason == "unknown_dataset" and "vindr" in str(unknown.value)
+    with pytest.raises(DatasetError) as layout:
+        get_adapter("vindr")(tmp_path)
+    assert layout.value.reason == "bad_layout"

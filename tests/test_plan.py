@@ -1,0 +1,128 @@
+"""Planning: pairing, rejects with reasons (every synthetic trap), deterministic shard groups."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from pipelines.plan import BuildOptions, make_plan, pair_images
+from prep.config import PrepConfig
+from prep.datasets import ImageRecord, get_adapter
+
+OPTIONS = BuildOptions(dataset="vindr", prep=PrepConfig(mm_per_px=0.4, patch_px=64), group_pairs=2)
+
+
+def record(study: str, lat: str, view: str, image: str | None = None, split: str = "training", **kw) -> ImageRecord:
+    image = image or f"{study}{lat}{view}"
+    header = {"laterality_tag": lat, "view_tag": view}
+    return ImageRecord(dataset="vindr", study_id=study, series_id=study, image_id=image, path=f"/x/{image}",
+                       rel_path=f"images/{study}/{image}.dicom", laterality=lat, view=view, split=split,
+                       header=kw.pop("header", header), **kw)
+
+
+def four_views(study: str, split: str = "training") -> list[ImageRecord]:
+    return [record(study, lat, view, split=split) for lat in "LR" for view in ("CC", "MLO")]
+
+
+def reasons(rejects: list[dict]) -> dict[str, str]:
+    return {r["image_id"]: r["reason"] for r in rejects}
+
+
+def test_complete_studies_give_one_pair_per_view():
+    pairs, rejects = pair_images(four_views("s1") + four_views("s2"))
+    assert rejects == []
+    assert [(l.study_id, l.view, l.laterality, r.laterality) for l, r in pairs] == [
+        ("s1", "CC", "L", "R"), ("s1", "MLO", "L", "R"), ("s2", "CC", "L", "R"), ("s2", "MLO", "L", "R")]
+
+
+def test_missing_and_duplicate_views_reject_the_pair_with_their_reason():
+    # VinDr's dbca9d28 study: L-CC twice, R-CC, R-MLO, no L-MLO
+    images = [record("s", "L", "CC", "lcc1"), record("s", "L", "CC", "lcc2"), record("s", "R", "CC", "rcc"),
+              record("s", "R", "MLO", "rmlo")]
+    pairs, rejects = pair_images(images)
+    assert pairs == []
+    assert reasons(rejects) == {"lcc1": "duplicate_view", "lcc2": "duplicate_view", "rcc": "duplicate_view",
+                                "rmlo": "missing_partner"}
+
+
+def test_header_problems_reject_the_image_and_its_partner():
+    images = four_views("s")
+    images[0] = replace(images[0], header_error="for_processing", header_detail="FOR PROCESSING")
+    images[1] = replace(images[1], flags=["laterality_disagreement"])
+    pairs, rejects = pair_images(images)
+    assert pairs == []
+    got = reasons(rejects)
+    assert got["sLCC"] == "for_processing" and got["sRCC"] == "partner_rejected"
+    assert got["sLMLO"] == got["sRMLO"] == "laterality_disagreement"
+    assert {r["level"] for r in rejects if r["reason"] == "for_processing"} == {"image"}
+
+
+def test_unknown_laterality_is_rejected_not_dropped():
+    images = four_views("s") + [record("s", "", "CC", "odd")]
+    pairs, rejects = pair_images(images)
+    assert len(pairs) == 2
+    assert reasons(rejects) == {"odd": "unknown_laterality"}
+
+
+def test_groups_hold_whole_studies_stay_within_a_split_and_are_deterministic():
+    images = [r for i in range(12) for r in four_views(f"study{i:02d}", "test" if i % 4 == 0 else "training")]
+    plan = make_plan(images, OPTIONS)
+    again = make_plan(list(reversed(images)), OPTIONS)
+    assert [g.to_dict() for g in plan.groups] == [g.to_dict() for g in again.groups]
+    assert plan.config_hash == again.config_hash
+    study_group = {}
+    for group in plan.groups:
+        assert {p.split for p in group.pairs} == {group.split}
+        for p in group.pairs:
+            assert study_group.setdefault(p.study_id, (group.split, group.group)) == (group.split, group.group)
+    assert len(plan.pairs) == 24
+    assert sum(len(g.pairs) for g in plan.groups if g.split == "training") == 18
+    # seeds differ per pair and do not depend on the order the archive lists images in
+    assert len({p.seed for p in plan.pairs}) == 24
+
+
+def test_plan_hash_follows_config_and_inputs():
+    images = four_views("a") + four_views("b")
+    base = make_plan(images, OPTIONS).config_hash
+    assert make_plan(images, replace(OPTIONS, codec="png")).config_hash != base
+    assert make_plan(images, replace(OPTIONS, prep=replace(OPTIONS.prep, patch_px=32))).config_hash != base
+    assert make_plan(images[:4], OPTIONS).config_hash != base
+    assert make_plan(images, OPTIONS).default_build_name() == f"vindr-{base[:8]}"
+
+
+def test_group_spec_round_trips_through_json():
+    plan = make_plan(four_views("a"), OPTIONS)
+    spec = json.loads(json.dumps(plan.groups[0].to_dict()))
+    assert type(plan.groups[0]).from_dict(spec).to_dict() == plan.groups[0].to_dict()
+    assert BuildOptions.from_dict(json.loads(json.dumps(OPTIONS.to_dict()))) == OPTIONS
+
+
+@pytest.fixture(scope="module")
+def archive_plan(synth_archive):
+    return make_plan(get_adapter("vindr")(synth_archive).images(), OPTIONS)
+
+
+def test_every_synthetic_trap_is_rejected_with_its_reason(synth_archive, archive_plan):
+    truth = json.loads((synth_archive / "ground_truth" / "truth.json").read_text())
+    traps = truth["traps"]
+    by_image = {}
+    for r in archive_plan.rejects:
+        by_image.setdefault(r["image_id"], set()).add(r["reason"])
+    for study in traps["missing_view"]:
+        study_reasons = {r["reason"] for r in archive_plan.rejects if r["study_id"] == study}
+        assert "missing_partner" in study_reasons
+    for image in traps["duplicate_view"]:
+        assert by_image[image] == {"duplicate_view"}
+    for image in traps["wrong_laterality_tag"]:
+        assert by_image[image] == {"laterality_disagreement"}
+    assert traps["for_processing"]
+    for image in traps["for_processing"]:
+        assert by_image[image] == {"for_processing"}
+    # boxes outside the image are clipped, not a reason to reject
+    for image in traps["box_outside"]:
+        assert image not in by_image
+    planned = {r.image_id for p in archive_plan.pairs for r in (p.left, p.right)}
+    assert planned.isdisjoint(by_image)
+    assert len(planned) + len(archive_plan.rejected_images) == len(archive_plan.records)
