@@ -1,0 +1,80 @@
+"""Mixture soft labels: posterior, EM recovery, bank, collapse guard, state (PAPER.md section 1, step 3)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from train.gmm import DistanceBank, Mixture, SoftLabeler, em_fit, initial_mixture, posterior_similar
+
+
+def _mix(means, variances, weights):
+    return Mixture(*(torch.tensor(v, dtype=torch.float64) for v in (means, variances, weights)))
+
+
+def _normal_pdf(x, mu, var):
+    return math.exp(-((x - mu) ** 2) / (2 * var)) / math.sqrt(2 * math.pi * var)
+
+
+def test_posterior_of_lower_mean_component_hand_computed():
+    mix = _mix([1.0, 0.2], [0.04, 0.01], [0.3, 0.7])  # deliberately unordered
+    x = 0.5
+    lo, hi = 0.7 * _normal_pdf(x, 0.2, 0.01), 0.3 * _normal_pdf(x, 1.0, 0.04)
+    s = posterior_similar(torch.tensor([x, 0.2, 1.2], dtype=torch.float64), mix)
+    assert s[0].item() == pytest.approx(lo / (lo + hi), rel=1e-9)
+    assert s[1].item() > 0.99 and s[2].item() < 0.01
+
+
+def test_em_recovers_known_parameters():
+    g = torch.Generator().manual_seed(0)
+    n_lo, n_hi = 9000, 1000
+    x = torch.cat([0.3 + 0.05 * torch.randn(n_lo, generator=g), 0.9 + 0.1 * torch.randn(n_hi, generator=g)])
+    fit = em_fit(x, initial_mixture(x, 1e-6), iterations=200, var_floor=1e-6)
+    assert fit.means.tolist() == pytest.approx([0.3, 0.9], abs=0.01)
+    assert fit.variances.sqrt().tolist() == pytest.approx([0.05, 0.1], abs=0.01)
+    assert fit.weights.tolist() == pytest.approx([0.9, 0.1], abs=0.01)
+
+
+def test_variance_floor_holds_on_a_point_mass():
+    x = torch.cat([torch.full((100,), 0.5), torch.linspace(0.8, 1.2, 20)])
+    fit = em_fit(x, _mix([0.5, 1.0], [0.01, 0.01], [0.8, 0.2]), iterations=10, var_floor=1e-3)
+    assert fit.variances.min().item() >= 1e-3
+
+
+def test_bank_is_a_fifo_of_the_last_values():
+    bank = DistanceBank(5)
+    bank.push(torch.arange(3.0))
+    assert not bank.full and bank.contents().tolist() == [0, 1, 2]
+    bank.push(torch.arange(3.0, 7.0))
+    assert bank.full and sorted(bank.contents().tolist()) == [2, 3, 4, 5, 6]
+
+
+def test_labeler_refits_on_schedule_and_keeps_params_on_collapse():
+    lab = SoftLabeler(capacity=1000, refit_every=50, em_iterations=10, min_separation=0.05)
+    g = torch.Generator().manual_seed(1)
+    lab.observe(torch.cat([0.3 + 0.05 * torch.randn(900, generator=g), 0.9 + 0.05 * torch.randn(100, generator=g)]))
+    assert lab.maybe_refit(step=7)  # first fit happens as soon as there is none
+    first = lab.mixture.as_tensor().clone()
+    lab.observe(torch.full((1000,), 0.5))  # a collapsed distribution: both components on one point
+    assert not lab.maybe_refit(step=8)  # not due
+    assert not lab.maybe_refit(step=50)  # due, but degenerate -> rejected
+    assert lab.rejected_fits == 1 and torch.equal(lab.mixture.as_tensor(), first)
+
+
+def test_labeler_state_round_trip_gives_identical_labels():
+    lab = SoftLabeler(capacity=64, scope="bank")
+    lab.observe(torch.linspace(0, 1, 64) ** 2)
+    lab.maybe_refit(step=0, force=True)
+    twin = SoftLabeler(capacity=64, scope="bank")
+    twin.load_state_dict(lab.state_dict())
+    d = torch.linspace(0, 1, 7)
+    assert torch.equal(lab.labels(d), twin.labels(d)) and twin.bank.count == lab.bank.count
+
+
+def test_batch_scope_fits_only_the_current_batch():
+    lab = SoftLabeler(capacity=100, scope="batch")
+    lab.observe(torch.linspace(5, 6, 50))
+    lab.observe(torch.linspace(0, 1, 20))
+    assert lab.bank.contents().max().item() <= 1.0

@@ -1,0 +1,134 @@
+"""One checkpoint dict per save, written atomically, loadable with `torch.load(weights_only=True)`.
+
+Layout of a run dir: `last.pt` (always the newest), `step-00000100.pt` every `--ckpt-every` steps
+(the newest `--keep` kept), `config.json`, `metrics.jsonl`, `tb/`, `encoder.safetensors` + `encoder.json`.
+Everything in the dict is a tensor or a primitive: RNG states are stored as uint8 tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.manifests import atomic_open
+
+LAST = "last.pt"
+STEP_PATTERN = re.compile(r"^step-(\d{8})\.pt$")
+
+
+class CheckpointError(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def config_hash(config: dict) -> str:
+    """Hash of the resolved config (sorted JSON): a resume must see the same one."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch CPU (and CUDA) RNG states, all as tensors."""
+    py_version, py_internal, py_gauss = random.getstate()
+    _, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    state = {
+        "python": torch.tensor([py_version, *py_internal], dtype=torch.int64),
+        "python_gauss": torch.tensor([] if py_gauss is None else [py_gauss], dtype=torch.float64),
+        "numpy": torch.from_numpy(np_key.astype(np.int64)),
+        "numpy_pos": torch.tensor([np_pos, np_has_gauss], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([np_gauss], dtype=torch.float64),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"].tolist()
+    gauss = state["python_gauss"].tolist()
+    random.setstate((py[0], tuple(py[1:]), gauss[0] if gauss else None))
+    pos, has_gauss = state["numpy_pos"].tolist()
+    key = state["numpy"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", key, pos, has_gauss, float(state["numpy_gauss"][0])))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    with atomic_open(Path(path)) as handle:
+        torch.save(checkpoint, handle)
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError("no_checkpoint", f"{path} does not exist") from None
+    except Exception as exc:  # unpickling / zip errors: a corrupt or foreign file
+        raise CheckpointError("unreadable_checkpoint", f"{path}: {exc}") from exc
+
+
+def step_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f"step-{step:08d}.pt"
+
+
+def save_run_checkpoint(run_dir: Path, checkpoint: dict, periodic: bool, keep: int) -> Path:
+    """Write last.pt (and a numbered copy when `periodic`), then keep only the newest `keep` numbered ones."""
+    run_dir = Path(run_dir)
+    save_checkpoint(run_dir / LAST, checkpoint)
+    if periodic:
+        numbered = step_path(run_dir, int(checkpoint["step"]))
+        tmp = numbered.with_name(numbered.name + ".link")
+        try:  # the same bytes as last.pt: a hard link costs no second write
+            os.link(run_dir / LAST, tmp)
+            os.replace(tmp, numbered)
+        except OSError:
+            save_checkpoint(numbered, checkpoint)
+        prune(run_dir, keep)
+    return run_dir / LAST
+
+
+def numbered_checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(run_dir).glob("step-*.pt") if STEP_PATTERN.match(p.name))
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    for old in numbered_checkpoints(run_dir)[: max(0, len(numbered_checkpoints(run_dir)) - keep)]:
+        old.unlink(missing_ok=True)
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Path | None:
+    """`auto`: run_dir/last.pt when it exists; `never`: start fresh; otherwise an explicit path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        last = Path(run_dir) / LAST
+        return last if last.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise CheckpointError("no_checkpoint", f"--resume {resume}: no such checkpoint")
+    return path
+
+
+def check_compatible(checkpoint: dict, current_hash: str, current_config: dict, force: bool) -> None:
+    """Refuse to continue a run under a different config unless forced."""
+    if checkpoint["config_hash"] == current_hash or force:
+        return
+    saved = json.loads(checkpoint["config_json"])
+    changed = sorted(k for k in set(saved) | set(current_config) if saved.get(k) != current_config.get(k))
+    detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current_config.get(k)!r}" for k in changed[:6])
+    raise CheckpointError(
+        "config_changed",
+        f"the run dir holds a checkpoint of a different config ({detail}); use another --out, "
+        "--resume never to start over, or --force to continue anyway",
+    )

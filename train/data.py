@@ -1,0 +1,264 @@
+"""Streaming loader for contralateral patch pairs (WebDataset shards, optionally selected by a manifest).
+
+Pipeline per rank and worker (see docs/ARCHITECTURE.md "Shards and manifests"):
+    ResampledShards -> split_by_node -> split_by_worker -> tar -> select (sampling, manifest keys)
+    -> json reduced to ALLOWED_FIELDS -> shuffle (encoded) -> decode_pair (uint16) -> pair geometry
+    -> batch of uint16 tensors.
+Pixels stay uint16 until the device; `to_model_input` is the one intensity normalisation.
+With `deterministic=True` the stream is a function of (seed, data epoch, rank, worker) only.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from prep.codec import decode_json, decode_pair
+from train.augment import pair_geometry
+
+# x / 65535 then (x - mean) / std: fixed constants, written into encoder.json
+NORM_MEAN = 0.5
+NORM_STD = 0.25
+# the only sample-json fields that survive selection; labels never get past this point
+ALLOWED_FIELDS = ("patch_px", "mm_per_px")
+LABEL_FIELDS = (
+    "ipsi_abnormal",
+    "contra_abnormal",
+    "lesion_overlap",
+    "finding_categories",
+    "finding_birads",
+    "breast_birads_ipsi",
+    "breast_birads_contra",
+    "density",
+)
+
+
+class DataError(Exception):
+    """A data problem the user must fix; `reason` is a stable code."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def normalisation() -> dict:
+    """The normalisation `to_model_input` applies, as recorded in encoder.json."""
+    return {"scale": 1 / 65535, "mean": NORM_MEAN, "std": NORM_STD, "input_dtype": "uint16"}
+
+
+def unit_range(x_uint16: torch.Tensor) -> torch.Tensor:
+    """uint16 pixels -> float32 in [0, 1] (intensity augmentation works in this range)."""
+    return x_uint16.to(torch.float32) / 65535.0
+
+
+def standardise(x01: torch.Tensor) -> torch.Tensor:
+    return (x01 - NORM_MEAN) / NORM_STD
+
+
+def to_model_input(x_uint16: torch.Tensor) -> torch.Tensor:
+    """The one intensity normalisation: uint16 -> x/65535 -> (x - mean) / std, float32."""
+    return standardise(unit_range(x_uint16))
+
+
+# ---------------------------------------------------------------- shard lists and manifest selection
+
+
+def resolve_shards(source: str | os.PathLike) -> list[str]:
+    """Shard paths from a directory (recursive `*.tar`), a glob pattern or a single tar, sorted."""
+    text = str(source)
+    path = Path(text)
+    if path.is_dir():
+        urls = sorted(str(p) for p in path.rglob("*.tar"))
+    elif glob.has_magic(text):
+        urls = sorted(glob.glob(text, recursive=True))
+    elif path.is_file():
+        urls = [text]
+    else:
+        raise DataError("no_shards", f"{text} is neither a directory, a glob nor a tar file")
+    if not urls:
+        raise DataError("no_shards", f"no *.tar shards under {text}")
+    return urls
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What the stream reads: shard paths and, from a manifest, the keys to keep (None: all)."""
+
+    urls: list[str]
+    keys: frozenset[str] | None
+    n_samples: int | None
+
+
+def _label_columns_in(where: str) -> list[str]:
+    return [c for c in LABEL_FIELDS if re.search(rf"\b{c}\b", where)]
+
+
+def select_from_manifest(
+    manifest: str | os.PathLike,
+    where: str | None = None,
+    include_finding: bool = False,
+    shards_root: str | os.PathLike | None = None,
+) -> Selection:
+    """Rows of `samples.parquet` selected by a pandas `query` expression -> shards + keys to stream.
+
+    Label columns may not appear in `where`: pretraining is label-free, also through selection.
+    Relative `shard` paths resolve against `shards_root`, then the manifest's folder and its parents.
+    """
+    import pandas as pd
+
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise DataError("no_manifest", f"{manifest} does not exist")
+    table = pd.read_parquet(manifest)
+    if where:
+        if leaked := _label_columns_in(where):
+            raise DataError("label_in_selection", f"--where uses label field(s) {leaked}; pretraining is label-free")
+        try:
+            table = table.query(where)
+        except Exception as exc:  # pandas raises many types for a bad expression
+            raise DataError("bad_where", f"{where!r}: {exc}") from exc
+    if not include_finding and "sampling" in table.columns:
+        table = table[table["sampling"] != "finding"]
+    if table.empty:
+        raise DataError("empty_selection", f"no samples of {manifest} match {where!r}")
+    bases = [Path(shards_root)] if shards_root else []
+    bases += [manifest.parent, *list(manifest.parents)[:3]]
+    urls = []
+    for shard in sorted(table["shard"].unique()):
+        candidates = [Path(shard)] if Path(shard).is_absolute() else [b / shard for b in bases]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise DataError("missing_shard", f"shard {shard} listed in {manifest} not found (tried {candidates})")
+        urls.append(str(found))
+    return Selection(urls=urls, keys=frozenset(table["key"]), n_samples=len(table))
+
+
+def select(
+    shards: str | None = None, manifest: str | None = None, where: str | None = None, include_finding: bool = False
+) -> Selection:
+    """Shards to stream from `--shards` and/or `--manifest/--where`."""
+    if manifest:
+        return select_from_manifest(manifest, where, include_finding, shards_root=shards)
+    if where:
+        raise DataError("where_without_manifest", "--where needs --manifest samples.parquet")
+    if not shards:
+        raise DataError("no_shards", "give --shards DIR|GLOB or --manifest samples.parquet")
+    return Selection(urls=resolve_shards(shards), keys=None, n_samples=None)
+
+
+def check_shard_count(n_shards: int, world_size: int, num_workers: int) -> None:
+    """Every worker of every rank needs its own shards, or ranks starve and DDP hangs."""
+    needed = world_size * max(num_workers, 1)
+    if n_shards < needed:
+        raise DataError(
+            "too_few_shards",
+            f"{n_shards} shard(s) for {world_size} rank(s) x {max(num_workers, 1)} worker(s); "
+            f"need >= {needed}: lower --num-workers or build more shards",
+        )
+
+
+# ---------------------------------------------------------------- pipeline stages (run in workers)
+
+
+def allowed_meta(meta: dict) -> dict:
+    return {k: meta[k] for k in ALLOWED_FIELDS if k in meta}
+
+
+def _select_and_strip(src: Iterator[dict], keys: frozenset[str] | None, include_finding: bool) -> Iterator[dict]:
+    """Keep wanted samples and reduce their json to the allow-list before anything else sees them."""
+    for sample in src:
+        if keys is not None and sample["__key__"] not in keys:
+            continue
+        meta = decode_json(sample)
+        if not include_finding and meta.get("sampling") == "finding":
+            continue
+        kept = {k: v for k, v in sample.items() if k.startswith(("ipsi.", "contra.", "__"))}
+        kept["json"] = json.dumps(allowed_meta(meta)).encode()
+        yield kept
+
+
+def _decode_and_crop(src: Iterator[dict], seed: int | None, crop_px: int, max_shift_px: int | None, flip: bool):
+    rank, _, worker, _ = wds.utils.pytorch_worker_info()
+    rng = np.random.default_rng(None if seed is None else [seed, rank, worker])
+    for sample in src:
+        ipsi, contra = decode_pair(sample)
+        ipsi, contra = pair_geometry(ipsi, contra, rng, crop_px, max_shift_px, flip)
+        yield ipsi[None], contra[None]
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """Schedulers (SLURM, timeout) signal the whole process group: the main process checkpoints and
+    shuts the workers down, so a worker must not die first."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _collate(batch: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+    ipsi = torch.from_numpy(np.stack([b[0] for b in batch]))
+    contra = torch.from_numpy(np.stack([b[1] for b in batch]))
+    return ipsi, contra
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    crop_px: int = 48
+    max_shift_px: int | None = None
+    flip: bool = True
+    shuffle_buffer: int = 1000
+    num_workers: int = 2
+    prefetch_factor: int = 4
+    pin_memory: bool = False
+    include_finding: bool = False
+    deterministic: bool = False
+
+
+def stream_seed(seed: int, data_epoch: int) -> int:
+    return wds.utils.make_seed(seed, data_epoch)
+
+
+def make_loader(
+    selection: Selection, cfg: StreamConfig, batch_size: int, n_batches: int, seed: int, data_epoch: int
+) -> wds.WebLoader:
+    """Loader yielding exactly `n_batches` (ipsi, contra) uint16 batches of shape (B, 1, crop, crop)."""
+    epoch_seed = stream_seed(seed, data_epoch) if cfg.deterministic else None
+    dataset = wds.DataPipeline(
+        wds.ResampledShards(selection.urls, seed=epoch_seed or 0, deterministic=cfg.deterministic),
+        wds.split_by_node,
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=wds.reraise_exception),
+        wds.pipelinefilter(_select_and_strip)(selection.keys, cfg.include_finding),
+        wds.shuffle(cfg.shuffle_buffer, initial=min(100, cfg.shuffle_buffer), seed=epoch_seed),
+        wds.pipelinefilter(_decode_and_crop)(epoch_seed, cfg.crop_px, cfg.max_shift_px, cfg.flip),
+        wds.batched(batch_size, collation_fn=_collate, partial=False),
+    )
+    extra = {"persistent_workers": True, "prefetch_factor": cfg.prefetch_factor} if cfg.num_workers > 0 else {}
+    # its own generator: creating an iterator must not draw from the global torch RNG that augmentation uses
+    generator = torch.Generator().manual_seed(stream_seed(seed, data_epoch))
+    loader = wds.WebLoader(
+        dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, generator=generator,
+        worker_init_fn=_ignore_sigterm, **extra,
+    )
+    return loader.with_epoch(n_batches)
+
+
+def peek_meta(selection: Selection, include_finding: bool = False) -> dict:
+    """Allow-listed json of the first streamable sample (patch_px, mm_per_px) for encoder.json."""
+    for url in selection.urls:
+        stream = wds.DataPipeline(
+            wds.SimpleShardList([url]),
+            wds.tarfile_to_samples(),
+            wds.pipelinefilter(_select_and_strip)(selection.keys, include_finding),
+        )
+        for sample in stream:
+            return decode_json(sample)
+    raise DataError("empty_selection", "no pretraining samples in the selected shards")

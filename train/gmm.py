@@ -1,0 +1,199 @@
+"""Soft labels from a 1-D, 2-component Gaussian mixture over recent pair distances (PAPER.md 1, step 3).
+
+Everything runs in torch on the training device, in float64. `SoftLabeler` owns the distance bank,
+the refit schedule, the collapse guard and its own checkpointable state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SCOPES = ("bank", "batch", "epoch")
+
+
+@dataclass
+class Mixture:
+    """Component 0 is the lower-mean ("similar") component after `ordered()`."""
+
+    means: torch.Tensor  # (2,) float64
+    variances: torch.Tensor  # (2,)
+    weights: torch.Tensor  # (2,)
+
+    def ordered(self) -> "Mixture":
+        order = torch.argsort(self.means)
+        return Mixture(self.means[order], self.variances[order], self.weights[order])
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.stack([self.means, self.variances, self.weights])
+
+    @staticmethod
+    def from_tensor(t: torch.Tensor) -> "Mixture":
+        return Mixture(t[0].clone(), t[1].clone(), t[2].clone())
+
+
+def component_log_joint(x: torch.Tensor, mix: Mixture) -> torch.Tensor:
+    """log(w_k N(x | mu_k, var_k)) for each sample and component: shape (n, 2)."""
+    x = x.to(torch.float64).reshape(-1, 1)
+    var = mix.variances.reshape(1, -1)
+    return (
+        torch.log(mix.weights).reshape(1, -1)
+        - 0.5 * (math.log(2 * math.pi) + torch.log(var))
+        - 0.5 * (x - mix.means.reshape(1, -1)) ** 2 / var
+    )
+
+
+def responsibilities(x: torch.Tensor, mix: Mixture) -> torch.Tensor:
+    """Posterior P(component k | x), shape (n, 2)."""
+    return torch.softmax(component_log_joint(x, mix), dim=1)
+
+
+def posterior_similar(x: torch.Tensor, mix: Mixture) -> torch.Tensor:
+    """s = P(lower-mean component | x), in the dtype of x."""
+    mix = mix.ordered()
+    return responsibilities(x, mix)[:, 0].to(x.dtype).reshape(x.shape)
+
+
+def initial_mixture(x: torch.Tensor, var_floor: float) -> Mixture:
+    """Cold start: the bulk around the median, a small upper tail around the 95th percentile."""
+    x = x.to(torch.float64)
+    q = torch.quantile(x, torch.tensor([0.5, 0.95], dtype=torch.float64, device=x.device))
+    var = torch.clamp(x.var(), min=var_floor)
+    return Mixture(q.clone(), torch.stack([var, var]), torch.tensor([0.9, 0.1], dtype=torch.float64, device=x.device))
+
+
+def em_fit(x: torch.Tensor, init: Mixture, iterations: int, var_floor: float) -> Mixture:
+    """`iterations` EM steps for a 1-D, 2-component mixture, warm-started from `init`; float64."""
+    x = x.to(torch.float64).reshape(-1)
+    mix = Mixture(*(t.to(device=x.device, dtype=torch.float64) for t in (init.means, init.variances, init.weights)))
+    for _ in range(iterations):
+        resp = responsibilities(x, mix)  # E step
+        mass = resp.sum(0).clamp_min(1e-12)  # M step
+        means = (resp * x[:, None]).sum(0) / mass
+        variances = ((resp * (x[:, None] - means) ** 2).sum(0) / mass).clamp_min(var_floor)
+        mix = Mixture(means, variances, mass / mass.sum())
+    return mix.ordered()
+
+
+def is_degenerate(mix: Mixture, min_separation: float, min_weight: float = 1e-3) -> bool:
+    """Components that collapsed onto each other (or vanished) carry no split: keep the old fit."""
+    t = mix.as_tensor()
+    if not bool(torch.isfinite(t).all()):
+        return True
+    return bool((mix.means[1] - mix.means[0]).abs() < min_separation) or bool(mix.weights.min() < min_weight)
+
+
+class DistanceBank:
+    """FIFO of the last `capacity` detached distances (a ring buffer on the device, float64)."""
+
+    def __init__(self, capacity: int, device: torch.device | str = "cpu"):
+        self.capacity = capacity
+        self.values = torch.zeros(capacity, dtype=torch.float64, device=device)
+        self.count = 0  # total pushed; the bank holds min(count, capacity)
+
+    def push(self, d: torch.Tensor) -> None:
+        d = d.detach().to(self.values.device, torch.float64).reshape(-1)[-self.capacity :]
+        idx = (self.count + torch.arange(d.numel(), device=d.device)) % self.capacity
+        self.values[idx] = d
+        self.count += d.numel()
+
+    def contents(self) -> torch.Tensor:
+        return self.values[: min(self.count, self.capacity)]
+
+    @property
+    def full(self) -> bool:
+        return self.count >= self.capacity
+
+    def clear(self) -> None:
+        self.count = 0
+
+
+class SoftLabeler:
+    """One network's labeller: bank of its distances + a mixture refitted on a schedule.
+
+    scope `bank`: FIFO of the last `capacity` distances, refit every `refit_every` steps;
+    `batch`: refit on the current batch every step; `epoch`: like bank but emptied at each data epoch.
+    Until a valid mixture exists, `labels` returns None (the caller keeps s = 1).
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        scope: str = "bank",
+        refit_every: int = 50,
+        em_iterations: int = 10,
+        var_floor: float = 1e-4,
+        min_separation: float = 1e-2,
+    ):
+        if scope not in SCOPES:
+            raise ValueError(f"gmm scope {scope!r} not in {SCOPES}")
+        self.scope = scope
+        self.refit_every = refit_every
+        self.em_iterations = em_iterations
+        self.var_floor = var_floor
+        self.min_separation = min_separation
+        self.bank = DistanceBank(capacity)
+        self.mixture: Mixture | None = None
+        self.rejected_fits = 0
+
+    def observe(self, gathered: torch.Tensor) -> None:
+        """Add this step's distances (already all-gathered across ranks, detached); the bank and the
+        mixture follow the distances' device."""
+        if self.bank.values.device != gathered.device:
+            self.bank.values = self.bank.values.to(gathered.device)
+            if self.mixture is not None:
+                self.mixture = Mixture.from_tensor(self.mixture.as_tensor().to(gathered.device))
+        if self.scope == "batch":
+            self.bank.clear()
+        self.bank.push(gathered)
+
+    def new_epoch(self) -> None:
+        if self.scope == "epoch":
+            self.bank.clear()
+
+    def maybe_refit(self, step: int, force: bool = False) -> bool:
+        """Refit when due; returns True if new parameters were accepted."""
+        due = force or self.scope == "batch" or self.mixture is None or step % self.refit_every == 0
+        data = self.bank.contents()
+        if not due or data.numel() < 4:
+            return False
+        init = self.mixture if self.mixture is not None else initial_mixture(data, self.var_floor)
+        fitted = em_fit(data, init, self.em_iterations, self.var_floor)
+        if is_degenerate(fitted, self.min_separation):
+            self.rejected_fits += 1
+            return False
+        self.mixture = fitted
+        return True
+
+    def labels(self, d: torch.Tensor) -> torch.Tensor | None:
+        if self.mixture is None:
+            return None
+        return posterior_similar(d.detach(), self.mixture)
+
+    def stats(self, prefix: str) -> dict[str, float]:
+        if self.mixture is None:
+            return {}
+        m = self.mixture
+        return {
+            f"{prefix}mu0": float(m.means[0]), f"{prefix}mu1": float(m.means[1]),
+            f"{prefix}var0": float(m.variances[0]), f"{prefix}var1": float(m.variances[1]),
+            f"{prefix}w0": float(m.weights[0]), f"{prefix}w1": float(m.weights[1]),
+        }  # fmt: skip
+
+    def state_dict(self) -> dict:
+        return {
+            "bank": self.bank.values.cpu(),
+            "count": self.bank.count,
+            "mixture": None if self.mixture is None else self.mixture.as_tensor().cpu(),
+            "rejected_fits": self.rejected_fits,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["bank"].numel() != self.bank.capacity:
+            raise ValueError(f"checkpoint bank holds {state['bank'].numel()} values, this run {self.bank.capacity}")
+        self.bank.values = state["bank"].to(torch.float64)
+        self.bank.count = int(state["count"])
+        self.mixture = None if state["mixture"] is None else Mixture.from_tensor(state["mixture"])
+        self.rejected_fits = int(state["rejected_fits"])
