@@ -1,0 +1,146 @@
+"""`make study`: every method x every seed on the same shards and budget -> evaluate -> compare.
+
+    python -m pipelines.study --shards shards/B --manifests data_manifests/B --out study \
+        --seeds 0 1 2 --methods random siamese-soft siamese-hard simclr ld --steps 500
+
+Layout under --out: runs/<method>/seed<k>/ (train pretrain), evals/<method>/seed<k>/ (train evaluate),
+compare/compare.md + compare.csv, study.json (the settings). Finished runs (encoder.safetensors) and
+evaluations (metrics.json) are skipped, so an interrupted study resumes; an unfinished run continues from
+its last.pt. Pretraining reads the training split's label-agnostic samples only; evaluation reads every
+sample of the manifest once. Runs are deterministic, so a second study reproduces the table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+DEFAULT_METHODS = ("random", "siamese-soft", "siamese-hard", "simclr", "ld")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    shards: str
+    manifests: str
+    out: str
+    seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    steps: int = 500
+    batch_size: int = 64
+    backbone: str = "resnet18"
+    crop_px: int | None = None
+    lr: float = 1e-3
+    num_workers: int = 2
+    device: str = "auto"
+    train_split: str = "training"
+    test_split: str = "test"
+    n_boot: int = 1000
+    root: str | None = None  # archive for the heat map of each evaluation
+    pretrain_overrides: dict = field(default_factory=dict)  # any other PretrainConfig field, same for all methods
+
+
+def _manifest(cfg: StudyConfig) -> Path:
+    path = Path(cfg.manifests)
+    return path if path.suffix == ".parquet" else path / "samples.parquet"
+
+
+def pretrain_config(cfg: StudyConfig, method: str, seed: int):
+    """The one place the budget is set: identical for every method except `method` and `seed`."""
+    from train.config import PretrainConfig
+
+    return PretrainConfig(
+        shards=cfg.shards, manifest=str(_manifest(cfg)), where=f"split == '{cfg.train_split}'",
+        method=method, backbone=cfg.backbone, crop_px=cfg.crop_px, steps=cfg.steps, batch_size=cfg.batch_size,
+        lr=cfg.lr, num_workers=cfg.num_workers, device=cfg.device, seed=seed, deterministic=True,
+        out=str(Path(cfg.out) / "runs" / method / f"seed{seed}"), progress=False, **cfg.pretrain_overrides,
+    )  # fmt: skip
+
+
+def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
+    """Pretrain + evaluate every (method, seed) not finished yet, then compare them all."""
+    import torch
+
+    from pipelines.manifests import write_json_atomic
+    from train.compare import compare_evaluations
+    from train.evaluate import EvalConfig, evaluate_encoder
+    from train.loop import pretrain
+    from train.methods import METHODS
+
+    unknown = sorted(set(cfg.methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "study.json", asdict(cfg))
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    done = {"pretrained": 0, "evaluated": 0, "skipped": 0}
+    for method in cfg.methods:
+        for seed in cfg.seeds:
+            run_dir = out / "runs" / method / f"seed{seed}"
+            eval_dir = out / "evals" / method / f"seed{seed}"
+            if not (run_dir / "encoder.safetensors").is_file():
+                say(f"pretrain {method} seed {seed} ({cfg.steps} steps)")
+                pretrain(pretrain_config(cfg, method, seed))
+                done["pretrained"] += 1
+            if (eval_dir / "metrics.json").is_file():
+                done["skipped"] += 1
+                continue
+            say(f"evaluate {method} seed {seed}")
+            evaluate_encoder(
+                run_dir, eval_dir, shards=cfg.shards, manifest=str(_manifest(cfg)), root=cfg.root,
+                cfg=EvalConfig(train_split=cfg.train_split, test_split=cfg.test_split, n_boot=cfg.n_boot, seed=seed),
+                device=device,
+            )  # fmt: skip
+            done["evaluated"] += 1
+    result = compare_evaluations([out / "evals"], out / "compare")
+    say(f"{result['n_evaluations']} evaluations compared -> {result['markdown']}")
+    return {**done, "compare": str(result["markdown"])}
+
+
+app = typer.Typer(add_completion=False, help="Every method x seed: pretrain -> evaluate -> compare.")
+
+
+@app.command()
+def main(
+    shards: str = typer.Option(..., "--shards", help="Shard folder of the build (relative manifest shard paths resolve against it)."),
+    manifests: Path = typer.Option(..., "--manifests", help="Manifest folder of the build (its samples.parquet) or the samples.parquet itself."),
+    out: Path = typer.Option(..., "--out", help="Study folder: runs/, evals/, compare/."),
+    seeds: List[int] = typer.Option([0, 1, 2], "--seeds", help="Seeds per method (give >= 3 for intervals). Default: 0 1 2."),
+    methods: List[str] = typer.Option(list(DEFAULT_METHODS), "--methods", help="Methods from train's registry. Default: random siamese-soft siamese-hard simclr ld."),
+    steps: int = typer.Option(500, "--steps", min=1, help="Optimiser steps per run, equal for every method. Default: 500."),
+    batch_size: int = typer.Option(64, "--batch-size", min=2, help="Global batch (pairs) per step, equal for every method. Default: 64."),
+    backbone: str = typer.Option("resnet18", "--backbone", help="timm backbone shared by every method. Default: resnet18."),
+    crop_px: Optional[int] = typer.Option(None, "--crop-px", help="Training crop in px. Default: 7/8 of the patch (train pretrain's rule)."),
+    lr: float = typer.Option(1e-3, "--lr", help="Learning rate, equal for every method. Default: 0.001."),
+    num_workers: int = typer.Option(2, "--num-workers", min=0, help="Loader worker processes per run. Default: 2."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto. Default: auto."),
+    n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Bootstrap resamples per evaluation CI. Default: 1000."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Archive root for each evaluation's heat map. Default: none (skipped)."),
+) -> None:
+    """Run the comparison study; re-running resumes and skips finished runs and evaluations."""
+    cfg = StudyConfig(
+        shards=shards, manifests=str(manifests), out=str(out), seeds=tuple(seeds), methods=tuple(methods), steps=steps,
+        batch_size=batch_size, backbone=backbone, crop_px=crop_px, lr=lr, num_workers=num_workers, device=device,
+        n_boot=n_boot, root=str(root) if root else None,
+    )  # fmt: skip
+    from train.checkpoint import CheckpointError
+    from train.compare import CompareError
+    from train.data import DataError
+    from train.evaluate import EvaluationError
+    from train.loop import ConfigError
+
+    try:
+        run_study(cfg)
+    except (CheckpointError, CompareError, DataError, EvaluationError, ConfigError) as exc:
+        typer.echo(f"study: {exc.reason}: {exc.detail}", err=True)
+        raise typer.Exit(1) from None
+    except ValueError as exc:
+        typer.echo(f"study: bad_option: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,214 @@
+"""`train evaluate`: metrics are computed from the data (not hard-coded), probes never train on the test
+split, every sample is read once, and the command writes metrics, report and figures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from typer.testing import CliRunner
+
+from shard_fixture import write_shards
+from train.cli import app
+from train.data import select
+from train.evaluate import (
+    EVAL_COLUMNS, EvalConfig, bootstrap_indices, compute_metrics, embed_pairs, iter_samples, manifest_labels,
+    resampled_aucs, stratified_fraction, summary,
+)
+
+FAST = EvalConfig(n_boot=200, batch_size=32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def write_split_fixture(root):
+    """96 fixture pairs (every 4th has a blob on the ipsi side = abnormal); odd studies become the test split
+    through the manifest, which is where evaluation reads labels and splits from."""
+    fx = write_shards(root, n_shards=4, per_shard=24, patch_px=32, finding_every=4)
+    table = pd.read_parquet(fx["manifest"])
+    table["split"] = np.where(table["study_id"].str[1:].astype(int) % 2 == 1, "test", "training")
+    manifest = root / "manifests" / "samples_split.parquet"
+    table.to_parquet(manifest, index=False)
+    return {**fx, "manifest": manifest, "table": table}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_split_fixture(tmp_path_factory.mktemp("eval_fixture"))
+
+
+class BlobFeatures(nn.Module):
+    """Features that carry the label honestly: mean of the patch centre (where fixture lesions sit),
+    mean of the whole patch, a constant."""
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        centre = x[..., h // 3 : 2 * h // 3, w // 3 : 2 * w // 3].mean(dim=(1, 2, 3))
+        return torch.stack([centre, x.mean(dim=(1, 2, 3)), torch.ones_like(centre)], dim=1)
+
+
+class NoiseFeatures(nn.Module):
+    """Features that ignore the image: seeded Gaussian noise."""
+
+    def __init__(self):
+        super().__init__()
+        self.gen = torch.Generator().manual_seed(0)
+
+    def forward(self, x):
+        return torch.randn(x.shape[0], 16, generator=self.gen)
+
+
+def _embed(model, data):
+    selection = select(shards=str(data["shards"]), manifest=str(data["manifest"]), include_finding=True)
+    samples = iter_samples(selection.urls, selection.keys, manifest_labels(data["manifest"]))
+    return embed_pairs(model, samples, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def blob(data):
+    emb = _embed(BlobFeatures(), data)
+    return emb, compute_metrics(emb, FAST)
+
+
+def test_every_sample_is_read_exactly_once_with_its_manifest_labels(data, blob):
+    emb, _ = blob
+    keys = emb.table["key"].tolist()
+    assert len(keys) == len(set(keys)) == len(data["table"])
+    merged = emb.table.merge(data["table"], on="key", suffixes=("", "_manifest"))
+    assert (merged["split"] == merged["split_manifest"]).all()
+    assert (merged["ipsi_abnormal"] == merged["ipsi_abnormal_manifest"]).all()
+    assert set(emb.table.columns) <= set(EVAL_COLUMNS)  # allow-listed fields only
+
+
+def test_label_carrying_features_score_near_one(blob):
+    _, result = blob
+    m = result.metrics
+    assert m["counts"]["test"]["lesion_pairs"] == 12 and m["counts"]["training"]["ipsi_abnormal"] == 12
+    assert m["detection"]["backbone"]["auc"] > 0.95
+    assert m["probe_abnormal"]["100%"]["auc"] > 0.95
+    lo, hi = m["probe_abnormal"]["100%"]["auc_ci"]
+    assert lo <= m["probe_abnormal"]["100%"]["auc"] <= hi
+    assert m["knn"]["abnormal"]["accuracy"] > 0.9
+    assert "skipped" in m["probe_abnormal"]["1%"]  # 1 % of 48 rows cannot hold 2 positives
+    assert any("1%" in n and "skipped" in n for n in result.notes)
+
+
+def test_random_features_score_near_chance(data):
+    m = compute_metrics(_embed(NoiseFeatures(), data), FAST).metrics
+    for auc in (m["detection"]["backbone"], m["probe_abnormal"]["100%"]):
+        assert abs(auc["auc"] - 0.5) < 0.25
+        assert auc["auc_ci"][0] < 0.5 < auc["auc_ci"][1]
+
+
+def _coefs(result):
+    return {name: model[-1].coef_.copy() for name, model in result.probes.items()}
+
+
+def test_probes_never_train_on_the_test_split(blob):
+    emb, result = blob
+    before = _coefs(result)
+    assert set(before) >= {"abnormal@100%", "birads@100%", "density@100%"}
+
+    shuffled = emb.table.copy()
+    test = (shuffled["split"] == "test").to_numpy()
+    rng = np.random.default_rng(1)
+    for column in ("ipsi_abnormal", "breast_birads_ipsi", "density"):
+        shuffled.loc[test, column] = rng.permutation(shuffled.loc[test, column].to_numpy())
+    emb.table = shuffled
+    permuted = compute_metrics(emb, FAST)
+    for name, coef in _coefs(permuted).items():
+        np.testing.assert_array_equal(coef, before[name])
+    # ...while the test labels do drive the scores
+    assert permuted.metrics["probe_abnormal"]["100%"]["auc"] < result.metrics["probe_abnormal"]["100%"]["auc"] - 0.2
+
+    relabelled = shuffled.copy()
+    train_rows = np.flatnonzero(~test)[:8]
+    relabelled.loc[train_rows, "ipsi_abnormal"] = ~relabelled.loc[train_rows, "ipsi_abnormal"].astype(bool)
+    emb.table = relabelled
+    changed = _coefs(compute_metrics(emb, FAST))
+    assert not np.array_equal(changed["abnormal@100%"], before["abnormal@100%"])
+
+
+def test_vectorised_bootstrap_auc_matches_scikit_learn():
+    rng = np.random.default_rng(0)
+    y = rng.random(60) < 0.3
+    score = np.round(rng.random(60), 1) + 0.2 * y  # rounded: ties must count half, as in roc_auc_score
+    idx = bootstrap_indices(60, 25, seed=3)
+    expected = [roc_auc_score(y[i], score[i]) if 0 < y[i].sum() < 60 else np.nan for i in idx]
+    np.testing.assert_allclose(resampled_aucs(y, score, idx), expected)
+
+
+def test_label_fraction_subsample_is_stratified_and_seeded():
+    y = np.array([True] * 20 + [False] * 180)
+    a = stratified_fraction(y, 0.1, seed=0)
+    assert len(a) == 20 and y[a].sum() == 2
+    np.testing.assert_array_equal(a, stratified_fraction(y, 0.1, seed=0))
+    assert not np.array_equal(a, stratified_fraction(y, 0.1, seed=1))
+    assert len(stratified_fraction(y, 1.0, seed=0)) == 200
+
+
+def test_summary_flattens_headline_numbers(blob):
+    s = summary(blob[1].metrics)
+    assert s["detection_auc"] == blob[1].metrics["detection"]["backbone"]["auc"]
+    assert s["probe_auc_1%"] is None and s["probe_auc_100%"] > 0.95
+
+
+@pytest.mark.slow
+def test_evaluate_command_on_a_trained_run(data, tmp_path):
+    from train.config import PretrainConfig
+    from train.loop import pretrain
+
+    run = tmp_path / "run"
+    pretrain(PretrainConfig(shards=str(data["shards"]), out=str(run), method="siamese-soft", backbone="test_resnet",
+                            embed_dim=16, head_hidden=32, crop_px=16, batch_size=8, steps=3, num_workers=0,
+                            progress=False, deterministic=True, seed=0))  # fmt: skip
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(app, [
+        "evaluate", "--encoder", str(run), "--manifest", str(data["manifest"]), "--shards", str(data["shards"]),
+        "--out", str(out), "--n-boot", "100", "--device", "cpu",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"]["n_samples"] == 96 and metrics["run"]["method"] == "siamese-soft"
+    assert metrics["run"]["seed"] == 0 and metrics["run"]["steps"] == 3 and metrics["run"]["crop_px"] == 16
+    assert "auc" in metrics["detection"]["head"]  # siamese-soft has a projection head
+    assert 0.0 <= metrics["summary"]["detection_auc"] <= 1.0
+    for png in ("roc.png", "distances.png", "top_pairs.png"):
+        assert (out / png).stat().st_size > 10_000
+        assert f"]({png})" in (out / "report.md").read_text()
+    scores = pd.read_parquet(out / "scores.parquet")
+    assert set(scores.columns) <= set(EVAL_COLUMNS) | {"distance", "head_distance"}
+    assert len(scores) == 96 and np.isfinite(scores["head_distance"]).all()
+
+
+def test_evaluate_command_reports_a_missing_encoder(data, tmp_path):
+    result = CliRunner().invoke(app, ["evaluate", "--encoder", str(tmp_path / "nothing"), "--shards",
+                                      str(data["shards"]), "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 1
+    assert "no_encoder" in result.output
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.slow
+def test_whole_breast_heatmap_from_the_archive(synth_archive, tmp_path):
+    from train.evaluate import study_heatmap
+    from train.report import plot_heatmap
+
+    meta = {"mm_per_px": 0.8, "patch_px": 32}
+    heatmap, note = study_heatmap(BlobFeatures(), synth_archive, meta, n_patches=64, batch_size=64)
+    assert heatmap is not None, note
+    inside = np.isfinite(heatmap.distance_map)
+    assert inside.sum() > 0.2 * heatmap.image.size and heatmap.n_patches > 10
+    assert heatmap.boxes  # the picked study has a finding on the mapped side
+    assert plot_heatmap(heatmap, tmp_path / "heatmap.png", "test").stat().st_size > 10_000
