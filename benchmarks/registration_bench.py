@@ -1,0 +1,84 @@
+"""Registration accuracy and speed on synthetic pairs with known correspondences.
+
+For each (study, view) of `prep.synth.study.make_study`: canonicalise both sides, register L -> R
+exactly as `prep.pairs.process_pair` does, map the generator's true left points (stored px) through
+stored -> canonical -> affine -> canonical right -> stored right px, and compare with their true
+positions. Prints median, p95 and worst point error in mm over all pairs, and ms per pair
+(canonicalisation excluded: resampling and segmentation have their own benchmark).
+
+    python benchmarks/registration_bench.py [--pairs 40] [--mm-per-px 0.1] [--size small] [--no-refine]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from prep.config import PrepConfig  # noqa: E402
+from prep.decode import DecodedImage  # noqa: E402
+from prep.pairs import ImageInput, canonicalise, map_stored_points  # noqa: E402
+from prep.register import register_contralateral  # noqa: E402
+from prep.synth.study import make_study  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=40, help="number of L/R pairs (2 per study); default 40")
+    parser.add_argument("--mm-per-px", type=float, default=0.1, help="canonical spacing in mm/px; default 0.1")
+    parser.add_argument("--size", choices=("small", "full"), default="small",
+                        help="synthetic detector size (full = 3518 x 2800, ~9 s per study); default small")
+    parser.add_argument("--no-refine", action="store_true", help="skip the mask+intensity affine stage")
+    parser.add_argument("--seed", type=int, default=0, help="first study seed; default 0")
+    args = parser.parse_args()
+    cv2.setNumThreads(1)
+    cfg = PrepConfig(mm_per_px=args.mm_per_px, reg_refine_intensity=not args.no_refine)
+
+    errors, per_pair_median, times, failed = [], [], [], []
+    seed = args.seed
+    while len(times) + len(failed) < args.pairs:
+        study = make_study(seed, args.size)
+        for view in ("CC", "MLO"):
+            if len(times) + len(failed) >= args.pairs:
+                break
+            images = {im.laterality: im for im in study.images if im.view == view}
+            canon = {
+                lat: canonicalise(ImageInput(f"{seed}-{lat}", lat, view,
+                                             DecodedImage(im.image, (im.spacing_mm, im.spacing_mm))), cfg)
+                for lat, im in images.items()
+            }
+            if any(c.info["status"] != "ok" for c in canon.values()):
+                failed.append((seed, view, "segmentation"))
+                continue
+            started = time.perf_counter()
+            reg = register_contralateral(canon["L"].image, canon["L"].mask, canon["R"].image, canon["R"].mask,
+                                         cfg.mm_per_px, cfg)
+            elapsed = time.perf_counter() - started
+            if not reg.reg_ok:
+                failed.append((seed, view, reg.reason))
+                continue
+            truth = study.correspondences[view]
+            predicted = map_stored_points(truth[:, :2], canon["L"].frame, canon["R"].frame, reg.affine)
+            err = np.linalg.norm(predicted - truth[:, 2:], axis=1) * images["R"].spacing_mm
+            errors.append(err)
+            per_pair_median.append(float(np.median(err)))
+            times.append(elapsed)
+        seed += 1
+
+    all_err = np.concatenate(errors) if errors else np.zeros(0)
+    print(f"pairs registered: {len(times)}  failed QC: {len(failed)} {failed if failed else ''}")
+    print(f"config: mm_per_px={cfg.mm_per_px} reg_mm_per_px={cfg.reg_mm_per_px} refine={cfg.reg_refine_intensity} "
+          f"size={args.size}")
+    if len(all_err):
+        print(f"point error (mm): median {np.median(all_err):.2f}  p95 {np.percentile(all_err, 95):.2f}  "
+              f"worst {all_err.max():.2f}  (worst pair median {max(per_pair_median):.2f})")
+        print(f"time per pair (ms, one direction): median {1000 * np.median(times):.0f}  max {1000 * max(times):.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""One (study, view) L/R pair -> registration both ways -> aligned patch pairs with labels.
+
+Composition only: resampling (`prep.geometry`), segmentation (`prep.segment`), orientation
+(`prep.orient`), registration (`prep.register`) and sampling (`prep.patches`) live in their modules.
+`process_pair` never raises for bad pixels: it returns a PairResult with no samples and `error` set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from prep.config import PrepConfig
+from prep.decode import DecodedImage
+from prep.geometry import map_boxes, map_points, resample_to_spacing, unmap_points
+from prep.orient import boxes_to_canonical, check_orientation, points_from_canonical, points_to_canonical, to_canonical
+from prep.patches import sample_patch_pairs
+from prep.register import Registration, apply_affine, register_contralateral
+from prep.segment import breast_area_mm2, segment_breast
+
+SIDES = ("L", "R")
+
+
+@dataclass
+class ImageInput:
+    """One decoded image of the pair plus its annotations (findings in original DICOM pixels)."""
+
+    image_id: str
+    laterality: str  # "L" | "R" (label laterality, from the CSV)
+    view: str
+    decoded: DecodedImage
+    findings: list[dict] = field(default_factory=list)  # category, birads, xmin, ymin, xmax, ymax
+    breast_birads: str | None = None
+    breast_density: str | None = None
+    study_id: str = ""  # copied into sample meta; not used for computation
+
+
+def image_input(record, decoded: DecodedImage) -> ImageInput:
+    """ImageInput from a `prep.datasets.ImageRecord` (or anything with its fields) and its decoded pixels."""
+    return ImageInput(
+        image_id=record.image_id, laterality=record.laterality, view=record.view, decoded=decoded,
+        findings=list(record.findings), breast_birads=record.breast_birads, breast_density=record.breast_density,
+        study_id=record.study_id,
+    )
+
+
+@dataclass
+class PatchSample:
+    ipsi: np.ndarray  # uint16 (patch_px, patch_px)
+    contra: np.ndarray  # uint16 (patch_px, patch_px)
+    meta: dict  # samples.parquet columns minus key/shard/offset/split/dataset
+
+
+@dataclass
+class PairResult:
+    images: dict[str, dict]  # "L"/"R" -> chest_wall_side, orientation_flag, breast_area_mm2, status, reason
+    pair: dict  # pairs.parquet row minus ids
+    samples: list[PatchSample]
+    error: str | None
+
+
+@dataclass(frozen=True)
+class CanonicalFrame:
+    """How one stored image became canonical: resampled by `scale_xy`, then mirrored if the chest wall was right."""
+
+    scale_xy: tuple[float, float]
+    width: int  # width of the resampled (pre-mirror) image, canonical px
+    chest_wall_side: str  # side seen in the stored image: "left" | "right"
+
+    def to_canonical(self, points: np.ndarray) -> np.ndarray:
+        """(N, 2) original DICOM pixel centres (x, y) -> canonical px."""
+        return points_to_canonical(map_points(points, self.scale_xy), self.width, self.chest_wall_side)
+
+    def to_original(self, points: np.ndarray) -> np.ndarray:
+        """(N, 2) canonical px -> original DICOM pixel centres (x, y)."""
+        return unmap_points(points_from_canonical(points, self.width, self.chest_wall_side), self.scale_xy)
+
+
+def map_stored_points(points: np.ndarray, ipsi: CanonicalFrame, contra: CanonicalFrame, affine: np.ndarray) -> np.ndarray:
+    """(N, 2) original px of the ipsi image -> original px of the contra image through the registration."""
+    return contra.to_original(apply_affine(ipsi.to_canonical(points), affine))
+
+
+@dataclass
+class CanonicalImage:
+    image: np.ndarray  # float32 [0, 1], chest wall left, cfg.mm_per_px
+    mask: np.ndarray  # bool
+    boxes: list[dict]  # findings in canonical px (edges)
+    frame: CanonicalFrame
+    info: dict  # the PairResult.images entry
+
+
+def direction_seed(pair_seed: int, left_id: str, right_id: str, view: str, ipsi_lat: str) -> int:
+    """Per-direction sampling seed: a stable hash, so reruns and any worker give the same samples."""
+    text = f"{int(pair_seed)}|{left_id}|{right_id}|{view}|{ipsi_lat}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1  # fits int64
+
+
+def canonicalise(image: ImageInput, cfg: PrepConfig) -> CanonicalImage:
+    """Resample to cfg.mm_per_px, segment, decide the chest-wall side, mirror to canonical (boxes too).
+
+    A failed step leaves `info["status"] != "ok"` with a reason; nothing raises for bad pixels.
+    """
+    info = {"chest_wall_side": None, "orientation_flag": None, "breast_area_mm2": None, "status": "ok", "reason": None}
+    pixels = np.asarray(image.decoded.pixels, np.float32)
+    try:
+        resampled, scale_xy = resample_to_spacing(pixels, image.decoded.spacing_mm, cfg.mm_per_px)
+    except ValueError as exc:
+        info.update(status="bad_geometry", reason=str(exc))
+        return CanonicalImage(pixels, np.zeros(pixels.shape, bool), [], CanonicalFrame((1.0, 1.0), 0, "left"), info)
+    seg = segment_breast(resampled, cfg.mm_per_px)
+    frame = CanonicalFrame(scale_xy, resampled.shape[1], "left")
+    if not seg.ok:
+        info.update(status="segmentation_failed", reason=seg.reason)
+        return CanonicalImage(resampled, seg.mask, [], frame, info)
+    check = check_orientation(seg.mask, image.laterality)
+    # geometry follows the image; the flag records any disagreement with the tag
+    frame = CanonicalFrame(scale_xy, resampled.shape[1], check.side)
+    info.update(
+        chest_wall_side=check.side, orientation_flag=check.flag,
+        breast_area_mm2=breast_area_mm2(seg.mask, cfg.mm_per_px),
+    )
+    raw = np.array([[f["xmin"], f["ymin"], f["xmax"], f["ymax"]] for f in image.findings], np.float64).reshape(-1, 4)
+    canon = boxes_to_canonical(map_boxes(raw, scale_xy), frame.width, check.side)
+    boxes = [
+        {**f, "xmin": b[0], "ymin": b[1], "xmax": b[2], "ymax": b[3]} for f, b in zip(image.findings, canon.tolist())
+    ]
+    return CanonicalImage(to_canonical(resampled, check.side), to_canonical(seg.mask, check.side), boxes, frame, info)
+
+
+def _pair_row(forward: Registration, backward: Registration) -> dict:
+    """pairs.parquet fields; QC numbers from the L -> R registration, reg_ok only if both directions pass."""
+    reason = None
+    for name, reg in (("l_to_r", forward), ("r_to_l", backward)):
+        if not reg.reg_ok:
+            reason = f"{name}:{reg.reason}"
+            break
+    return {
+        "affine_l_to_r": [float(v) for v in forward.affine.ravel()],
+        "affine_r_to_l": [float(v) for v in backward.affine.ravel()],
+        "method": forward.method,
+        "ecc_mask": forward.ecc_mask,
+        "ecc_intensity": forward.ecc_intensity,
+        "dice": min(forward.dice, backward.dice),
+        "area_ratio": forward.area_ratio,
+        "rotation_deg": forward.rotation_deg,
+        "scale": forward.scale,
+        "reg_ok": bool(forward.reg_ok and backward.reg_ok),
+        "reason": reason,
+    }
+
+
+def _empty_pair_row(reason: str) -> dict:
+    nan = float("nan")
+    return {
+        "affine_l_to_r": None, "affine_r_to_l": None, "method": "none", "ecc_mask": nan, "ecc_intensity": nan,
+        "dice": nan, "area_ratio": nan, "rotation_deg": nan, "scale": nan, "reg_ok": False, "reason": reason,
+    }
+
+
+def process_pair(left: ImageInput, right: ImageInput, cfg: PrepConfig, seed: int) -> PairResult:
+    """L and R images of one (study, view) -> both registrations and patch samples in both directions."""
+    started = time.perf_counter()
+    canon = {"L": canonicalise(left, cfg), "R": canonicalise(right, cfg)}
+    images = {side: c.info for side, c in canon.items()}
+
+    def finish(pair: dict, samples: list[PatchSample], error: str | None) -> PairResult:
+        pair.update(n_samples=len(samples), seconds=time.perf_counter() - started)
+        return PairResult(images=images, pair=pair, samples=samples, error=error)
+
+    failed = [side for side in SIDES if canon[side].info["status"] != "ok"]
+    if failed:
+        info = canon[failed[0]].info
+        return finish(_empty_pair_row(f"{failed[0]}:{info['status']}"), [], f"{failed[0]}: {info['status']}: {info['reason']}")
+
+    L, R = canon["L"], canon["R"]
+    forward = register_contralateral(L.image, L.mask, R.image, R.mask, cfg.mm_per_px, cfg)
+    backward = register_contralateral(R.image, R.mask, L.image, L.mask, cfg.mm_per_px, cfg)
+    pair = _pair_row(forward, backward)
+    if not pair["reg_ok"]:
+        return finish(pair, [], f"registration_failed: {pair['reason']}")
+
+    inputs = {"L": left, "R": right}
+    samples = []
+    for ipsi_lat, contra_lat, reg in (("L", "R", forward), ("R", "L", backward)):
+        ipsi, contra = canon[ipsi_lat], canon[contra_lat]
+        direction = direction_seed(seed, left.image_id, right.image_id, left.view, ipsi_lat)
+        sampled = sample_patch_pairs(
+            ipsi.image, ipsi.mask, contra.image, contra.mask, reg.affine, ipsi.boxes, contra.boxes, cfg,
+            np.random.default_rng(direction),
+        )
+        if not sampled:
+            continue
+        ipsi_orig = ipsi.frame.to_original(np.array([s.ipsi_centre for s in sampled]))
+        contra_orig = contra.frame.to_original(np.array([s.contra_centre for s in sampled]))
+        for s, (icx, icy), (ccx, ccy) in zip(sampled, ipsi_orig.tolist(), contra_orig.tolist()):
+            meta = {
+                "study_id": left.study_id, "view": left.view, "ipsi_lat": ipsi_lat,
+                "ipsi_image_id": inputs[ipsi_lat].image_id, "contra_image_id": inputs[contra_lat].image_id,
+                "patch_px": cfg.patch_px, "mm_per_px": cfg.mm_per_px,
+                "ipsi_cx": s.ipsi_centre[0], "ipsi_cy": s.ipsi_centre[1],
+                "contra_cx": s.contra_centre[0], "contra_cy": s.contra_centre[1],
+                "ipsi_cx_orig": icx, "ipsi_cy_orig": icy, "contra_cx_orig": ccx, "contra_cy_orig": ccy,
+                "tissue_frac_ipsi": s.tissue_frac_ipsi, "tissue_frac_contra": s.tissue_frac_contra,
+                "ipsi_abnormal": s.ipsi_abnormal, "contra_abnormal": s.contra_abnormal,
+                "lesion_overlap": s.lesion_overlap,
+                "finding_categories": s.finding_categories, "finding_birads": s.finding_birads,
+                "breast_birads_ipsi": inputs[ipsi_lat].breast_birads,
+                "breast_birads_contra": inputs[contra_lat].breast_birads,
+                "density": inputs[ipsi_lat].breast_density,
+                "seed": direction, "sampling": s.sampling,
+            }
+            samples.append(PatchSample(ipsi=s.ipsi, contra=s.contra, meta=meta))
+    return finish(pair, samples, None)

@@ -1,0 +1,151 @@
+"""Contralateral registration: recovers known affines, QC flags bad pairs, never raises on bad pixels."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from prep.config import PrepConfig
+from prep.register import (
+    apply_affine,
+    compose_affines,
+    invert_affine,
+    register_contralateral,
+    rotation_and_scale,
+)
+
+MM_PER_PX = 0.2
+CFG = PrepConfig(mm_per_px=MM_PER_PX)
+
+
+MARGIN = 200  # body beyond the chest-wall edge, so a moved breast still fills the canvas edge
+
+
+def breast(shape=(1000, 500), seed=0):
+    """Half-ellipse breast (chest wall left) with 1/f^3 texture on a canvas extended MARGIN px to the left."""
+    rng = np.random.default_rng(seed)
+    h, w = shape[0], shape[1] + MARGIN
+    yy, xx = np.mgrid[:h, :w]
+    mask = ((xx - MARGIN + 0.15 * shape[1]) / (0.95 * shape[1])) ** 2 + ((yy - 0.52 * h) / (0.4 * h)) ** 2 < 1
+    mask |= (xx < MARGIN) & (np.abs(yy - 0.52 * h) < 0.4 * h)
+    freq = np.fft.fftfreq(h)[:, None] ** 2 + np.fft.rfftfreq(w)[None, :] ** 2
+    freq[0, 0] = 1.0
+    texture = np.fft.irfft2(np.fft.rfft2(rng.standard_normal((h, w))) * freq ** (-0.75), s=(h, w))
+    texture = (texture - texture.min()) / (texture.max() - texture.min())
+    return ((0.2 + 0.6 * texture) * mask).astype(np.float32), mask
+
+
+def crop(image):
+    return np.ascontiguousarray(image[:, MARGIN:])
+
+
+def pair(rotation_deg, scale, shift, seed=0):
+    """(ipsi, ipsi_mask, contra, contra_mask, truth) with contra(truth @ x) = ipsi(x) on the cropped canvases."""
+    big, big_mask = breast(seed=seed)
+    about = (MARGIN + 150.0, 520.0)
+    body = cv2.getRotationMatrix2D(about, rotation_deg, scale)
+    body[:, 2] += shift
+    warp = lambda a: cv2.warpAffine(a.astype(np.float32), body, a.shape[::-1], flags=cv2.INTER_LINEAR)
+    to_crop = np.array([[1.0, 0.0, -MARGIN], [0.0, 1.0, 0.0]])
+    truth = compose_affines(invert_affine(to_crop), body, to_crop)
+    return crop(big), crop(big_mask), crop(warp(big)), crop(warp(big_mask) > 0.5), truth
+
+
+def breast_points(mask, step=997):
+    return np.argwhere(mask)[::step, ::-1].astype(np.float64)
+
+
+def test_affine_helpers_round_trip():
+    a = cv2.getRotationMatrix2D((150.0, 500.0), 7.0, 1.1)
+    pts = np.array([[0.0, 0.0], [100.0, 50.0], [-3.0, 400.0]])
+    np.testing.assert_allclose(apply_affine(apply_affine(pts, a), invert_affine(a)), pts, atol=1e-9)
+    np.testing.assert_allclose(compose_affines(a, invert_affine(a)), np.eye(3)[:2], atol=1e-12)
+    rotation, scale = rotation_and_scale(a)
+    # getRotationMatrix2D rotates counter-clockwise on screen (y down) = negative angle in our atan2
+    assert rotation == pytest.approx(-7.0) and scale == pytest.approx(1.1)
+
+
+def test_identical_images_give_identity():
+    img, mask, _, _, _ = pair(0.0, 1.0, (0.0, 0.0))
+    reg = register_contralateral(img, mask, img, mask, MM_PER_PX, CFG)
+    assert reg.reg_ok, reg.reason
+    np.testing.assert_allclose(reg.affine, np.eye(3)[:2], atol=1e-3)
+    assert reg.dice > 0.999 and reg.area_ratio == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "rotation_deg, scale, shift", [(5.0, 1.05, (-15.0, 20.0)), (-8.0, 0.92, (10.0, -30.0)), (3.0, 1.0, (40.0, 0.0))]
+)
+def test_known_affine_recovered(rotation_deg, scale, shift):
+    img, mask, contra, contra_mask, truth = pair(rotation_deg, scale, shift)
+    reg = register_contralateral(img, mask, contra, contra_mask, MM_PER_PX, CFG)
+    assert reg.reg_ok, reg.reason
+    pts = breast_points(mask)
+    error_mm = np.linalg.norm(apply_affine(pts, reg.affine) - apply_affine(pts, truth), axis=1) * MM_PER_PX
+    assert np.median(error_mm) < 0.5
+    assert reg.scale == pytest.approx(scale, abs=0.02)
+    assert reg.rotation_deg == pytest.approx(rotation_and_scale(truth)[0], abs=1.0)
+
+
+def test_masks_alone_still_align_outlines():
+    """Without intensity refinement the mask stage must still bring the outlines together."""
+    img, mask, contra, contra_mask, truth = pair(4.0, 1.0, (-20.0, 25.0))
+    cfg = PrepConfig(mm_per_px=MM_PER_PX, reg_refine_intensity=False)
+    reg = register_contralateral(img, mask, contra, contra_mask, MM_PER_PX, cfg)
+    assert reg.method == "moments+ecc_mask"
+    assert reg.reg_ok and reg.dice > 0.95
+
+
+def test_registration_is_resolution_independent():
+    """Registration runs at cfg.reg_mm_per_px, so the same anatomy at two spacings gives the same mm affine."""
+    img, mask, contra, contra_mask, truth = pair(5.0, 1.05, (-15.0, 20.0))
+    fine = register_contralateral(img, mask, contra, contra_mask, MM_PER_PX, CFG)
+    half = lambda a: cv2.resize(a.astype(np.float32), None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+    coarse = register_contralateral(
+        half(img), half(mask) > 0.5, half(contra), half(contra_mask) > 0.5, 2 * MM_PER_PX, CFG
+    )
+    pts = breast_points(mask)
+    to_coarse = lambda p: (p + 0.5) / 2 - 0.5
+    diff_mm = np.linalg.norm(
+        apply_affine(to_coarse(pts), coarse.affine) - to_coarse(apply_affine(pts, fine.affine)), axis=1
+    ) * 2 * MM_PER_PX
+    assert np.median(diff_mm) < 0.5
+
+
+@pytest.mark.parametrize(
+    "case, reason",
+    [("empty", "empty_mask"), ("tiny", "tiny_breast"), ("nan", "non_finite"), ("shape", "bad_input")],
+)
+def test_degenerate_input_fails_cleanly(case, reason):
+    img, mask, _, _, _ = pair(0.0, 1.0, (0.0, 0.0))
+    contra, contra_mask = img.copy(), mask.copy()
+    if case == "empty":
+        contra_mask[:] = False
+    elif case == "tiny":
+        contra_mask[:] = False
+        contra_mask[500:510, 0:10] = True
+    elif case == "nan":
+        contra[10, 10] = np.nan
+    elif case == "shape":
+        contra_mask = contra_mask[:-1]
+    reg = register_contralateral(img, mask, contra, contra_mask, MM_PER_PX, CFG)
+    assert not reg.reg_ok and reg.reason == reason
+
+
+def test_qc_rejects_mismatched_outlines():
+    """A contra 'breast' of a very different shape aligns badly: low Dice or out-of-bounds scale -> reg_ok False."""
+    img, mask, _, _, _ = pair(0.0, 1.0, (0.0, 0.0))
+    blob = np.zeros_like(mask)
+    cv2.rectangle(blob.view(np.uint8), (0, 100), (480, 900), 1, -1)
+    reg = register_contralateral(img, mask, blob.astype(np.float32) * 0.5, blob, MM_PER_PX, CFG)
+    assert not reg.reg_ok
+    assert reg.reason in {"ecc_failed", "low_dice", "low_ecc", "scale_out_of_bounds", "rotation_out_of_bounds"}
+
+
+def test_qc_rotation_bound():
+    img, mask, contra, contra_mask, _ = pair(6.0, 1.0, (0.0, 0.0))
+    assert register_contralateral(img, mask, contra, contra_mask, MM_PER_PX, CFG).reg_ok
+    strict = PrepConfig(mm_per_px=MM_PER_PX, max_rotation_deg=2.0)
+    reg = register_contralateral(img, mask, contra, contra_mask, MM_PER_PX, strict)
+    assert not reg.reg_ok and reg.reason == "rotation_out_of_bounds"
