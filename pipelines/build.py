@@ -378,14 +378,22 @@ def finalize(plan: Plan, build: str, shards_dir: Path, manifests_dir: Path) -> d
     }
 
 
-def build_shards(dataset: str, root: Path | str, *, options: BuildOptions | None = None, out: Path | None = None,
-                 manifests: Path | None = None, build: str | None = None, workers: int | None = None,
-                 scheduler: str | None = None, scheduler_file: str | None = None, memory_limit: str | None = None,
-                 overwrite: bool = False, dry_run: bool = False, console: Console | None = None) -> dict:
+def build_shards(dataset: str, root: Path | str, **kwargs) -> dict:
     """Plan, run (resumably) and finalize a build; returns the summary printed at the end.
 
-    `dry_run` plans and times a few pairs, writes nothing and returns the plan summary.
+    Keyword arguments are those of `run_build`. `dry_run` plans and times a few pairs, writes nothing and
+    returns the plan summary. An output folder that cannot be written is a `BuildError("cannot_write")`.
     """
+    try:
+        return run_build(dataset, root, **kwargs)
+    except OSError as exc:
+        raise BuildError("cannot_write", str(exc)) from exc
+
+
+def run_build(dataset: str, root: Path | str, *, options: BuildOptions | None = None, out: Path | None = None,
+              manifests: Path | None = None, build: str | None = None, workers: int | None = None,
+              scheduler: str | None = None, scheduler_file: str | None = None, memory_limit: str | None = None,
+              overwrite: bool = False, dry_run: bool = False, console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
     options = options or BuildOptions(dataset=dataset)
     timings = {}

@@ -12,6 +12,8 @@ in sorted order (`contra.<codec>`, `ipsi.<codec>`, `json`), samples shuffled wit
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -78,8 +80,14 @@ def write_tar(path: Path, samples: list[EncodedSample]) -> None:
     """Write samples in the given order to `path`, atomically and byte-reproducibly."""
     with atomic_open(path) as handle:
         writer = TarWriter(handle, user=TAR_USER, group=TAR_USER, mode=TAR_MODE, encoder=False, mtime=0)
-        for sample in samples:
-            writer.write({"__key__": sample.row["key"], **sample.members})
+        try:
+            for sample in samples:
+                writer.write({"__key__": sample.row["key"], **sample.members})
+        except BaseException:
+            # close on failure too, or the tar stream's finaliser later writes into the closed temp file
+            with contextlib.suppress(OSError):
+                writer.close()
+            raise
         writer.close()
 
 

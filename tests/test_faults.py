@@ -186,10 +186,6 @@ def test_disk_full_while_writing_a_shard_fails_cleanly_then_resumes(synth_archiv
     assert_same_as_clean_build(tmp_path, clean_build)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipelines/shards.py write_tar: when a write fails, the webdataset TarWriter is never closed; atomic_open "
-    "closes the file, and the tarfile stream's __del__ later raises 'ValueError: write to closed file', printed "
-    "as an 'Exception ignored ... Traceback' after the one-line error (close the writer in a finally)"))
 def test_a_failed_shard_write_leaves_no_unraisable_exception(tmp_path):
     import gc
 
@@ -214,10 +210,7 @@ def test_a_failed_shard_write_leaves_no_unraisable_exception(tmp_path):
     assert not unraisable, [f"{u.exc_type.__name__}: {u.exc_value}" for u in unraisable]
 
 
-@pytest.mark.parametrize("folder", ["--out", pytest.param("--manifests", marks=pytest.mark.xfail(strict=True, reason=(
-    "pipelines/build.py build_shards: OSErrors outside the Dask tasks (check_config writing "
-    "parts/build-config.json, finalize writing the manifests) are not turned into BuildError, so "
-    "prep/commands/build.py lets a NotADirectoryError traceback through instead of a one-line reason")))])
+@pytest.mark.parametrize("folder", ["--out", "--manifests"])
 def test_an_output_folder_that_cannot_be_created_is_a_one_line_error(synth_archive, tmp_path, folder):
     """As root, permission bits do not stop writes; a folder below a regular file cannot be created by anyone."""
     blocker = tmp_path / "a-file"

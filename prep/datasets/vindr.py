@@ -91,6 +91,11 @@ def findings_by_image(frame: pd.DataFrame) -> dict[str, list[dict]]:
     return out
 
 
+def _text_cell(value) -> str:
+    """An empty CSV cell is read as NaN: keep it a string ("") so the planner rejects it with a reason."""
+    return value if isinstance(value, str) else ""
+
+
 @register_adapter("vindr")
 class VindrAdapter:
     """VinDr-Mammo layout (also what `prep synth` writes)."""
@@ -112,8 +117,9 @@ class VindrAdapter:
             rel_path = f"images/{row.study_id}/{row.image_id}.dicom"
             record = ImageRecord(
                 dataset=self.name, study_id=row.study_id, series_id=row.series_id, image_id=row.image_id,
-                path=str(self.root / rel_path), rel_path=rel_path, laterality=row.laterality,
-                view=row.view_position, split=row.split, findings=findings.get(row.image_id, []),
+                path=str(self.root / rel_path), rel_path=rel_path, laterality=_text_cell(row.laterality),
+                view=_text_cell(row.view_position), split=_text_cell(row.split),
+                findings=findings.get(row.image_id, []),
                 breast_birads=row.breast_birads if isinstance(row.breast_birads, str) else None,
                 breast_density=row.breast_density if isinstance(row.breast_density, str) else None,
                 height=int(float(row.height)), width=int(float(row.width)))
