@@ -3,7 +3,8 @@
 For each (study, view) of `prep.synth.study.make_study`: canonicalise both sides, register L -> R
 exactly as `prep.pairs.process_pair` does, map the generator's true left points (stored px) through
 stored -> canonical -> affine -> canonical right -> stored right px, and compare with their true
-positions. Prints median, p95 and worst point error in mm over all pairs, and ms per pair
+positions. Prints median, p95 and worst point error in mm over all pairs against the target
+(median <= 1.0 mm, p95 <= 3.0 mm, asserted by tests/test_pairs.py), and ms per pair
 (canonicalisation excluded: resampling and segmentation have their own benchmark).
 
     python benchmarks/registration_bench.py [--pairs 40] [--mm-per-px 0.1] [--size small] [--no-refine]
@@ -25,6 +26,11 @@ from prep.decode import DecodedImage  # noqa: E402
 from prep.pairs import ImageInput, canonicalise, map_stored_points  # noqa: E402
 from prep.register import register_contralateral  # noqa: E402
 from prep.synth.study import make_study  # noqa: E402
+
+
+# the acceptance target at the default spacing (tests/test_pairs.py asserts the same bounds)
+TARGET_MEDIAN_MM = 1.0
+TARGET_P95_MM = 3.0
 
 
 def main() -> None:
@@ -75,8 +81,12 @@ def main() -> None:
     print(f"config: mm_per_px={cfg.mm_per_px} reg_mm_per_px={cfg.reg_mm_per_px} refine={cfg.reg_refine_intensity} "
           f"size={args.size}")
     if len(all_err):
-        print(f"point error (mm): median {np.median(all_err):.2f}  p95 {np.percentile(all_err, 95):.2f}  "
+        median, p95 = float(np.median(all_err)), float(np.percentile(all_err, 95))
+        print(f"point error (mm): median {median:.2f}  p95 {p95:.2f}  "
               f"worst {all_err.max():.2f}  (worst pair median {max(per_pair_median):.2f})")
+        met = median <= TARGET_MEDIAN_MM and p95 <= TARGET_P95_MM and not failed
+        print(f"target median <= {TARGET_MEDIAN_MM} mm, p95 <= {TARGET_P95_MM} mm, no QC failure: "
+              f"{'met' if met else 'NOT met'}")
         print(f"time per pair (ms, one direction): median {1000 * np.median(times):.0f}  max {1000 * max(times):.0f}")
 
 

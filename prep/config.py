@@ -31,9 +31,9 @@ class PrepConfig:
     reg_mm_per_px: float = 0.8
     # Gaussian blur of the masks before mask-ECC, in mm (smooths the outline into a usable gradient)
     reg_blur_mm: float = 1.6
-    # refine the rigid mask fit with affine ECC on a (mask, mask, intensity) stack (prep.register stage C)
+    # refine the rigid mask fit with a search + affine ECC on band-passed intensities (prep.register stage C)
     reg_refine_intensity: bool = True
-    # the refinement may move no breast point by more than this (mm); the rigid outline fit is often 5-10 mm off
+    # the final intensity ECC may move no breast point by more than this (mm) from the search's best start
     reg_refine_max_shift_mm: float = 25.0
     # QC bounds on the ipsi -> contra affine
     max_rotation_deg: float = 20.0

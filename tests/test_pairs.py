@@ -47,17 +47,17 @@ def registration_errors_mm(study, view: str, cfg: PrepConfig) -> np.ndarray:
 
 @pytest.mark.slow
 def test_registration_accuracy_over_40_synthetic_pairs():
-    """40 pairs (20 studies x CC/MLO) at the default 0.1 mm/px.
+    """40 pairs (20 studies x CC/MLO) at the default 0.1 mm/px meet the target: median <= 1.0 mm, p95 <= 3.0 mm.
 
-    Bounds are what the mask+intensity ECC affine reaches on this generator (median ~1.6 mm, p95 ~4.7 mm;
-    see benchmarks/registration_bench.py); the 1.0 / 3.0 mm target is not met yet (see docs).
+    The generator's elastic warp puts the best possible affine at ~0.5 mm median / ~1.2 mm p95; the
+    registration reaches ~0.6 / ~1.4 (benchmarks/registration_bench.py prints the same numbers).
     """
     errors = np.concatenate([
         registration_errors_mm(make_study(seed, "small"), view, PrepConfig())
         for seed in range(20) for view in ("CC", "MLO")
     ])
-    assert np.median(errors) <= 2.0
-    assert np.percentile(errors, 95) <= 6.0
+    assert np.median(errors) <= 1.0
+    assert np.percentile(errors, 95) <= 3.0
 
 
 def lesion_points_canonical(study, lat: str, view: str, frame) -> np.ndarray:
