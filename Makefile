@@ -10,6 +10,7 @@ DEMO ?= demo
 DEMO_STUDIES ?= 40
 DEMO_SEED ?= 7
 STUDY_SEEDS ?= 0 1 2
+STUDY_STEPS ?= 300
 
 .PHONY: venv demo test bench study clean-demo
 
@@ -27,6 +28,12 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# every method x $(STUDY_SEEDS) on the demo's shards (run `make demo` first); resumes when rerun
+study: venv
+	$(BIN)/python -m pipelines.study --shards $(DEMO)/shards --manifests $(DEMO)/manifests --out $(DEMO)/study-seeds \
+		$(foreach s,$(STUDY_SEEDS),--seeds $(s)) --steps $(STUDY_STEPS) --batch-size 32 --num-workers 1 \
+		--root $(DEMO)/archive
 
 bench: venv
 	$(BIN)/python benchmarks/prep_bench.py
