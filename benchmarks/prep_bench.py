@@ -91,7 +91,10 @@ def per_image_rows(n_pairs: int, cfg: PrepConfig) -> list[dict]:
 
 
 def dask_rows(studies: int, workers: int) -> list[dict]:
+    from rich.console import Console
+
     from pipelines.build import build_shards
+    from pipelines.plan import BuildOptions
     from prep.synth import write_archive
 
     rows = []
@@ -101,10 +104,11 @@ def dask_rows(studies: int, workers: int) -> list[dict]:
         for n in sorted({1, workers}):
             out = Path(tmp) / f"w{n}"
             t0 = time.perf_counter()
-            summary = build_shards(dataset="vindr", root=root, out=out / "shards", manifests=out / "manifests",
-                                   workers=n, mm_per_px=0.4, patch_px=64, progress=False)
+            options = BuildOptions(dataset="vindr", prep=PrepConfig(mm_per_px=0.4, patch_px=64), group_pairs=4)
+            summary = build_shards("vindr", root, options=options, out=out / "shards", manifests=out / "manifests",
+                                   build="bench", workers=n, console=Console(quiet=True))
             rows.append({"workers": n, "seconds": time.perf_counter() - t0,
-                         "pairs": summary.get("pairs"), "samples": summary.get("samples")})
+                         "pairs": sum(summary.get("pairs_ok", {}).values()), "samples": summary.get("n_samples")})
             shutil.rmtree(out)
     t1 = rows[0]["seconds"]
     for r in rows:

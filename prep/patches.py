@@ -90,8 +90,11 @@ def grid_candidates(mask: np.ndarray, erosion_px: int, n_target: int, rng: np.ra
     """
     mask_u8 = np.asarray(mask, np.uint8)
     if erosion_px > 0:
-        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * erosion_px + 1, 2 * erosion_px + 1))
-        mask_u8 = cv2.erode(mask_u8, kernel)
+        # erosion by a disk of radius erosion_px ~ Euclidean distance to the background > erosion_px (+1 px so the
+        # result lies inside a discrete elliptical erode);
+        # the distance transform is linear in the pixels, a large-kernel erode is not (1.5 s at full size)
+        inside = cv2.distanceTransform(mask_u8, cv2.DIST_L2, cv2.DIST_MASK_PRECISE) > erosion_px + 1
+        mask_u8 = inside.astype(np.uint8)
     area = int(mask_u8.sum())
     if area == 0 or n_target <= 0:
         return np.zeros((0, 2))
