@@ -10,7 +10,8 @@ DEMO ?= demo
 DEMO_STUDIES ?= 40
 DEMO_SEED ?= 7
 STUDY_SEEDS ?= 0 1 2
-STUDY_STEPS ?= 300
+STUDY_STEPS ?= 60
+STUDY_OUT ?= $(DEMO)/study
 
 .PHONY: venv demo test bench study clean-demo
 
@@ -29,11 +30,12 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-# every method x $(STUDY_SEEDS) on the demo's shards (run `make demo` first); resumes when rerun
+# every method x $(STUDY_SEEDS) on the demo's shards with the demo's budget (run `make demo` first: its seed-0
+# runs are reused); resumes when rerun. Longer: make study STUDY_STEPS=300 STUDY_OUT=demo/study-300
 study: venv
-	$(BIN)/python -m pipelines.study --shards $(DEMO)/shards --manifests $(DEMO)/manifests --out $(DEMO)/study-seeds \
+	$(BIN)/python -m pipelines.study --shards $(DEMO)/shards --manifests $(DEMO)/manifests --out $(STUDY_OUT) \
 		$(foreach s,$(STUDY_SEEDS),--seeds $(s)) --steps $(STUDY_STEPS) --batch-size 32 --num-workers 1 \
-		--root $(DEMO)/archive
+		--n-boot 200 --root $(DEMO)/archive
 
 bench: venv
 	$(BIN)/python benchmarks/prep_bench.py
