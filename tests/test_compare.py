@@ -8,19 +8,13 @@ import json
 import math
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from train.cli import app
 from train.compare import aggregate, compare_evaluations, find_evaluations, t_interval, verdicts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write_eval(root, method, seed, **summary):

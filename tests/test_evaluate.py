@@ -24,12 +24,7 @@ from train.evaluate import (
 FAST = EvalConfig(n_boot=200, batch_size=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_split_fixture(root):
