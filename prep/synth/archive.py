@@ -23,6 +23,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
 
+from pipelines.manifests import write_bytes_atomic
 from prep.synth.dicom_writer import PLANTED_PATIENT_ID, to_dicom_dataset
 from prep.synth.study import CATEGORIES, DEVICES, SIZES, SynthStudy, make_study
 
@@ -174,13 +175,6 @@ def _md5(text: str) -> str:
     return hashlib.md5(text.encode()).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _csv_bytes(columns, rows) -> bytes:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -297,7 +291,7 @@ def write_archive(
             intact_sha[rel] = hashlib.sha256(data).hexdigest()
             if trap == "truncated_file":
                 data = data[: len(data) // 2]  # an interrupted copy: listed in the CSVs, undecodable
-            _write_atomic(out / rel, data)
+            write_bytes_atomic(out / rel, data)
             summary.images += 1
             summary.bytes += len(data)
             summary.transfer_syntaxes[ds.file_meta.TransferSyntaxUID.name] += 1
@@ -322,7 +316,7 @@ def write_archive(
                 ok, png = cv2.imencode(".png", img.lesion_mask.astype(np.uint8) * 255)
                 if not ok:
                     raise SynthError("mask_encode_failed", image_id)
-                _write_atomic(out / "ground_truth" / mask_rel, png.tobytes())
+                write_bytes_atomic(out / "ground_truth" / mask_rel, png.tobytes())
             truth_images[image_id] = {
                 "study_id": study_id, "laterality": img.laterality, "view": img.view,
                 "stored_chest_wall": img.stored_chest_wall, "spacing_mm": [img.spacing_mm, img.spacing_mm],
@@ -340,13 +334,13 @@ def write_archive(
         if on_study:
             on_study(plan.index + 1, n_studies)
 
-    _write_atomic(out / "breast-level_annotations.csv", _csv_bytes(BREAST_LEVEL_COLUMNS, breast_rows))
-    _write_atomic(out / "finding_annotations.csv", _csv_bytes(FINDING_COLUMNS, finding_rows))
-    _write_atomic(out / "metadata.csv", _csv_bytes(METADATA_COLUMNS, metadata_rows))
-    _write_atomic(out / "LICENSE.txt", _LICENSE.encode())
+    write_bytes_atomic(out / "breast-level_annotations.csv", _csv_bytes(BREAST_LEVEL_COLUMNS, breast_rows))
+    write_bytes_atomic(out / "finding_annotations.csv", _csv_bytes(FINDING_COLUMNS, finding_rows))
+    write_bytes_atomic(out / "metadata.csv", _csv_bytes(METADATA_COLUMNS, metadata_rows))
+    write_bytes_atomic(out / "LICENSE.txt", _LICENSE.encode())
     truth = {"seed": seed, "size": size, "generator_version": GENERATOR_VERSION, "images": truth_images,
              "pairs": truth_pairs, "traps": traps}
-    _write_atomic(out / "ground_truth" / "truth.json", json.dumps(truth, indent=1, sort_keys=True).encode())
+    write_bytes_atomic(out / "ground_truth" / "truth.json", json.dumps(truth, indent=1, sort_keys=True).encode())
     # checksums of the archive as released: a truncated copy fails verification, as it would on VinDr
     sums = []
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
@@ -354,7 +348,7 @@ def write_archive(
         if rel == "SHA256SUMS.txt" or rel.startswith("ground_truth/"):
             continue
         sums.append(f"{intact_sha.get(rel) or hashlib.sha256(path.read_bytes()).hexdigest()}  {rel}\n")
-    _write_atomic(out / "SHA256SUMS.txt", "".join(sums).encode())
+    write_bytes_atomic(out / "SHA256SUMS.txt", "".join(sums).encode())
     summary.traps = {k: len(v) for k, v in traps.items()}
     summary.seconds = time.perf_counter() - start
     return summary
