@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import os
@@ -150,27 +152,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def dask_cluster(tmp_path):
-    """A separately started `dask scheduler` + `dask worker` on 127.0.0.1, torn down afterwards."""
+@contextlib.contextmanager
+def local_dask(cwd, worker_args: list[str], n_workers: int = 1, env: dict | None = None):
+    """A separately started `dask scheduler` + `n_workers` `dask worker` processes on 127.0.0.1; yields the
+    scheduler address and tears everything down afterwards."""
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     dask = str(Path(sys.executable).with_name("dask"))
     procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    procs.append(subprocess.Popen([dask, "worker", address, "--nthreads", "1",
-                                   "--nworkers", "1", "--no-dashboard"], cwd=tmp_path,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    procs += [subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--no-dashboard", *worker_args],
+                               cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+              for _ in range(n_workers)]
     try:
         yield address
     finally:
         for proc in reversed(procs):
-            proc.terminate()
+            if proc.poll() is None:
+                proc.terminate()
         for proc in procs:
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@pytest.fixture
+def dask_cluster(tmp_path):
+    with local_dask(tmp_path, ["--nworkers", "1"]) as address:
+        yield address
 
 
 def test_external_scheduler_rebuild_is_byte_identical(synth_archive, reference, dask_cluster, tmp_path):

@@ -25,7 +25,7 @@ from pipelines.build import build_shards
 from pipelines.verify import verify_build
 from prep.cli import app as prep_app
 from shard_fixture import write_shards
-from test_build import BUILD, OPTIONS, cli, cli_args, free_port, tar_digests
+from test_build import BUILD, OPTIONS, cli, cli_args, local_dask, tar_digests
 
 pytestmark = pytest.mark.slow
 
@@ -104,27 +104,10 @@ def scheduler_and_two_workers(tmp_path):
     """`dask scheduler` + 2 `dask worker --no-nanny --nthreads 1` on 127.0.0.1: each worker is its own process."""
     from dask.distributed import Client
 
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    dask = str(Path(sys.executable).with_name("dask"))
-    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    procs += [subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard"],
-                               cwd=tmp_path, env=SINGLE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-              for _ in range(2)]
-    try:
+    with local_dask(tmp_path, ["--no-nanny"], n_workers=2, env=SINGLE_THREAD) as address:
         with Client(address, timeout="60s") as client:
             client.wait_for_workers(2, timeout=120)
             yield address, client
-    finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 def test_a_dask_worker_killed_mid_build_loses_and_duplicates_nothing(synth_archive, clean_build, tmp_path,
