@@ -18,8 +18,11 @@ def _resize(img: np.ndarray, size_wh: tuple[int, int], interpolation: int | None
         small = cv2.resize(img.view(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
         return small.astype(bool)
     if interpolation is None:
-        shrinking = width <= img.shape[1] and height <= img.shape[0]
-        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+        # area averaging only where linear interpolation would skip input pixels (shrinking below one half);
+        # between 1/2 and 1 every input pixel already weighs in, and linear is 4x faster than area (8 vs 33 ms
+        # for a full-field 0.085 -> 0.1 mm/px resample)
+        heavy_shrink = width < 0.5 * img.shape[1] or height < 0.5 * img.shape[0]
+        interpolation = cv2.INTER_AREA if heavy_shrink else cv2.INTER_LINEAR
     return cv2.resize(img, (width, height), interpolation=interpolation)
 
 
@@ -28,7 +31,7 @@ def resize_to_shape(
 ) -> tuple[np.ndarray, tuple[float, float]]:
     """Resize to exactly `shape_hw` (rows, cols); returns (image, scale_xy).
 
-    Default interpolation: INTER_AREA when shrinking on both axes, INTER_LINEAR otherwise; bool
+    Default interpolation: INTER_AREA when shrinking below one half on either axis, INTER_LINEAR otherwise; bool
     masks always use centre-aligned nearest and stay bool.
     """
     height, width = int(shape_hw[0]), int(shape_hw[1])
@@ -65,6 +68,12 @@ def map_points(points: np.ndarray, scale_xy: tuple[float, float]) -> np.ndarray:
     """(N, 2) pixel-centre points (x, y) in the old grid -> the resampled grid."""
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     return (pts + 0.5) * np.asarray(scale_xy, dtype=np.float64) - 0.5
+
+
+def points_affine(scale_xy: tuple[float, float]) -> np.ndarray:
+    """`map_points` (old grid -> resampled grid) written as a (2, 3) affine."""
+    sx, sy = (float(v) for v in scale_xy)
+    return np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5]])
 
 
 def unmap_points(points: np.ndarray, scale_xy: tuple[float, float]) -> np.ndarray:

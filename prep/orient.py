@@ -111,5 +111,12 @@ def points_to_canonical(points: np.ndarray, width: int, side: str) -> np.ndarray
     return pts
 
 
+def canonical_affine(width: int, side: str) -> np.ndarray:
+    """`points_to_canonical` as a (2, 3) affine; a mirror, so it is also the map back."""
+    if _check_side(side):
+        return np.array([[-1.0, 0.0, width - 1.0], [0.0, 1.0, 0.0]])
+    return np.eye(3)[:2].copy()
+
+
 def points_from_canonical(points: np.ndarray, width: int, side: str) -> np.ndarray:
     return points_to_canonical(points, width, side)

@@ -16,10 +16,26 @@ import numpy as np
 from prep.config import PrepConfig
 from prep.decode import DecodedImage
 from prep.geometry import map_boxes, map_points, resample_to_spacing, unmap_points
-from prep.orient import boxes_to_canonical, check_orientation, points_from_canonical, points_to_canonical, to_canonical
+from prep.orient import (
+    boxes_to_canonical,
+    canonical_affine,
+    check_orientation,
+    points_from_canonical,
+    points_to_canonical,
+    to_canonical,
+)
 from prep.patches import sample_patch_pairs
-from prep.register import Registration, apply_affine, register_contralateral
-from prep.segment import breast_area_mm2, segment_breast
+from prep.register import (
+    Registration,
+    RegistrationGrid,
+    apply_affine,
+    compose_affines,
+    grid_from_small,
+    inverse_registration,
+    register_grids,
+    registration_grid,
+)
+from prep.segment import breast_area_mm2, segment_at_work_resolution, upsample_mask, work_image
 
 SIDES = ("L", "R")
 
@@ -91,6 +107,7 @@ class CanonicalImage:
     boxes: list[dict]  # findings in canonical px (edges)
     frame: CanonicalFrame
     info: dict  # the PairResult.images entry
+    grid: RegistrationGrid | None = None  # the coarse twin registration runs on (None: made on demand)
 
 
 def direction_seed(pair_seed: int, left_id: str, right_id: str, view: str, ipsi_lat: str) -> int:
@@ -102,6 +119,7 @@ def direction_seed(pair_seed: int, left_id: str, right_id: str, view: str, ipsi_
 def canonicalise(image: ImageInput, cfg: PrepConfig) -> CanonicalImage:
     """Resample to cfg.mm_per_px, segment, decide the chest-wall side, mirror to canonical (boxes too).
 
+    Segmentation and registration share one coarse grid at cfg.reg_mm_per_px, made once per image.
     A failed step leaves `info["status"] != "ok"` with a reason; nothing raises for bad pixels.
     """
     info = {"chest_wall_side": None, "orientation_flag": None, "breast_area_mm2": None, "status": "ok", "reason": None}
@@ -111,24 +129,43 @@ def canonicalise(image: ImageInput, cfg: PrepConfig) -> CanonicalImage:
     except ValueError as exc:
         info.update(status="bad_geometry", reason=str(exc))
         return CanonicalImage(pixels, np.zeros(pixels.shape, bool), [], CanonicalFrame((1.0, 1.0), 0, "left"), info)
-    seg = segment_breast(resampled, cfg.mm_per_px)
     frame = CanonicalFrame(scale_xy, resampled.shape[1], "left")
-    if not seg.ok:
+    if not np.isfinite(resampled).all():
+        info.update(status="segmentation_failed", reason="nan_pixels")
+        return CanonicalImage(resampled, np.zeros(resampled.shape, bool), [], frame, info)
+    work, work_mm, to_work = work_image(resampled, cfg.mm_per_px, cfg.reg_mm_per_px)
+    seg = segment_at_work_resolution(work, work_mm)
+    if seg.soft is None:
         info.update(status="segmentation_failed", reason=seg.reason)
-        return CanonicalImage(resampled, seg.mask, [], frame, info)
-    check = check_orientation(seg.mask, image.laterality)
+        return CanonicalImage(resampled, np.zeros(resampled.shape, bool), [], frame, info)
+    mask = upsample_mask(seg.soft, resampled.shape, to_work)
+    check = check_orientation(mask, image.laterality)
     # geometry follows the image; the flag records any disagreement with the tag
     frame = CanonicalFrame(scale_xy, resampled.shape[1], check.side)
-    info.update(
-        chest_wall_side=check.side, orientation_flag=check.flag,
-        breast_area_mm2=breast_area_mm2(seg.mask, cfg.mm_per_px),
-    )
+    area_mm2 = breast_area_mm2(mask, cfg.mm_per_px)
+    info.update(chest_wall_side=check.side, orientation_flag=check.flag, breast_area_mm2=area_mm2)
     raw = np.array([[f["xmin"], f["ymin"], f["xmax"], f["ymax"]] for f in image.findings], np.float64).reshape(-1, 4)
     canon = boxes_to_canonical(map_boxes(raw, scale_xy), frame.width, check.side)
     boxes = [
         {**f, "xmin": b[0], "ymin": b[1], "xmax": b[2], "ymax": b[3]} for f, b in zip(image.findings, canon.tolist())
     ]
-    return CanonicalImage(to_canonical(resampled, check.side), to_canonical(seg.mask, check.side), boxes, frame, info)
+    # the work grid mirrored like the image: canonical px -> stored px -> work px -> mirrored work px
+    to_grid = compose_affines(
+        canonical_affine(resampled.shape[1], check.side), to_work, canonical_affine(work.shape[1], check.side)
+    )
+    grid = grid_from_small(to_canonical(work, check.side), to_canonical(seg.soft, check.side), to_grid, area_mm2, cfg)
+    return CanonicalImage(
+        to_canonical(resampled, check.side), to_canonical(mask, check.side), boxes, frame, info, grid=grid
+    )
+
+
+def register_pair(left: CanonicalImage, right: CanonicalImage, cfg: PrepConfig) -> tuple[Registration, Registration]:
+    """(L -> R, R -> L): one fit, the other direction its inverse (see `prep.register.inverse_registration`)."""
+    grid_l, grid_r = (
+        c.grid if c.grid is not None else registration_grid(c.image, c.mask, cfg.mm_per_px, cfg) for c in (left, right)
+    )
+    forward = register_grids(grid_l, grid_r, cfg)
+    return forward, inverse_registration(forward, grid_l, grid_r, cfg)
 
 
 def _pair_row(forward: Registration, backward: Registration) -> dict:
@@ -176,9 +213,7 @@ def process_pair(left: ImageInput, right: ImageInput, cfg: PrepConfig, seed: int
         info = canon[failed[0]].info
         return finish(_empty_pair_row(f"{failed[0]}:{info['status']}"), [], f"{failed[0]}: {info['status']}: {info['reason']}")
 
-    L, R = canon["L"], canon["R"]
-    forward = register_contralateral(L.image, L.mask, R.image, R.mask, cfg.mm_per_px, cfg)
-    backward = register_contralateral(R.image, R.mask, L.image, L.mask, cfg.mm_per_px, cfg)
+    forward, backward = register_pair(canon["L"], canon["R"], cfg)
     pair = _pair_row(forward, backward)
     if not pair["reg_ok"]:
         return finish(pair, [], f"registration_failed: {pair['reason']}")

@@ -83,31 +83,43 @@ def warp_patch(image: np.ndarray, affine: np.ndarray, x0: int, y0: int, patch_px
     )
 
 
+def eroded_mask(mask_u8: np.ndarray, erosion_px: float) -> tuple[np.ndarray, int]:
+    """(inside, k): uint8 flags of every k-th pixel (rows and columns from k // 2) farther than ~`erosion_px`
+    from the background.
+
+    A Euclidean distance threshold, which is linear in the pixels (a large-kernel erode is not: 1.5 s at full
+    size), on a grid k times coarser with k keeping >= 8 px of erosion: 0.1 s -> 5 ms per full-size mask. The
+    margin is exact to within k pixels, which is all a "keep off the skin line" rule needs.
+    """
+    k = max(1, int(erosion_px // 8))
+    coarse = np.ascontiguousarray(mask_u8[k // 2 :: k, k // 2 :: k])
+    if erosion_px <= 0:
+        return coarse, k
+    # +1 coarse px so the result lies inside a discrete elliptical erode of the same radius
+    dist = cv2.distanceTransform(coarse, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return (dist > erosion_px / k + 1).astype(np.uint8), k
+
+
 def grid_candidates(mask: np.ndarray, erosion_px: int, n_target: int, rng: np.random.Generator) -> np.ndarray:
     """Jittered grid centres (x, y) inside `mask` eroded by `erosion_px`, about 4 * n_target of them.
 
     Oversampled so the tissue threshold can reject some and the final pick still spans the breast.
     """
-    mask_u8 = np.asarray(mask, np.uint8)
-    if erosion_px > 0:
-        # erosion by a disk of radius erosion_px ~ Euclidean distance to the background > erosion_px (+1 px so the
-        # result lies inside a discrete elliptical erode);
-        # the distance transform is linear in the pixels, a large-kernel erode is not (1.5 s at full size)
-        inside = cv2.distanceTransform(mask_u8, cv2.DIST_L2, cv2.DIST_MASK_PRECISE) > erosion_px + 1
-        mask_u8 = inside.astype(np.uint8)
-    area = int(mask_u8.sum())
+    inside, k = eroded_mask(np.asarray(mask, np.uint8), erosion_px)
+    area = int(inside.sum()) * k * k
     if area == 0 or n_target <= 0:
         return np.zeros((0, 2))
     step = max(np.sqrt(area / (4.0 * n_target)), 1.0)
-    h, w = mask_u8.shape
+    h, w = np.shape(mask)
     off_x, off_y = rng.uniform(0, step, size=2)
     gx, gy = np.meshgrid(np.arange(off_x, w, step), np.arange(off_y, h, step))
     pts = np.stack([gx.ravel(), gy.ravel()], axis=1)
     pts += rng.uniform(-0.25 * step, 0.25 * step, size=pts.shape)
     pts[:, 0] = np.clip(pts[:, 0], 0, w - 1)
     pts[:, 1] = np.clip(pts[:, 1], 0, h - 1)
-    inside = mask_u8[np.round(pts[:, 1]).astype(int), np.round(pts[:, 0]).astype(int)] > 0
-    return pts[inside]
+    rows = np.clip(np.round((pts[:, 1] - k // 2) / k).astype(int), 0, inside.shape[0] - 1)
+    cols = np.clip(np.round((pts[:, 0] - k // 2) / k).astype(int), 0, inside.shape[1] - 1)
+    return pts[inside[rows, cols] > 0]
 
 
 def finding_candidates(

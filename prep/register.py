@@ -1,7 +1,8 @@
 """Contralateral registration: a 2x3 affine mapping ipsi canonical pixels to contra canonical pixels.
 
 Both breasts arrive in the canonical frame (chest wall left) at the same spacing, and everything
-runs on a small grid at `cfg.reg_mm_per_px` (cost independent of the canonical spacing):
+runs on a small grid at `cfg.reg_mm_per_px` (cost independent of the canonical spacing), prepared once per
+image as a `RegistrationGrid` (`registration_grid`, or `grid_from_small` from segmentation's work grid):
 
   A. start: the translation between the mask centroids (the covariance axes were tried as a rotation
      start and did worse: near-round outlines have no reliable axis),
@@ -11,14 +12,16 @@ runs on a small grid at `cfg.reg_mm_per_px` (cost independent of the canonical s
      outline cannot: scale, shear and sliding along an outline cut by the canvas), with the eroded overlap
      of both breasts as ECC `inputMask` so skin line and canvas edges do not drag the fit:
      C1. search on a grid twice as coarse: (rotation, scale) offsets about the ipsi centroid around the
-         outline fit, each with the translation from phase correlation, polished by a short affine ECC;
-         the highest ECC score wins (the outline fit itself is a candidate too),
+         outline fit, each with the translation from phase correlation; the outline fit and the
+         SEARCH_POLISH_TOP offsets with the highest correlation peaks are polished by a short affine ECC,
+         and the highest ECC score wins,
      C2. ECC MOTION_AFFINE from the winner on the registration grid, kept only if no breast point moves
          more than `cfg.reg_refine_max_shift_mm`.
 
+A pair is fitted once (L -> R); R -> L is its inverse (`inverse_registration`), judged again in its own frame.
 Measured on the synthetic archive (70 % shared texture, per-side affine + 1.5 mm elastic; the best affine
-possible gives 0.53 mm median point error), see benchmarks/registration_bench.py: 0.6 mm median, 1.4 mm p95
-(outline fit alone: 3.2 / 12 mm; the former stacked mask+intensity ECC: 1.6 / 4.7 mm), ~0.2 s per direction.
+possible gives 0.53 mm median point error), see benchmarks/registration_bench.py: 0.6 mm median, 1.4 mm p95 both
+ways (outline fit alone: 3.2 / 12 mm; the former stacked mask+intensity ECC: 1.6 / 4.7 mm), ~50 ms per pair.
 No non-rigid step: dense warps register unilateral lesions away,
 which would poison the labels. QC (Dice of the aligned masks, mask ECC score, rotation, scale)
 decides `reg_ok`; degenerate input gives `reg_ok=False` with a reason code instead of an exception.
@@ -28,6 +31,7 @@ Pixel coordinates everywhere are (x, y) of pixel centres, the OpenCV convention.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -35,7 +39,7 @@ import cv2
 import numpy as np
 
 from prep.config import PrepConfig
-from prep.geometry import map_points, resize_to_shape
+from prep.geometry import points_affine, resize_to_shape
 
 # reason codes for reg_ok=False
 REASONS = (
@@ -53,8 +57,12 @@ REASONS = (
 MIN_BREAST_AREA_MM2 = 500.0
 # blurred-mask ECC correlation below this means the outlines did not match
 MIN_ECC_MASK = 0.8
-_ECC_CRITERIA = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 100, 1e-6)
-_SEARCH_CRITERIA = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-4)
+# (iterations, eps) of the outline and final intensity ECC; (100, 1e-6) gave the same errors on 40 synthetic pairs
+# to 0.01 mm at 1.4x the time (benchmarks/registration_bench.py)
+_ECC_CRITERIA = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-5)
+# a search candidate near the answer converges in a few iterations; one far off wanders for all of them (35 ms at
+# 50): 15 gave the same errors on 80 synthetic pairs as 50 (10 did too)
+_SEARCH_CRITERIA = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 15, 1e-4)
 # intensity stages see the image minus its Gaussian blur of this sigma (mm); 5-8 mm measured best (5: 0.55 mm
 # median, 12: 0.61 mm and a 3.6 mm worst point on 80 synthetic pairs)
 BAND_HIGHPASS_MM = 5.0
@@ -64,6 +72,9 @@ OVERLAP_EROSION_MM = 3.0
 # 4 deg / 4 %, so the pair differs by up to ~8 deg / 8 %, beyond the ECC basin from the rigid outline fit
 SEARCH_ROTATIONS_DEG = (-4.0, 0.0, 4.0)
 SEARCH_SCALES = (0.93, 1.0, 1.07)
+# how many of those offsets, ranked by their phase-correlation peak, get the ECC polish (the outline fit always
+# does): on 80 synthetic pairs the top 1, 2, 3 or all 9 gave the same errors; 2 keeps a spare at 1/4 of the cost
+SEARCH_POLISH_TOP = 2
 # a search candidate must keep this fraction of the (eroded) ipsi breast inside the overlap
 MIN_SEARCH_OVERLAP = 0.5
 # the coarse search grid needs at least this many pixels a side (erosion, phase correlation)
@@ -118,14 +129,6 @@ def rotation_and_scale(affine: np.ndarray) -> tuple[float, float]:
     a = np.asarray(affine, dtype=np.float64).reshape(2, 3)
     rotation = math.degrees(math.atan2(a[1, 0] - a[0, 1], a[0, 0] + a[1, 1]))
     return rotation, math.sqrt(abs(float(np.linalg.det(a[:, :2]))))
-
-
-def points_affine(scale_xy: tuple[float, float]) -> np.ndarray:
-    """`prep.geometry.map_points` (old grid -> resampled grid) written as a (2, 3) affine."""
-    src = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    return cv2.getAffineTransform(src.astype(np.float32), map_points(src, scale_xy).astype(np.float32)).astype(
-        np.float64
-    )
 
 
 def _downsample(image: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
@@ -215,18 +218,21 @@ def _search_intensity(
     centre = tuple(float(v) for v in _centroid(cmask_i))
 
     def guesses():
-        yield base
+        """(phase-correlation peak, guess) for each (rotation, scale) offset, translation from the peak."""
         for rotation in SEARCH_ROTATIONS_DEG:
             for scale in SEARCH_SCALES:
                 guess = compose_affines(cv2.getRotationMatrix2D(centre, rotation, scale), base)
                 moved = _warp_to_template(contra_windowed, guess, cmask_i.shape).astype(np.float64)
                 # (dx, dy): where the ipsi pattern sits in `moved`; shift the contra sampling points by it
-                (dx, dy), _ = cv2.phaseCorrelate(ipsi_windowed, moved)
-                yield compose_affines(np.array([[1.0, 0.0, dx], [0.0, 1.0, dy]]), guess)
+                (dx, dy), peak = cv2.phaseCorrelate(ipsi_windowed, moved)
+                yield peak, compose_affines(np.array([[1.0, 0.0, dx], [0.0, 1.0, dy]]), guess)
 
+    # only the offsets whose phase correlation peaks highest are worth an ECC polish (the slow part)
+    ranked = sorted(guesses(), key=lambda item: -item[0])
+    candidates = [base] + [guess for _, guess in ranked[:SEARCH_POLISH_TOP]]
     best, best_score = start, -np.inf
     min_overlap = MIN_SEARCH_OVERLAP * _overlap_mask(cmask_i, cmask_i, np.eye(3)[:2], erosion_px).sum()
-    for guess in guesses():
+    for guess in candidates:
         valid = _overlap_mask(cmask_i, cmask_c, guess, erosion_px)
         if valid.sum() < min_overlap:
             continue
@@ -253,94 +259,111 @@ def _failed(reason: str, method: str = "none", **values: float) -> Registration:
     return Registration(affine=np.full((2, 3), np.nan), method=method, reg_ok=False, reason=reason, **fields)
 
 
-def register_contralateral(
-    ipsi_img: np.ndarray,
-    ipsi_mask: np.ndarray,
-    contra_img: np.ndarray,
-    contra_mask: np.ndarray,
-    mm_per_px: float,
-    cfg: PrepConfig,
-) -> Registration:
-    """Affine ipsi canonical px -> contra canonical px (both at `mm_per_px`), with QC.
+@dataclass(frozen=True)
+class RegistrationGrid:
+    """One breast on the registration grid, built once per image and shared by both directions of a pair."""
 
-    Images are float [0, 1] "bright = dense", masks boolean/0-1, all 2-D; the two sides may have
-    different canvas sizes. Never raises for bad pixels: returns `reg_ok=False` and a reason code.
-    """
-    arrays = (ipsi_img, ipsi_mask, contra_img, contra_mask)
-    if any(np.ndim(a) != 2 or min(np.shape(a)) < 2 for a in arrays) or np.shape(ipsi_img) != np.shape(
-        ipsi_mask
-    ) or np.shape(contra_img) != np.shape(contra_mask) or not mm_per_px > 0:
-        return _failed("bad_input")
-    if not (np.isfinite(ipsi_img).all() and np.isfinite(contra_img).all()):
-        return _failed("non_finite")
-    ipsi_mask, contra_mask = np.asarray(ipsi_mask, bool), np.asarray(contra_mask, bool)
-    px_area = mm_per_px**2
-    area_i, area_c = ipsi_mask.sum() * px_area, contra_mask.sum() * px_area
-    if area_i == 0 or area_c == 0:
-        return _failed("empty_mask")
-    area_ratio = float(area_c / area_i)
-    if min(area_i, area_c) < MIN_BREAST_AREA_MM2:
-        return _failed("tiny_breast", area_ratio=area_ratio)
+    image: np.ndarray  # float32 intensities
+    mask: np.ndarray  # float32 breast fraction per grid pixel
+    blurred_mask: np.ndarray  # float32, what the outline ECC sees
+    band: np.ndarray  # float32 band-passed intensities, what the intensity stages see
+    to_grid: np.ndarray  # (2, 3) canonical px -> grid px
+    area_mm2: float  # breast area measured on the canonical mask
+    problem: str | None  # a REASONS code when this image cannot be registered
 
+
+def registration_grid(image: np.ndarray, mask: np.ndarray, mm_per_px: float, cfg: PrepConfig) -> RegistrationGrid:
+    """Downsample one canonical breast (float [0, 1] "bright = dense", mask bool) to `cfg.reg_mm_per_px` and
+    prepare what the registration stages need; bad input sets `problem` instead of raising."""
+    if np.ndim(image) != 2 or min(np.shape(image)) < 2 or np.shape(image) != np.shape(mask) or not mm_per_px > 0:
+        return _unusable_grid("bad_input")
+    if not np.isfinite(image).all():
+        return _unusable_grid("non_finite")
+    mask = np.asarray(mask, bool)
     # work on a small grid at cfg.reg_mm_per_px: registration cost independent of mm_per_px
     factor = min(1.0, mm_per_px / cfg.reg_mm_per_px)
-    mask_i, down_i = _downsample(ipsi_mask, factor)
-    mask_c, down_c = _downsample(contra_mask, factor)
+    small_mask, to_grid = _downsample(mask, factor)
+    small_image, _ = _downsample(image, factor)
+    return grid_from_small(small_image, small_mask, to_grid, float(np.count_nonzero(mask)) * mm_per_px**2, cfg)
+
+
+def _unusable_grid(problem: str) -> RegistrationGrid:
+    empty = np.zeros((1, 1), np.float32)
+    return RegistrationGrid(empty, empty, empty, empty, np.eye(3)[:2], 0.0, problem)
+
+
+def grid_from_small(small_image: np.ndarray, small_mask: np.ndarray, to_grid: np.ndarray, area_mm2: float,
+                    cfg: PrepConfig) -> RegistrationGrid:
+    """A RegistrationGrid from an image and breast-fraction mask already at max(mm_per_px, cfg.reg_mm_per_px)
+    (e.g. segmentation's work grid), `to_grid` mapping canonical px to their px."""
+    small_image = np.asarray(small_image, np.float32)
+    small_mask = np.asarray(small_mask, np.float32)
     sigma = max(cfg.reg_blur_mm / cfg.reg_mm_per_px, 0.5)
-    blur_i = cv2.GaussianBlur(mask_i, (0, 0), sigma)
-    blur_c = cv2.GaussianBlur(mask_c, (0, 0), sigma)
-
-    # rigid, not affine, on the outline alone: the canvas cuts the breast at the chest wall, which leaves
-    # scale and shear poorly constrained by masks (measured on synthetic pairs: 3.5 vs 4.3 mm median error)
-    small_affine = np.hstack([np.eye(2), (_centroid(mask_c) - _centroid(mask_i))[:, None]])
-    method = "moments"
-    ecc_mask = float("nan")
-    try:
-        _, warp = cv2.findTransformECC(
-            blur_i, blur_c, small_affine.astype(np.float32), cv2.MOTION_EUCLIDEAN, _ECC_CRITERIA, None, 1
-        )
-        # a rigid fit that spun past the QC bound slid along a round outline (seen on CC views):
-        # refine from the centroid start instead; QC still judges whatever comes out
-        if abs(rotation_and_scale(warp)[0]) <= cfg.max_rotation_deg:
-            small_affine, method = warp.astype(np.float64), "moments+ecc_mask"
-    except cv2.error:
-        pass  # refine from the centroid start; QC below decides whether the result is usable
-
-    img_i, _ = _downsample(ipsi_img, factor)
-    img_c, _ = _downsample(contra_img, factor)
-    if cfg.reg_refine_intensity:
-        # stage C: see the module docstring
-        band_i, band_c = _band_pass(img_i, cfg.reg_mm_per_px), _band_pass(img_c, cfg.reg_mm_per_px)
-        erosion_px = OVERLAP_EROSION_MM / cfg.reg_mm_per_px
-        start = _search_intensity(band_i, band_c, mask_i, mask_c, small_affine, cfg.reg_mm_per_px)
-        try:
-            valid = _overlap_mask(mask_i, mask_c, start, erosion_px)
-            _, refined = cv2.findTransformECC(
-                band_i, band_c, start.astype(np.float32), cv2.MOTION_AFFINE, _ECC_CRITERIA, valid, 1
-            )
-            refined = refined.astype(np.float64)
-            breast_pts = np.argwhere(mask_i > 0.5)[:, ::-1].astype(np.float64)
-            if _max_shift(refined, start, breast_pts) <= cfg.reg_refine_max_shift_mm / cfg.reg_mm_per_px:
-                small_affine = refined
-                method += "+ecc_intensity"
-        except cv2.error:
-            pass  # keep the outline-only result
-    # QC values of the final transform: outline agreement, and intensity agreement inside both breasts
-    if method != "moments":
-        ecc_mask = float(cv2.computeECC(blur_i, _warp_to_template(blur_c, small_affine, blur_i.shape)))
-    overlap = ((mask_i > 0.5) & (_warp_to_template(mask_c, small_affine, mask_i.shape) > 0.5)).astype(np.uint8)
-    ecc_intensity = (
-        float(cv2.computeECC(img_i, _warp_to_template(img_c, small_affine, img_i.shape), overlap))
-        if overlap.any() else float("nan")
+    problem = "empty_mask" if area_mm2 == 0 else "tiny_breast" if area_mm2 < MIN_BREAST_AREA_MM2 else None
+    return RegistrationGrid(
+        image=small_image, mask=small_mask, blurred_mask=cv2.GaussianBlur(small_mask, (0, 0), sigma),
+        band=_band_pass(small_image, cfg.reg_mm_per_px), to_grid=np.asarray(to_grid, np.float64), area_mm2=area_mm2,
+        problem=problem,
     )
 
-    # back to full resolution: full ipsi -> small ipsi -> small contra -> full contra
-    affine = compose_affines(down_i, small_affine, invert_affine(down_c))
+
+def _fit_outline(ipsi: RegistrationGrid, contra: RegistrationGrid, cfg: PrepConfig) -> tuple[np.ndarray, str]:
+    """Stages A and B: centroid translation, then a rigid ECC of the blurred masks (grid px affine, method)."""
+    # rigid, not affine, on the outline alone: the canvas cuts the breast at the chest wall, which leaves
+    # scale and shear poorly constrained by masks (measured on synthetic pairs: 3.5 vs 4.3 mm median error)
+    start = np.hstack([np.eye(2), (_centroid(contra.mask) - _centroid(ipsi.mask))[:, None]])
+    try:
+        _, warp = cv2.findTransformECC(
+            ipsi.blurred_mask, contra.blurred_mask, start.astype(np.float32), cv2.MOTION_EUCLIDEAN, _ECC_CRITERIA,
+            None, 1,
+        )
+    except cv2.error:
+        return start, "moments"  # QC decides whether the centroid start is usable
+    # a rigid fit that spun past the QC bound slid along a round outline (seen on CC views):
+    # refine from the centroid start instead; QC still judges whatever comes out
+    if abs(rotation_and_scale(warp)[0]) <= cfg.max_rotation_deg:
+        return warp.astype(np.float64), "moments+ecc_mask"
+    return start, "moments"
+
+
+def _refine_intensity(ipsi: RegistrationGrid, contra: RegistrationGrid, start: np.ndarray, cfg: PrepConfig):
+    """Stage C (module docstring): the grid px affine after the search and the affine ECC, or None if it failed."""
+    erosion_px = OVERLAP_EROSION_MM / cfg.reg_mm_per_px
+    best = _search_intensity(ipsi.band, contra.band, ipsi.mask, contra.mask, start, cfg.reg_mm_per_px)
+    try:
+        valid = _overlap_mask(ipsi.mask, contra.mask, best, erosion_px)
+        _, refined = cv2.findTransformECC(
+            ipsi.band, contra.band, best.astype(np.float32), cv2.MOTION_AFFINE, _ECC_CRITERIA, valid, 1
+        )
+    except cv2.error:
+        return None
+    refined = refined.astype(np.float64)
+    breast_pts = np.argwhere(ipsi.mask > 0.5)[:, ::-1].astype(np.float64)
+    if _max_shift(refined, best, breast_pts) > cfg.reg_refine_max_shift_mm / cfg.reg_mm_per_px:
+        return None
+    return refined
+
+
+def _judge(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_affine: np.ndarray, method: str,
+           cfg: PrepConfig) -> Registration:
+    """QC of a grid px affine (outline and intensity agreement, Dice, rotation, scale) and its canonical px form."""
+    ecc_mask = float("nan")
+    if method != "moments":
+        ecc_mask = float(cv2.computeECC(
+            ipsi.blurred_mask, _warp_to_template(contra.blurred_mask, grid_affine, ipsi.mask.shape)
+        ))
+    aligned_c = _warp_to_template(contra.mask, grid_affine, ipsi.mask.shape) > 0.5
+    overlap = ((ipsi.mask > 0.5) & aligned_c).astype(np.uint8)
+    ecc_intensity = (
+        float(cv2.computeECC(ipsi.image, _warp_to_template(contra.image, grid_affine, ipsi.image.shape), overlap))
+        if overlap.any() else float("nan")
+    )
+    # back to canonical px: canonical ipsi -> grid ipsi -> grid contra -> canonical contra
+    affine = compose_affines(ipsi.to_grid, grid_affine, invert_affine(contra.to_grid))
     rotation, scale = rotation_and_scale(affine)
-    aligned_c = _warp_to_template(mask_c, small_affine, mask_i.shape) > 0.5
     # only where the ipsi pixel lands on the contra canvas: a breast cut by the edge is not a misfit
-    seen = _warp_to_template(np.ones_like(mask_c), small_affine, mask_i.shape) > 0.5
-    dice = _dice((mask_i > 0.5) & seen, aligned_c & seen)
+    seen = _warp_to_template(np.ones_like(contra.mask), grid_affine, ipsi.mask.shape) > 0.5
+    dice = _dice((ipsi.mask > 0.5) & seen, aligned_c & seen)
 
     singular = np.linalg.svd(affine[:, :2], compute_uv=False)
     lo, hi = cfg.scale_bounds
@@ -356,7 +379,60 @@ def register_contralateral(
     elif dice < cfg.min_dice:
         reason = "low_dice"
     return Registration(
-        affine=affine, method=method, ecc_mask=float(ecc_mask), ecc_intensity=ecc_intensity, dice=float(dice),
-        area_ratio=area_ratio, rotation_deg=float(rotation), scale=float(scale), reg_ok=reason is None,
-        reason=reason,
+        affine=affine, method=method, ecc_mask=ecc_mask, ecc_intensity=ecc_intensity, dice=float(dice),
+        area_ratio=contra.area_mm2 / ipsi.area_mm2, rotation_deg=float(rotation), scale=float(scale),
+        reg_ok=reason is None, reason=reason,
+    )
+
+
+def _grid_problem(ipsi: RegistrationGrid, contra: RegistrationGrid) -> Registration | None:
+    for order in ("bad_input", "non_finite", "empty_mask", "tiny_breast"):
+        if order in (ipsi.problem, contra.problem):
+            ratio = contra.area_mm2 / ipsi.area_mm2 if ipsi.area_mm2 and contra.area_mm2 else float("nan")
+            return _failed(order, **({"area_ratio": ratio} if order == "tiny_breast" else {}))
+    return None
+
+
+def register_grids(ipsi: RegistrationGrid, contra: RegistrationGrid, cfg: PrepConfig) -> Registration:
+    """Affine ipsi canonical px -> contra canonical px from two prepared grids, with QC (never raises)."""
+    failed = _grid_problem(ipsi, contra)
+    if failed is not None:
+        return failed
+    grid_affine, method = _fit_outline(ipsi, contra, cfg)
+    if cfg.reg_refine_intensity:
+        refined = _refine_intensity(ipsi, contra, grid_affine, cfg)
+        if refined is not None:
+            grid_affine, method = refined, method + "+ecc_intensity"
+    return _judge(ipsi, contra, grid_affine, method, cfg)
+
+
+def inverse_registration(forward: Registration, ipsi: RegistrationGrid, contra: RegistrationGrid,
+                         cfg: PrepConfig) -> Registration:
+    """The contra -> ipsi registration as the inverse of `forward` (ipsi -> contra), judged in the contra frame.
+
+    Inverse-consistent by construction (a patch pair is the same pair whichever side is ipsi) and half the cost
+    of a second independent fit; QC runs again because Dice and the scale bounds are not symmetric.
+    """
+    if not np.isfinite(forward.affine).all():
+        return dataclasses.replace(forward, area_ratio=1.0 / forward.area_ratio)
+    grid_forward = compose_affines(invert_affine(ipsi.to_grid), forward.affine, contra.to_grid)
+    return _judge(contra, ipsi, invert_affine(grid_forward), forward.method, cfg)
+
+
+def register_contralateral(
+    ipsi_img: np.ndarray,
+    ipsi_mask: np.ndarray,
+    contra_img: np.ndarray,
+    contra_mask: np.ndarray,
+    mm_per_px: float,
+    cfg: PrepConfig,
+) -> Registration:
+    """Affine ipsi canonical px -> contra canonical px (both at `mm_per_px`), with QC.
+
+    Images are float [0, 1] "bright = dense", masks boolean/0-1, all 2-D; the two sides may have
+    different canvas sizes. Never raises for bad pixels: returns `reg_ok=False` and a reason code.
+    """
+    return register_grids(
+        registration_grid(ipsi_img, ipsi_mask, mm_per_px, cfg), registration_grid(contra_img, contra_mask, mm_per_px, cfg),
+        cfg,
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -42,6 +44,11 @@ def test_boxes_outside_the_image_are_clipped(records, truth, synth_archive):
     outside = raw[raw.image_id.isin(trapped)]
     assert ((outside.xmin < 0) | (outside.ymin < 0) | (outside.xmax > outside.width)
             | (outside.ymax > outside.height)).any()
+    # the trap overshoots the left edge (xmin < 0) or the right one (xmax > width), by seed: clipped to that edge
+    by_id = {r.image_id: r for r in records}
+    for row in outside.itertuples():
+        (f,) = by_id[row.image_id].findings
+        assert (f["xmin"] == 0) == (row.xmin < 0) and (f["xmax"] == row.width) == (row.xmax > row.width)
     for r in records:
         for f in r.findings:
             assert 0 <= f["xmin"] < f["xmax"] <= r.width and 0 <= f["ymin"] < f["ymax"] <= r.height
@@ -90,9 +97,9 @@ def test_dicom_dir_takes_labels_from_tags_and_pseudonymises_ids(synth_archive, t
     records = get_adapter("dicom-dir")(synth_archive / "images").images()
     assert len(records) == len(truth["images"])
     wrong = truth["traps"]["wrong_laterality_tag"][0]
-    wrong_rel = f"{truth['images'][wrong]['study_id']}/{wrong}.dicom"
-    by_rel = {r.rel_path: r for r in records}
-    assert by_rel[wrong_rel].laterality != truth["images"][wrong]["laterality"]  # the tag, not the truth
+    wrong_path = str((synth_archive / "images").resolve() / truth["images"][wrong]["study_id"] / f"{wrong}.dicom")
+    by_path = {r.path: r for r in records}
+    assert by_path[wrong_path].laterality != truth["images"][wrong]["laterality"]  # the tag, not the truth
     readable = [r for r in records if r.header_error is None]
     assert {r.view for r in readable} == {"CC", "MLO"} and {r.laterality for r in readable} == {"L", "R"}
     assert all(HEX32.match(r.study_id) and HEX32.match(r.image_id) for r in records)
@@ -101,6 +108,28 @@ def test_dicom_dir_takes_labels_from_tags_and_pseudonymises_ids(synth_archive, t
     for r in readable:
         studies.setdefault(r.study_id, set()).add(r.split)
     assert all(len(s) == 1 for s in studies.values())
+
+
+def test_dicom_dir_records_a_hash_of_the_path_unless_told_to_keep_it(synth_archive, tmp_path, monkeypatch):
+    """Folder names of real archives can be patient names: the recorded path is a keyed hash by default."""
+    from prep.datasets.dicom_dir import KEEP_PATHS_ENV, DicomDirAdapter, pseudonym
+
+    monkeypatch.delenv(KEEP_PATHS_ENV, raising=False)
+    patient = tmp_path / "DOE^JANE"
+    patient.mkdir()
+    for source in sorted((synth_archive / "images").rglob("*.dicom"))[:2]:
+        shutil.copy(source, patient / source.name)
+    (patient / "empty.dcm").touch()  # unreadable: its error text quotes the path
+    hashed = DicomDirAdapter(tmp_path, salt="s").images()
+    real = [Path(r.path).relative_to(tmp_path.resolve()).as_posix() for r in hashed]
+    assert [r.rel_path for r in hashed] == [pseudonym(rel, "s") for rel in real]
+    assert any(r.header_error == "unreadable" for r in hashed)
+    # `path` is what the build re-opens (in memory, never written); no other field may spell the folder
+    assert not any("DOE^JANE" in json.dumps({k: v for k, v in r.to_dict().items() if k != "path"}) for r in hashed)
+    kept = DicomDirAdapter(tmp_path, salt="s", keep_paths=True).images()
+    assert [r.rel_path for r in kept] == real
+    monkeypatch.setenv(KEEP_PATHS_ENV, "1")
+    assert [r.rel_path for r in DicomDirAdapter(tmp_path, salt="s").images()] == real
 
 
 def test_unknown_dataset_and_bad_root_are_clear_errors(tmp_path):

@@ -12,7 +12,10 @@ from prep.register import (
     apply_affine,
     compose_affines,
     invert_affine,
+    inverse_registration,
     register_contralateral,
+    register_grids,
+    registration_grid,
     rotation_and_scale,
 )
 
@@ -98,6 +101,29 @@ def test_known_affine_recovered(rotation_deg, scale, shift):
     assert np.median(error_mm) < 0.5
     assert reg.scale == pytest.approx(scale, abs=0.02)
     assert reg.rotation_deg == pytest.approx(rotation_and_scale(truth)[0], abs=1.0)
+
+
+def test_inverse_registration_is_consistent_and_judged_in_the_contra_frame():
+    """process_pair's R -> L is the inverse of the L -> R fit: the two compose to the identity, the inverse maps
+    contra points back onto the truth, and its QC is its own (scale of the inverse, Dice in the contra frame)."""
+    img, mask, contra, contra_mask, truth = pair(-6.0, 1.08, (12.0, -18.0))
+    grid_i = registration_grid(img, mask, MM_PER_PX, CFG)
+    grid_c = registration_grid(contra, contra_mask, MM_PER_PX, CFG)
+    forward = register_grids(grid_i, grid_c, CFG)
+    backward = inverse_registration(forward, grid_i, grid_c, CFG)
+    assert forward.reg_ok and backward.reg_ok, (forward.reason, backward.reason)
+    np.testing.assert_allclose(compose_affines(forward.affine, backward.affine), np.eye(3)[:2], atol=1e-9)
+    pts = breast_points(contra_mask)
+    error_mm = np.linalg.norm(apply_affine(pts, backward.affine) - apply_affine(pts, invert_affine(truth)), axis=1)
+    assert np.median(error_mm) * MM_PER_PX < 0.5
+    assert backward.scale == pytest.approx(1 / forward.scale) and backward.area_ratio == pytest.approx(
+        1 / forward.area_ratio
+    )
+    # a failed forward fit makes a failed inverse with the same reason
+    tiny = np.zeros_like(mask)
+    tiny[500:505, :5] = True
+    failed = register_grids(grid_i, registration_grid(contra, tiny, MM_PER_PX, CFG), CFG)
+    assert not failed.reg_ok and not inverse_registration(failed, grid_i, grid_c, CFG).reg_ok
 
 
 def test_masks_alone_still_align_outlines():

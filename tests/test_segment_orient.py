@@ -21,7 +21,7 @@ from prep.orient import (
     stored_chest_wall_side,
     to_canonical,
 )
-from prep.segment import breast_area_mm2, segment_breast
+from prep.segment import breast_area_mm2, fill_holes, segment_breast, work_image
 from prep.synth.anatomy import burn_label, collimator_line, lead_marker, power_law_field, ruler_dots
 
 MM = 0.4  # test images: 280 x 224 mm at 0.4 mm/px (small and fast; physical sizes realistic)
@@ -97,6 +97,45 @@ def test_shrinking_averages_and_masks_stay_boolean():
     assert small_mask[25:75, :40].all() and not small_mask[:25].any() and not small_mask[:, 40:].any()
     back, _ = resize_to_shape(small_mask, mask.shape)
     assert back.dtype == bool and dice(back, mask) > 0.99
+
+
+def test_mild_shrink_interpolates_every_pixel_and_heavy_shrink_averages():
+    """0.085 -> 0.1 mm/px (the common full-field case) resamples linearly: a uniform field stays uniform and a
+    single bright pixel still reaches the output; below one half, area averaging keeps the mean."""
+    flat = np.full((340, 280), 0.5, np.float32)
+    small, _ = resample_to_spacing(flat, (0.085, 0.085), 0.1)
+    assert small.shape == (289, 238) and np.allclose(small, 0.5)
+    dot = np.zeros((340, 280), np.float32)
+    dot[171, 141] = 1.0
+    assert resample_to_spacing(dot, (0.085, 0.085), 0.1)[0].max() > 0.2
+    assert abs(resample_to_spacing(dot, (0.085, 0.085), 0.4)[0].sum() * (0.4 / 0.085) ** 2 - 1.0) < 0.05
+
+
+@pytest.mark.parametrize("work_mm, shape", [(0.8, (50, 39)), (0.75, (54, 42))])  # whole factor (block means), not
+def test_work_grid_map_follows_content(work_mm, shape):
+    from prep.register import apply_affine
+
+    img = np.zeros((403, 317), np.float32)
+    img[200:208, 120:128] = 1.0  # an 8 x 8 block centred on (123.5, 203.5)
+    work, spacing, to_work = work_image(img, 0.1, work_mm)
+    assert spacing == work_mm and work.shape == shape
+    ys, xs = np.nonzero(work > 0)
+    weights = work[ys, xs]
+    centroid = np.array([np.average(xs, weights=weights), np.average(ys, weights=weights)])
+    np.testing.assert_allclose(apply_affine([[123.5, 203.5]], to_work)[0], centroid, atol=0.1)
+
+
+def test_fill_holes_matches_scipy_on_random_masks():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        mask = rng.random((37, 53)) < rng.uniform(0.3, 0.8)
+        np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+    ring = np.zeros((9, 9), bool)
+    ring[2:7, 2:7] = True
+    ring[4, 4] = False
+    assert fill_holes(ring)[4, 4] and not fill_holes(ring)[0, 0]
 
 
 def test_resize_rejects_bad_input():

@@ -36,7 +36,7 @@ class ImageRecord:
     series_id: str
     image_id: str
     path: str  # absolute
-    rel_path: str  # relative to the archive root
+    rel_path: str  # relative to the archive root; dicom-dir: its keyed hash unless kept on purpose (PHI)
     laterality: str  # L | R, from the dataset's labels (tags for dicom-dir)
     view: str  # CC | MLO
     split: str

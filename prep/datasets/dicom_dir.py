@@ -4,6 +4,12 @@ Laterality and view come from the header (`prep.decode.header_facts`: ImageLater
 ViewPosition/ViewCodeSequence). Study/series/image ids are keyed hashes of the UIDs (a plain hash of a UID
 is linkable by anyone holding the UID): HMAC-SHA256 with the salt in `CONTRALATERAL_ID_SALT` (set a secret
 one for real archives). The split comes from a hash of the study. No findings or BI-RADS.
+
+Folder and file names of real archives often carry patient names ("DOE^JANE/..."), so `rel_path` holds a
+keyed hash of the relative path (`pseudonym(rel_path, salt)`); `prep.decode` error texts never quote the path.
+`path` (absolute) stays in memory for the build to re-open the file and is written nowhere
+(tests/test_phi.py). Keeping the real relative path is an explicit opt-in:
+`DicomDirAdapter(root, keep_paths=True)` or `CONTRALATERAL_KEEP_PATHS=1` in the environment.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from prep.datasets import DatasetError, ImageRecord, check_header, register_adap
 from prep.decode import UnsupportedImage, header_facts, read_header
 
 SALT_ENV = "CONTRALATERAL_ID_SALT"
+KEEP_PATHS_ENV = "CONTRALATERAL_KEEP_PATHS"
 DICOM_SUFFIXES = {".dcm", ".dicom", ""}
 
 
@@ -25,17 +32,26 @@ def pseudonym(uid: str, salt: str) -> str:
     return hmac.new(salt.encode(), str(uid).encode(), hashlib.sha256).hexdigest()[:32]
 
 
+def keep_paths_from_env() -> bool:
+    return os.environ.get(KEEP_PATHS_ENV, "").strip().lower() in {"1", "true", "yes"}
+
+
 @register_adapter("dicom-dir")
 class DicomDirAdapter:
     """Every `*.dcm`, `*.dicom` or extension-less file under `root` (recursively)."""
 
     name = "dicom-dir"
 
-    def __init__(self, root: Path | str, *, salt: str | None = None):
+    def __init__(self, root: Path | str, *, salt: str | None = None, keep_paths: bool | None = None):
         self.root = Path(root).expanduser().resolve()
         if not self.root.is_dir():
             raise DatasetError("not_found", f"{self.root} is not a directory")
         self.salt = salt if salt is not None else os.environ.get(SALT_ENV, "contralateral")
+        self.keep_paths = keep_paths if keep_paths is not None else keep_paths_from_env()
+
+    def recorded_path(self, rel_path: str) -> str:
+        """What the record (and so every output) keeps of a relative path: its keyed hash unless opted in."""
+        return rel_path if self.keep_paths else pseudonym(rel_path, self.salt)
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.root.rglob("*")
@@ -45,6 +61,7 @@ class DicomDirAdapter:
         records = []
         for path in self.files():
             rel_path = path.relative_to(self.root).as_posix()
+            recorded = self.recorded_path(rel_path)
             try:
                 ds = read_header(path)
             except UnsupportedImage as exc:
@@ -52,7 +69,7 @@ class DicomDirAdapter:
                 image_id = pseudonym(rel_path, self.salt)
                 records.append(ImageRecord(
                     dataset=self.name, study_id=image_id, series_id=image_id, image_id=image_id,
-                    path=str(path), rel_path=rel_path, laterality="", view="", split=split_from_hash(image_id),
+                    path=str(path), rel_path=recorded, laterality="", view="", split=split_from_hash(image_id),
                     header_error=exc.reason, header_detail=str(exc.detail)[:500]))
                 continue
             facts = header_facts(ds)
@@ -60,13 +77,14 @@ class DicomDirAdapter:
                 check_header(ds)
                 header_error = header_detail = None
             except UnsupportedImage as exc:
-                header_error, header_detail = exc.reason, str(exc.detail)[:500]
+                header_error = exc.reason
+                header_detail = str(exc.detail)[:500]
             study_id = pseudonym(ds.get("StudyInstanceUID", rel_path), self.salt)
             records.append(ImageRecord(
                 dataset=self.name, study_id=study_id,
                 series_id=pseudonym(ds.get("SeriesInstanceUID", rel_path), self.salt),
                 image_id=pseudonym(ds.get("SOPInstanceUID", rel_path), self.salt),
-                path=str(path), rel_path=rel_path, laterality=facts.get("laterality_tag") or "",
+                path=str(path), rel_path=recorded, laterality=facts.get("laterality_tag") or "",
                 view=facts.get("view_tag") or "", split=split_from_hash(study_id),
                 height=facts.get("rows"), width=facts.get("cols"), header=facts, header_error=header_error,
                 header_detail=header_detail))
