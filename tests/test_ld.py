@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -192,3 +193,32 @@ def test_ld_trains_through_the_shared_loop_and_exports_a_timm_encoder(tmp_path):
     encoder, meta = load_encoder(tmp_path / "run")
     assert meta["method"] == "ld" and meta["timm_name"] == "test_resnet"
     assert encoder(torch.zeros(2, 1, 16, 16)).shape == (2, meta["num_features"])
+
+
+def test_ld_options_given_on_the_command_line_reach_the_method_and_the_checkpoint(tmp_path):
+    """Non-default `--ld-*` values are recorded (config.json, checkpoint hash) and shape the trained network."""
+    from typer.testing import CliRunner
+
+    from shard_fixture import write_shards
+    from train.checkpoint import load_checkpoint
+    from train.cli import app
+
+    fx = write_shards(tmp_path / "fx", n_shards=2, per_shard=8, patch_px=32)
+    run = tmp_path / "run"
+    base = ["pretrain", "--shards", str(fx["shards"]), "--out", str(run), "--method", "ld", "--backbone", "test_resnet",
+            "--crop-px", "16", "--batch-size", "4", "--steps", "2", "--num-workers", "0", "--no-progress"]  # fmt: skip
+    chosen = {"ld_grid": 2, "ld_embed_dim": 8, "ld_clusters": 3, "ld_region_weight": 2.5, "ld_mix_high": 0.7}
+    flags = [a for k, v in chosen.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    runner = CliRunner()
+    result = runner.invoke(app, [*base, *flags])
+    assert result.exit_code == 0, result.output
+
+    saved = json.loads((run / "config.json").read_text())["config"]
+    assert {k: saved[k] for k in chosen} == chosen
+    assert saved["ld_pd_temperature"] == ld.LD_DEFAULTS["ld_pd_temperature"] == 0.1  # the rest keep the paper's
+    ckpt = load_checkpoint(run / "last.pt", map_location="cpu")
+    assert {k: json.loads(ckpt["config_json"])[k] for k in chosen} == chosen
+    assert ckpt["method"]["net.embed.weight"].shape[0] == 8 and ckpt["method"]["net.cluster.weight"].shape[0] == 3
+    # part of the resume hash: the same run under the default grid is refused
+    changed = runner.invoke(app, [*base, *flags[2:]])  # no --ld-grid: back to the default 4
+    assert changed.exit_code == 2 and "config_changed" in changed.output and "ld_grid" in changed.output

@@ -18,6 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 from typer.testing import CliRunner
 
 from prep.cli import app
+from prep.datasets.vindr import clip_box
 from prep.synth import (
     PLANTED_BIRTH_DATE,
     PLANTED_PATIENT_ID,
@@ -27,6 +28,7 @@ from prep.synth import (
     to_dicom_dataset,
     write_archive,
 )
+from prep.synth.archive import box_outside_side, plan_studies
 
 # VinDr-Mammo 1.0.0 published columns (the spec; deliberately not imported from the generator)
 VINDR_BREAST_LEVEL = ["study_id", "series_id", "image_id", "laterality", "view_position", "height", "width",
@@ -232,13 +234,33 @@ def test_every_trap_is_present(synth_archive):
         pydicom.dcmread(cut_path).pixel_array  # noqa: B018
 
     sizes = {r["image_id"]: int(r["width"]) for r in breast}
+    side = box_outside_side(truth["seed"])  # the chest-wall edge: x = 0 on L images, x = width on R images
     for image_id in traps["box_outside"]:
+        assert truth["images"][image_id]["laterality"] == side
         for f in truth["images"][image_id]["findings"]:
-            overshoot = max(-f["xmin"], f["xmax"] - sizes[image_id])
+            overshoot = -f["xmin"] if side == "L" else f["xmax"] - sizes[image_id]
             assert 0 < overshoot <= 30
 
     benign = traps["bilateral_benign"][0]
     assert {r["breast_birads"] for r in breast if r["study_id"] == benign} == {"BI-RADS 2"}
+
+
+def test_box_outside_trap_alternates_its_edge_by_seed():
+    """Even seeds overshoot the left image edge (negative xmin), odd seeds the right one (xmax > width); the
+    adapter clips both back to the edge."""
+    plans = {seed: plan_studies(8, seed) for seed in (6, 7)}
+    sides = {seed: [p.finding_side for p in ps if p.trap == "box_outside"] for seed, ps in plans.items()}
+    assert sides == {6: ["L"], 7: ["R"]}
+    for side in ("L", "R"):
+        study = make_study([3, 1], "small", finding="Mass", finding_side=side, box_outside=True,
+                           images=((side, "CC"),))
+        (image,) = study.images
+        height, width = image.image.shape
+        (f,) = image.findings
+        overshoot = -f["xmin"] if side == "L" else f["xmax"] - width
+        assert 0 < overshoot <= 30
+        clipped = clip_box((f["xmin"], f["ymin"], f["xmax"], f["ymax"]), width, height)
+        assert clipped is not None and clipped[0 if side == "L" else 2] == (0 if side == "L" else width)
 
 
 def test_correspondence_ground_truth(synth_archive):

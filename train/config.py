@@ -51,6 +51,18 @@ class PretrainConfig:
     # simclr
     temperature: float = 0.2
     simclr_min_scale: float = 0.4
+    # ld: Local Discrimination, Chen et al. 2022 (PAPER.md section 2; the paper's value where it has one)
+    ld_grid: int = 4  # paper: 8 on 448-px images; 4 for our 256-px patches
+    ld_embed_dim: int = 32
+    ld_clusters: int = 16
+    ld_decoder_width: int = 32  # ours: a light decoder on the shared timm backbone
+    ld_pd_temperature: float = 0.1
+    ld_region_temperature: float = 0.2
+    ld_region_weight: float = 10.0
+    ld_entropy_weight: float = 0.1
+    ld_warmup_frac: float = 0.2  # paper: 20 of 100 epochs
+    ld_mix_low: float = 0.2
+    ld_mix_high: float = 0.8
     # intensity augmentation (device)
     aug_gamma: float = 1.25
     aug_noise: float = 0.02

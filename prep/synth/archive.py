@@ -27,7 +27,7 @@ from pipelines.manifests import write_bytes_atomic
 from prep.synth.dicom_writer import PLANTED_PATIENT_ID, to_dicom_dataset
 from prep.synth.study import CATEGORIES, DEVICES, SIZES, SynthStudy, make_study
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"  # 1.1: the box_outside trap alternates its edge by seed
 MIN_STUDIES_FOR_TRAPS = 8
 TRAP_KINDS = ("missing_view", "duplicate_view", "wrong_laterality_tag", "truncated_file", "box_outside",
               "for_processing")
@@ -129,8 +129,16 @@ def plan_studies(n_studies: int, seed: int) -> list[StudyPlan]:
     categories = [CATEGORIES[j] for j in rng.permutation(len(CATEGORIES))]
     for k, i in enumerate(with_finding[:n_finding]):
         plans[i].finding = categories[k % len(categories)]
-        plans[i].finding_side = "L" if plans[i].trap == "box_outside" else str(rng.choice(["L", "R"]))
+        trapped = plans[i].trap == "box_outside"
+        plans[i].finding_side = box_outside_side(seed) if trapped else str(rng.choice(["L", "R"]))
     return plans
+
+
+def box_outside_side(seed: int) -> str:
+    """Side of the box_outside finding. Its boxes overshoot the chest-wall edge, which is x = 0 on L images
+    (negative xmin) and x = width on R images (xmax > width): alternating by seed covers both edges. No rng
+    draw, so the rest of the plan does not depend on it."""
+    return "LR"[seed % 2]
 
 
 def _study_images(plan: StudyPlan) -> tuple[tuple[str, str], ...]:

@@ -9,6 +9,7 @@ Losses (each a pure function below, unit-tested on hand-computed cases):
   patch discrimination on a grid x grid pooling (temperature 0.1), mixup, region-to-centre
   discrimination (temperature 0.2), entropy of the assignments;
   total = L_pd + L_mixup + 10 L_ld + 0.1 L_ent, with only L_pd + L_mixup during the warm-up.
+These numbers are the defaults of the `ld_*` options (`train pretrain --ld-grid ...`, panel "LD").
 """
 
 from __future__ import annotations
@@ -17,20 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# LD defaults ([our choice] in PAPER.md section 2); a config may override them by attribute name.
-LD_DEFAULTS = {
-    "ld_grid": 4,
-    "ld_embed_dim": 32,
-    "ld_clusters": 16,
-    "ld_decoder_width": 32,
-    "ld_pd_temperature": 0.1,
-    "ld_region_temperature": 0.2,
-    "ld_region_weight": 10.0,
-    "ld_entropy_weight": 0.1,
-    "ld_warmup_frac": 0.2,
-    "ld_mix_low": 0.2,
-    "ld_mix_high": 0.8,
-}
+from train.config import DEFAULTS as CONFIG_DEFAULTS
+
+# LD options are the `ld_*` fields of `PretrainConfig` (one place for their defaults, PAPER.md section 2);
+# a config without them (e.g. a bare namespace in a test) gets these.
+LD_DEFAULTS = {k: v for k, v in CONFIG_DEFAULTS.to_dict().items() if k.startswith("ld_")}
 
 
 # ---------------------------------------------------------------- loss terms (pure functions)
