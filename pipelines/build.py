@@ -5,14 +5,19 @@ tars and Parquet parts and, last, a done marker holding its counts, the sha256 o
 config hash; it returns a small counts dict (arrays never travel through the scheduler). A rerun of the same
 command skips groups whose marker matches the config hash and whose files hash-verify, deletes stray temp
 files and redoes the rest, so an interrupted build ends with the same bytes as an uninterrupted one.
+
+Wall time (docs/PERFORMANCE.md "Prep: Dask scaling"): the Dask session starts in the background while the
+client plans (`pipelines.cluster`); header reads move to the workers once they are up; groups are submitted
+largest first so that no worker is left alone with a big group at the end; the workers shut down while
+the client assembles the manifests. None of this changes a byte of the output.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import importlib.metadata
 import importlib.util
+import inspect
 import json
 import os
 import shutil
@@ -24,14 +29,15 @@ from pathlib import Path
 from typing import Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from pipelines import manifests as mf
+from pipelines.cluster import DaskSession
 from pipelines.plan import BuildOptions, Plan, PlannedPair, ShardGroup, make_plan, reject_row
+from pipelines.progress import make_progress
 from pipelines.shards import ShardRoller, encode_sample, group_of_shard_index
 from prep.codec import sample_key
-from prep.datasets import DatasetError, ImageRecord, get_adapter
+from prep.datasets import DatasetError, ImageRecord, get_adapter, read_header_checked
 from prep.decode import UnsupportedImage, decode_dicom, read_dicom
 
 MIN_SHARDS_PER_SPLIT = 8  # a typical GPUs x loader workers; fewer leaves workers idle
@@ -273,28 +279,6 @@ def check_config(plan: Plan, build: str, manifests_dir: Path) -> None:
     mf.write_json_atomic(lock, {"config_hash": plan.config_hash, "build": build, "options": plan.options.to_dict()})
 
 
-# ----------------------------------------------------------------------------------------------- cluster
-
-
-@contextlib.contextmanager
-def dask_client(workers: int | None, scheduler: str | None, scheduler_file: str | None,
-                memory_limit: str | None = None) -> Iterator:
-    """An embedded LocalCluster (processes, one thread each) unless an existing scheduler is named."""
-    from dask.distributed import Client, LocalCluster
-
-    if scheduler or scheduler_file:
-        client = Client(scheduler, timeout="30s") if scheduler else Client(scheduler_file=scheduler_file,
-                                                                           timeout="30s")
-        with client:
-            yield client
-        return
-    dashboard = ":0" if importlib.util.find_spec("bokeh") else None
-    with LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
-                      dashboard_address=dashboard, memory_limit=memory_limit or "auto") as cluster:
-        with Client(cluster) as client:
-            yield client
-
-
 # ----------------------------------------------------------------------------------------------- build
 
 
@@ -302,12 +286,41 @@ def default_dirs(build: str, out: Path | None, manifests: Path | None) -> tuple[
     return (Path(out or Path("shards") / build).resolve(), Path(manifests or Path("data_manifests") / build).resolve())
 
 
-def plan_build(dataset: str, root: Path, options: BuildOptions) -> Plan:
+HEADER_CHUNK = 256  # header reads per cluster task: ~0.3-1 s of work, few round trips
+
+
+def read_header_chunk(records: list[ImageRecord]) -> list[ImageRecord]:
+    """The cluster task of planning: fill each record's header facts and flags."""
+    return [read_header_checked(r) for r in records]
+
+
+def read_headers(records: list[ImageRecord], dask: DaskSession | None) -> list[ImageRecord]:
+    """Header reads (file I/O + pydicom parsing), in order: in this process while the cluster is starting,
+    on its workers once it is up (a large archive's planning then scales with the workers)."""
+    chunks = [records[i: i + HEADER_CHUNK] for i in range(0, len(records), HEADER_CHUNK)]
+    done: list[ImageRecord] = []
+    while chunks and (dask is None or len(chunks) == 1 or not dask.has_workers()):
+        done += read_header_chunk(chunks.pop(0))
+    if chunks:
+        client = dask.client()
+        futures = client.map(read_header_chunk, chunks, pure=False)  # unique keys: a scheduler may be shared
+        done += [r for part in client.gather(futures) for r in part]
+    return done
+
+
+def load_records(dataset: str, root: Path, dask: DaskSession | None = None) -> list[ImageRecord]:
+    """The adapter's images table; headers read through `read_headers` when the adapter can defer them."""
+    adapter = get_adapter(dataset)
     try:
-        records = get_adapter(dataset)(root).images()
+        if "read_headers" not in inspect.signature(adapter).parameters:
+            return adapter(root).images()
+        return read_headers(adapter(root, read_headers=False).images(), dask)
     except DatasetError as exc:
         raise BuildError("bad_input", str(exc)) from exc
-    return make_plan(records, options)
+
+
+def plan_build(dataset: str, root: Path, options: BuildOptions, dask: DaskSession | None = None) -> Plan:
+    return make_plan(load_records(dataset, root, dask), options)
 
 
 def estimate(plan: Plan, sample_pairs: int = 3) -> dict:
@@ -351,8 +364,10 @@ def finalize(plan: Plan, build: str, shards_dir: Path, manifests_dir: Path) -> d
     """Assemble the final manifests from the parts (sorted) and the plan's rejects; return the counts."""
     parts = sorted((manifests_dir / PARTS_DIR).glob("*.done.json"))
     stems = [p.name[: -len(".done.json")] for p in parts]
-    extra = {"images": [rejected_image_row(r, next((x["reason"] for x in plan.rejects if x["image_id"] == r.image_id),
-                                                    "rejected")) for r in plan.rejected_images],
+    plan_reason = {}
+    for row in plan.rejects:
+        plan_reason.setdefault(row["image_id"], row["reason"])
+    extra = {"images": [rejected_image_row(r, plan_reason.get(r.image_id, "rejected")) for r in plan.rejected_images],
              "rejects": plan.rejects}
     tables = {}
     for name in mf.TABLES:
@@ -367,15 +382,34 @@ def finalize(plan: Plan, build: str, shards_dir: Path, manifests_dir: Path) -> d
         label = "ipsi_abnormal" if s["ipsi_abnormal"] else "contra_abnormal" if s["contra_abnormal"] else "normal"
         per_split.setdefault(s["split"], Counter())[label] += 1
     pairs = tables["pairs"].select(["split", "status"]).to_pylist()
+    image_status = tables["images"].column("status").to_pylist()
     return {
         "pairs_planned": dict(Counter(p.split for p in plan.pairs)),
         "pairs_ok": dict(Counter(p["split"] for p in pairs if p["status"] == "ok")),
         "samples": {k: dict(sorted(v.items())) for k, v in sorted(per_split.items())},
         "n_samples": len(samples),
-        "rejects": dict(sorted(Counter(r["reason"] for r in tables["rejects"].to_pylist()).items())),
+        "images": len(image_status), "images_rejected": sum(s != "ok" for s in image_status),
+        "rejects": dict(sorted(Counter(tables["rejects"].column("reason").to_pylist()).items())),
         "shards": dict(Counter(r["split"] for r in shard_rows)),
         "n_shards": len(shard_rows), "bytes": sum(r["bytes"] for r in shard_rows),
     }
+
+
+def reject_problem(summary: dict, max_fraction: float | None) -> str | None:
+    """The message for a build that rejected more than `max_fraction` of its images; None when within it.
+
+    The build itself is complete (manifests written): this is for callers that must not go on silently
+    with an archive that is mostly unusable (a wrong adapter, an unreadable mount, a missing codec).
+    """
+    images, rejected = summary.get("images", 0), summary.get("images_rejected", 0)
+    if max_fraction is None or not images or rejected / images <= max_fraction:
+        return None
+    top = sorted(summary["rejects"].items(), key=lambda kv: (-kv[1], kv[0]))[:3]
+    reasons = ", ".join(f"{reason} {n}" for reason, n in top)
+    return (f"{rejected} of {images} images rejected ({rejected / images:.0%}, above --max-reject-fraction "
+            f"{max_fraction:g}); top reasons: {reasons}; every reject with its detail: "
+            f"{Path(summary['manifests_dir']) / 'rejects.parquet'}. The manifests and shards of the usable "
+            "pairs were written.")
 
 
 def build_shards(dataset: str, root: Path | str, **kwargs) -> dict:
@@ -394,11 +428,24 @@ def run_build(dataset: str, root: Path | str, *, options: BuildOptions | None = 
               manifests: Path | None = None, build: str | None = None, workers: int | None = None,
               scheduler: str | None = None, scheduler_file: str | None = None, memory_limit: str | None = None,
               overwrite: bool = False, dry_run: bool = False, console: Console | None = None) -> dict:
-    console = console or Console(stderr=True)
-    options = options or BuildOptions(dataset=dataset)
+    """The Dask session starts first, in the background, so that it is up by the time planning is done."""
+    uses_dask = not dry_run and (workers != 0 or bool(scheduler or scheduler_file))
+    dask = DaskSession(workers, scheduler, scheduler_file, memory_limit) if uses_dask else None
+    try:
+        return build_in_session(dataset, Path(root), options or BuildOptions(dataset=dataset), dask,
+                                out=out, manifests=manifests, build=build, workers=workers, overwrite=overwrite,
+                                dry_run=dry_run, console=console or Console(stderr=True))
+    finally:
+        if dask is not None:
+            dask.close()
+
+
+def build_in_session(dataset: str, root: Path, options: BuildOptions, dask: DaskSession | None, *,
+                     out: Path | None, manifests: Path | None, build: str | None, workers: int | None,
+                     overwrite: bool, dry_run: bool, console: Console) -> dict:
     timings = {}
-    started = time.perf_counter()
-    plan = plan_build(dataset, Path(root), options)
+    build_started = started = time.perf_counter()
+    plan = plan_build(dataset, root, options, dask)
     timings["plan_s"] = time.perf_counter() - started
     build = build or plan.default_build_name()
     shards_dir, manifests_dir = default_dirs(build, out, manifests)
@@ -411,28 +458,17 @@ def run_build(dataset: str, root: Path | str, *, options: BuildOptions | None = 
         print_plan(summary, console)
         return summary
 
-    if overwrite:
-        wipe_build(build, shards_dir, manifests_dir)
-    check_config(plan, build, manifests_dir)
-    for folder in (shards_dir, manifests_dir):
-        mf.remove_stray_temp_files(folder)
-
     started = time.perf_counter()
-    done_counts, todo = [], []
-    for group in plan.groups:
-        counts = finished_counts(group, plan.config_hash, shards_dir, manifests_dir)
-        if counts is None:
-            clear_group(group, build, shards_dir, manifests_dir)
-            todo.append(group)
-        else:
-            done_counts.append(counts)
+    done_counts, todo = resume_state(plan, build, shards_dir, manifests_dir, overwrite)
     timings["resume_check_s"] = time.perf_counter() - started
     context = {"options": options.to_dict(), "build": build, "shards_dir": str(shards_dir),
                "manifests_dir": str(manifests_dir), "config_hash": plan.config_hash}
 
     started = time.perf_counter()
-    run_counts, failures = execute(todo, context, workers, scheduler, scheduler_file, memory_limit, console)
+    run_counts, failures = execute(todo, context, dask, console)
     timings["execute_s"] = time.perf_counter() - started
+    if dask is not None:
+        dask.close(wait=False)  # the workers exit while this process assembles the manifests
     if failures:
         raise BuildError("group_failed", f"{len(failures)} shard group(s) failed (rerun to resume): "
                                          + "; ".join(failures[:3]))
@@ -445,9 +481,9 @@ def run_build(dataset: str, root: Path | str, *, options: BuildOptions | None = 
             timings[f"tasks_{k}"] = timings.get(f"tasks_{k}", 0.0) + v
     summary = {"build": build, "shards_dir": str(shards_dir), "manifests_dir": str(manifests_dir),
                "config_hash": plan.config_hash, "groups_run": len(todo), "groups_skipped": len(done_counts),
-               **counts, "seconds": round(sum(v for k, v in timings.items() if not k.startswith("tasks_")), 3)}
+               **counts, "seconds": round(time.perf_counter() - build_started, 3)}
     mf.write_json_atomic(manifests_dir / "build.json", {
-        "build": build, "dataset": dataset, "root": str(Path(root).resolve()), "config_hash": plan.config_hash,
+        "build": build, "dataset": dataset, "root": str(root.resolve()), "config_hash": plan.config_hash,
         "config": options.to_dict(), "plan": plan.counts(), "counts": counts,
         "timings": {k: round(v, 3) for k, v in timings.items()}, "versions": package_versions(),
         "git_commit": git_commit(), "shard_scheme": "see pipelines/shards.py",
@@ -456,21 +492,48 @@ def run_build(dataset: str, root: Path | str, *, options: BuildOptions | None = 
     return summary
 
 
-def execute(groups: list[ShardGroup], context: dict, workers: int | None, scheduler: str | None,
-            scheduler_file: str | None, memory_limit: str | None, console: Console) -> tuple[list[dict], list[str]]:
-    """Submit one task per group and drive a live progress bar from as_completed."""
+def resume_state(plan: Plan, build: str, shards_dir: Path, manifests_dir: Path,
+                 overwrite: bool) -> tuple[list[dict], list[ShardGroup]]:
+    """(counts of the groups already finished, groups to run); clears what unfinished groups left behind."""
+    if overwrite:
+        wipe_build(build, shards_dir, manifests_dir)
+    check_config(plan, build, manifests_dir)
+    for folder in (shards_dir, manifests_dir):
+        mf.remove_stray_temp_files(folder)
+    done_counts, todo = [], []
+    for group in plan.groups:
+        counts = finished_counts(group, plan.config_hash, shards_dir, manifests_dir)
+        if counts is None:
+            clear_group(group, build, shards_dir, manifests_dir)
+            todo.append(group)
+        else:
+            done_counts.append(counts)
+    return done_counts, todo
+
+
+def group_cost(group: ShardGroup) -> int:
+    """A group's relative work: the pixels of its images (decode, resampling, segmentation, registration)."""
+    return sum(max(1, (r.height or 0) * (r.width or 0)) for p in group.pairs for r in (p.left, p.right))
+
+
+def execute(groups: list[ShardGroup], context: dict, dask: DaskSession | None,
+            console: Console) -> tuple[list[dict], list[str]]:
+    """Submit one task per group, largest first, and report progress from as_completed."""
     if not groups:
         return [], []
-    if workers == 0 and not (scheduler or scheduler_file):
+    if dask is None:
         return track(((g.name, _run_now(g, context)) for g in groups), groups, console)
     from dask.distributed import as_completed
 
-    with dask_client(workers, scheduler, scheduler_file, memory_limit) as client:
-        link = client.dashboard_link if importlib.util.find_spec("bokeh") else "not available (pip install bokeh)"
-        console.print(f"Dask: {len(client.scheduler_info()['workers'])} workers, dashboard: {link}")
-        futures = [client.submit(run_group, g.to_dict(), context, key=f"group-{context['config_hash']}-{g.name}",
-                                 pure=False) for g in groups]
-        return track(((f.key, f) for f in as_completed(futures)), groups, console)
+    client = dask.client()
+    link = client.dashboard_link if importlib.util.find_spec("bokeh") else "not available (pip install -e '.[dashboard]')"
+    console.print(f"Dask: {len(client.scheduler_info()['workers'])} workers, dashboard: {link}")
+    # Largest first: the scheduler starts tasks in submission order, so the last ones to start are the
+    # small groups and no worker is left alone with a big one at the end (bytes do not depend on order).
+    ordered = sorted(groups, key=group_cost, reverse=True)
+    futures = [client.submit(run_group, g.to_dict(), context, key=f"group-{context['config_hash']}-{g.name}",
+                             pure=False) for g in ordered]
+    return track(((f.key, f) for f in as_completed(futures, loop=client.loop)), groups, console)
 
 
 def _run_now(group: ShardGroup, context: dict) -> concurrent.futures.Future:
@@ -484,15 +547,10 @@ def _run_now(group: ShardGroup, context: dict) -> concurrent.futures.Future:
 
 
 def track(finished: Iterator, groups: list[ShardGroup], console: Console) -> tuple[list[dict], list[str]]:
-    """Consume (name, finished future) pairs and drive the live progress bar."""
+    """Consume (name, finished future) pairs; report progress (a live bar, or plain lines in a log)."""
     results, failures = [], []
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("pairs  {task.fields[samples]} samples  {task.fields[rejects]} rejects  "
-                          "{task.fields[rate]:.2f} pairs/s"), TimeRemainingColumn())
-    started = time.perf_counter()
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("build", total=sum(len(g.pairs) for g in groups), samples=0, rejects=0, rate=0.0)
-        samples = rejects = done = 0
+    samples = rejects = done = 0
+    with make_progress(console, sum(len(g.pairs) for g in groups)) as progress:
         for name, outcome in finished:
             try:
                 counts = outcome.result()
@@ -501,8 +559,7 @@ def track(finished: Iterator, groups: list[ShardGroup], console: Console) -> tup
                 continue
             results.append(counts)
             samples, rejects, done = samples + counts["samples"], rejects + counts["rejects"], done + counts["pairs"]
-            progress.update(task, completed=done, samples=samples, rejects=rejects,
-                            rate=done / max(time.perf_counter() - started, 1e-9))
+            progress.update(done, samples, rejects)
     return results, failures
 
 

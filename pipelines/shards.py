@@ -6,21 +6,23 @@ only on the plan (never on which worker finished first), a group can be rewritte
 other, and a resumed build reproduces the same names. Index blocks are sparse (list shards with `wids.json`,
 `shards.parquet` or a glob, not a brace range).
 
-Tars are byte-reproducible: webdataset's `TarWriter` with mtime=0, fixed user/group/mode, members of a sample
-in sorted order (`contra.<codec>`, `ipsi.<codec>`, `json`), samples shuffled with a seeded RNG.
+Tars are byte-reproducible: plain `tarfile` streams laid out exactly as webdataset's `TarWriter` writes them
+(PAX, mtime=0, fixed user/group/mode), members of a sample in sorted order (`contra.<codec>`, `ipsi.<codec>`,
+`json`), samples shuffled with a seeded RNG. `webdataset` itself is not imported here: it imports torch,
+which cost every Dask worker 1.5-3 s of start-up (docs/PERFORMANCE.md "Prep: Dask scaling").
 """
 
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
+import io
 import json
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from webdataset.writer import TarWriter
 
 from pipelines.manifests import atomic_open, sha256_file
 from prep.codec import encode_patch
@@ -76,19 +78,30 @@ def encode_sample(row: dict, ipsi: np.ndarray, contra: np.ndarray, codec: str) -
     return EncodedSample(row=row, members=members)
 
 
+def tar_member(name: str, data: bytes) -> tarfile.TarInfo:
+    """The header webdataset's `TarWriter(user, group, mode, mtime=0)` writes for one member."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, TAR_MODE
+    info.uname = info.gname = TAR_USER
+    return info
+
+
 def write_tar(path: Path, samples: list[EncodedSample]) -> None:
     """Write samples in the given order to `path`, atomically and byte-reproducibly."""
     with atomic_open(path) as handle:
-        writer = TarWriter(handle, user=TAR_USER, group=TAR_USER, mode=TAR_MODE, encoder=False, mtime=0)
+        # TarWriter's stream mode; PAX is what TarWriter gets (Python's default), pinned so bytes stay put
+        stream = tarfile.open(fileobj=handle, mode="w|", format=tarfile.PAX_FORMAT)
         try:
             for sample in samples:
-                writer.write({"__key__": sample.row["key"], **sample.members})
+                for member in sorted(sample.members):
+                    data = sample.members[member]
+                    stream.addfile(tar_member(f"{sample.row['key']}.{member}", data), io.BytesIO(data))
         except BaseException:
             # close on failure too, or the tar stream's finaliser later writes into the closed temp file
             with contextlib.suppress(OSError):
-                writer.close()
+                stream.close()
             raise
-        writer.close()
+        stream.close()
 
 
 @dataclass

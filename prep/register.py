@@ -386,10 +386,11 @@ def _judge(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_affine: np.nda
 
 
 def _grid_problem(ipsi: RegistrationGrid, contra: RegistrationGrid) -> Registration | None:
-    for order in ("bad_input", "non_finite", "empty_mask", "tiny_breast"):
-        if order in (ipsi.problem, contra.problem):
+    """The failed Registration when either grid could not be made (checks in REASONS order), else None."""
+    for reason in ("bad_input", "non_finite", "empty_mask", "tiny_breast"):
+        if reason in (ipsi.problem, contra.problem):
             ratio = contra.area_mm2 / ipsi.area_mm2 if ipsi.area_mm2 and contra.area_mm2 else float("nan")
-            return _failed(order, **({"area_ratio": ratio} if order == "tiny_breast" else {}))
+            return _failed(reason, **({"area_ratio": ratio} if reason == "tiny_breast" else {}))
     return None
 
 

@@ -7,6 +7,8 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -144,6 +146,48 @@ def test_changed_config_is_refused_and_dry_run_writes_nothing(synth_archive, ref
     assert dry.exit_code == 0, dry.output
     assert "est. disk" in dry.output
     assert not (tmp_path / "shards").exists() and not (tmp_path / "manifests").exists()
+
+
+def test_a_mostly_unreadable_archive_is_written_but_exits_3(synth_archive, tmp_path):
+    archive = tmp_path / "archive"
+    shutil.copytree(synth_archive, archive, ignore=shutil.ignore_patterns("ground_truth"))
+    studies = sorted((archive / "images").iterdir())
+    for dicom in (f for study in studies[1:] for f in study.glob("*.dicom")):  # all but the first study
+        raw = dicom.read_bytes()
+        dicom.write_bytes(raw[: len(raw) * 3 // 5])  # cut inside Pixel Data: the header still reads
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, cli_args(archive, out, "--workers", "0"))
+    assert result.exit_code == 3, result.output
+    message = " ".join(result.output.split())
+    assert "too_many_rejects" in message and "unreadable" in message and "partner_rejected" in message
+    assert str(out / "manifests" / "rejects.parquet") in message
+    # nothing lost: every image has its row, the one usable study made its shards
+    images = pq.read_table(out / "manifests" / "images.parquet")
+    assert images.num_rows == len(list(archive.glob("images/*/*.dicom")))
+    assert verify_build(out / "shards", out / "manifests").ok
+
+    relaxed = CliRunner().invoke(app, cli_args(archive, out, "--workers", "0", "--max-reject-fraction", "1"))
+    assert relaxed.exit_code == 0, relaxed.output
+
+
+PROGRESS_LINE = re.compile(r"^build: (\d+)/(\d+) pairs \(\d+%\), \d+ samples, \d+ rejects, [\d.]+ pairs/s, eta \S+$")
+
+
+def test_two_local_workers_give_the_same_bytes_plain_progress_and_a_clean_shutdown(synth_archive, reference,
+                                                                                    tmp_path):
+    """stderr is a pipe here, as in CI logs, nohup or SLURM: plain progress lines instead of a live bar."""
+    ref_out, _ = reference
+    run = subprocess.run(cli(synth_archive, tmp_path, "--workers", "2"), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert tar_digests(tmp_path / "shards") == tar_digests(ref_out / "shards")
+    assert (tmp_path / "manifests" / "samples.parquet").read_bytes() == (
+        ref_out / "manifests" / "samples.parquet").read_bytes()
+    progress = [m for m in map(PROGRESS_LINE.match, run.stderr.splitlines()) if m]
+    assert progress, run.stderr[-2000:]
+    done = [int(m.group(1)) for m in progress]
+    assert done == sorted(done) and done[-1] == int(progress[-1].group(2))  # ends at N/N
+    assert "\x1b[" not in run.stderr  # no terminal control codes in a log
+    assert "still alive" not in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
 
 
 def free_port() -> int:

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from prep.codec import CODECS
 from prep.config import PrepConfig
@@ -56,10 +57,20 @@ def build_shards(
                                    "(off: resume an interrupted build)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, counts and estimates; "
                                  "write nothing."),
+    max_reject_fraction: float = typer.Option(
+        0.5, "--max-reject-fraction", min=0.0, max=1.0,
+        help="Exit with status 3 when more than this fraction of the archive's images was rejected (the "
+        "manifests are still written). 0.5 passes a real archive (a few % of rejects) and even a small synthetic "
+        "one full of traps (15-30 %), but stops a pipeline fed by a wrong --dataset, an unreadable mount or a "
+        "missing codec, where most images fail. 1 turns the check off."),
     as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON on stdout."),
 ) -> None:
-    """Build WebDataset shards of aligned contralateral patch pairs and their Parquet manifests (resumable)."""
-    from pipelines.build import BuildError, build_shards as run_build
+    """Build WebDataset shards of aligned contralateral patch pairs and their Parquet manifests (resumable).
+
+    Exit status: 0 done; 1 a shard group failed (rerun to resume); 2 bad input or config; 3 too many images
+    rejected (--max-reject-fraction).
+    """
+    from pipelines.build import BuildError, build_shards as run_build, reject_problem
     from pipelines.plan import BuildOptions
 
     console = Console(stderr=True)
@@ -84,3 +95,7 @@ def build_shards(
         raise typer.Exit(1 if exc.reason == "group_failed" else 2) from exc
     if as_json:
         print(json.dumps(summary, indent=2, sort_keys=True))
+    problem = None if dry_run else reject_problem(summary, max_reject_fraction)
+    if problem:
+        console.print(f"[red]error:[/] too_many_rejects: {escape(problem)}", soft_wrap=True)
+        raise typer.Exit(3)

@@ -1,0 +1,91 @@
+"""Parts of the build that need no full build: tar bytes, worker imports, progress lines, the reject check,
+header reads on the cluster."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipelines import build as build_module
+from pipelines import progress as progress_module
+from pipelines.build import load_records, reject_problem
+from pipelines.cluster import DaskSession
+from pipelines.progress import LineProgress, format_duration
+from pipelines.shards import TAR_MODE, TAR_USER, encode_sample, write_tar
+from prep.datasets import get_adapter
+
+
+def test_shard_tars_are_byte_identical_to_webdataset_tarwriter(tmp_path):
+    from webdataset.writer import TarWriter
+
+    rng = np.random.default_rng(0)
+    samples = [encode_sample({"key": f"vindr_s{i}_CC_L_{i}", "i": i},
+                             rng.integers(0, 65535, (64, 64), dtype=np.uint16),
+                             rng.integers(0, 65535, (64, 64), dtype=np.uint16), "npy") for i in range(5)]
+    write_tar(tmp_path / "ours.tar", samples)
+    theirs = io.BytesIO()
+    writer = TarWriter(theirs, user=TAR_USER, group=TAR_USER, mode=TAR_MODE, encoder=False, mtime=0)
+    for sample in samples:
+        writer.write({"__key__": sample.row["key"], **sample.members})
+    writer.close()
+    assert (tmp_path / "ours.tar").read_bytes() == theirs.getvalue()
+
+
+def test_a_dask_worker_imports_no_torch():
+    """torch made every worker start ~2 s slower and its exit outlast the nanny's 4 s (pipelines/cluster.py)."""
+    code = "import sys, pipelines.build, prep.pairs; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_plain_progress_lines_every_tenth_or_interval(monkeypatch):
+    class Printed:  # the one Console method LineProgress uses
+        def __init__(self):
+            self.lines: list[str] = []
+
+        def print(self, line, **_):
+            self.lines.append(line)
+
+    clock = iter(range(0, 10_000))
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: float(next(clock)))
+    console = Printed()
+    progress = LineProgress(console, total=100, interval_s=1e9)
+    for done in range(1, 101):
+        progress.update(done, samples=done * 3, rejects=0)
+    assert [line.split()[1] for line in console.lines] == [f"{n}/100" for n in range(10, 101, 10)]
+    assert console.lines[-1].startswith("build: 100/100 pairs (100%), 300 samples, 0 rejects")
+
+    console.lines.clear()
+    timed = LineProgress(console, total=100, interval_s=5)  # one update per clock tick: a line every 5
+    for done in range(1, 21):
+        timed.update(done, samples=0, rejects=0)
+    assert len(console.lines) == 4
+    assert format_duration(273) == "4m33s" and format_duration(7500) == "2h05m" and format_duration(9) == "9s"
+
+
+def test_reject_problem_names_reasons_and_the_rejects_manifest():
+    summary = {"images": 10, "images_rejected": 8, "manifests_dir": "/m",
+               "rejects": {"unreadable": 4, "partner_rejected": 3, "duplicate_view": 1}}
+    message = reject_problem(summary, 0.5)
+    assert "8 of 10 images rejected (80%" in message
+    assert "unreadable 4, partner_rejected 3, duplicate_view 1" in message and "/m/rejects.parquet" in message
+    assert reject_problem(summary, 0.8) is None and reject_problem(summary, None) is None
+    assert reject_problem({**summary, "images": 0, "images_rejected": 0}, 0.0) is None
+
+
+@pytest.mark.slow
+def test_header_reads_on_the_cluster_match_the_adapter(synth_archive, monkeypatch):
+    expected = get_adapter("vindr")(synth_archive).images()
+    monkeypatch.setattr(build_module, "HEADER_CHUNK", 5)  # several chunks from a small archive
+    dask = DaskSession(workers=1, scheduler=None, scheduler_file=None, memory_limit=None)
+    try:
+        dask.client().wait_for_workers(1, timeout=120)
+        records = load_records("vindr", synth_archive, dask)
+    finally:
+        dask.close()
+    assert records == expected
+    assert any(r.header_error for r in records) and any(r.flags for r in records)  # the traps came through
