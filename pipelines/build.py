@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipelines import manifests as mf
-from pipelines.cluster import DaskSession
+from pipelines.cluster import DaskSession, restore_environ
 from pipelines.plan import BuildOptions, Plan, PlannedPair, ShardGroup, make_plan, reject_row
 from pipelines.progress import make_progress
 from pipelines.shards import ShardRoller, encode_sample, group_of_shard_index
@@ -527,7 +527,7 @@ def execute(groups: list[ShardGroup], context: dict, dask: DaskSession | None,
 
     client = dask.client()
     link = client.dashboard_link if importlib.util.find_spec("bokeh") else "not available (pip install -e '.[dashboard]')"
-    console.print(f"Dask: {len(client.scheduler_info()['workers'])} workers, dashboard: {link}")
+    console.print(f"Dask: {len(client.scheduler_info()['workers'])} workers, dashboard: {link}", markup=False)
     # Largest first: the scheduler starts tasks in submission order, so the last ones to start are the
     # small groups and no worker is left alone with a big one at the end (bytes do not depend on order).
     ordered = sorted(groups, key=group_cost, reverse=True)
@@ -539,10 +539,13 @@ def execute(groups: list[ShardGroup], context: dict, dask: DaskSession | None,
 def _run_now(group: ShardGroup, context: dict) -> concurrent.futures.Future:
     """workers=0: run a group in this process (debugging, tests): the same task code, no cluster."""
     future: concurrent.futures.Future = concurrent.futures.Future()
+    omp = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
     try:
         future.set_result(run_group(group.to_dict(), context))
     except Exception as exc:
         future.set_exception(exc)
+    finally:
+        restore_environ(omp)  # run_group pins worker processes to one thread; not this caller
     return future
 
 

@@ -21,6 +21,25 @@ CONNECT_TIMEOUT = "30s"
 CLOSE_TIMEOUT_S = 30  # for the client's and the cluster's close; each nanny still gives its worker 4 s
 
 
+def spawn_environ_snapshot() -> dict[str, str | None]:
+    """This process's values of the variables a Dask nanny sets in its *own* process before spawning a worker
+    (`distributed.nanny.pre-spawn-environ`: OMP_NUM_THREADS=1 and friends). Left in place they reach
+    whatever the caller does after the build: torch imported later reads OMP_NUM_THREADS=1 and trains on
+    one thread (the demo's pretraining ran at half speed)."""
+    import dask
+
+    keys = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
+    return {key: os.environ.get(key) for key in keys}
+
+
+def restore_environ(snapshot: dict[str, str | None]) -> None:
+    for key, value in snapshot.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 def start_dask(workers: int | None, scheduler: str | None, scheduler_file: str | None,
                memory_limit: str | None) -> tuple:
     """(client, cluster or None): connect to a named scheduler, else start an embedded LocalCluster."""
@@ -32,8 +51,12 @@ def start_dask(workers: int | None, scheduler: str | None, scheduler_file: str |
         return Client(scheduler_file=scheduler_file, timeout=CONNECT_TIMEOUT, set_as_default=False), None
     # dashboard_address ":0": a free port; the default (8787) warns "Port 8787 is already in use" beside
     # any other Dask process on the machine (its HTTP server starts even without bokeh)
-    cluster = LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
-                           dashboard_address=":0", memory_limit=memory_limit or "auto")
+    environ = spawn_environ_snapshot()
+    try:
+        cluster = LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
+                               dashboard_address=":0", memory_limit=memory_limit or "auto")
+    finally:
+        restore_environ(environ)
     try:
         # set_as_default=False: the client is made in a helper thread and closed in another one, so it
         # must not enter the thread's context (a context variable cannot be reset across threads)
@@ -57,6 +80,8 @@ class DaskSession:
 
     def __init__(self, workers: int | None, scheduler: str | None, scheduler_file: str | None,
                  memory_limit: str | None):
+        # a nanny restarting a killed worker sets the spawn variables again: restore them at close too
+        self._environ = spawn_environ_snapshot()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dask-session")
         self._started = self._pool.submit(start_dask, workers, scheduler, scheduler_file, memory_limit)
         self._closed: concurrent.futures.Future | None = None
@@ -86,4 +111,7 @@ class DaskSession:
             client, cluster = self._started.result()
         except BaseException:  # a failed start left nothing running; its error was raised by client()
             return
-        stop_dask(client, cluster)
+        try:
+            stop_dask(client, cluster)
+        finally:
+            restore_environ(self._environ)

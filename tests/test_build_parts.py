@@ -4,6 +4,7 @@ header reads on the cluster."""
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 
@@ -40,6 +41,20 @@ def test_a_dask_worker_imports_no_torch():
     code = "import sys, pipelines.build, prep.pairs; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_the_embedded_cluster_leaves_the_callers_thread_settings_alone():
+    """Dask's nannies set OMP_NUM_THREADS=1 in the process that starts them; after a build, torch imported by
+    the same process (the demo trains right after building) must still get all its threads."""
+    code = (
+        "import os; from pipelines.cluster import DaskSession\n"
+        "s = DaskSession(1, None, None, None); s.client(); s.close()\n"
+        "print(os.environ.get('OMP_NUM_THREADS'), os.environ.get('MKL_NUM_THREADS'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
+    assert out.stdout.strip().splitlines()[-1:] == ["None None"], out.stderr[-2000:]
 
 
 def test_plain_progress_lines_every_tenth_or_interval(monkeypatch):
