@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipelines import manifests as mf
-from pipelines.cluster import DaskSession, restore_environ
+from pipelines.cluster import DaskSession
 from pipelines.plan import BuildOptions, Plan, PlannedPair, ShardGroup, make_plan, reject_row
 from pipelines.progress import make_progress
 from pipelines.shards import ShardRoller, encode_sample, group_of_shard_index
@@ -173,10 +173,10 @@ def part_path(manifests_dir: Path, group: ShardGroup | dict, table: str) -> Path
 
 
 def limit_native_threads() -> None:
-    """One thread per worker process: OpenCV and OpenMP pools would oversubscribe the cores."""
+    """One thread per worker process: OpenCV's pool would oversubscribe the cores. (OpenMP/BLAS pools read
+    their variables at import, before any task runs: Dask's nanny sets those for the worker process.)"""
     import cv2
 
-    os.environ["OMP_NUM_THREADS"] = "1"
     cv2.setNumThreads(1)
 
 
@@ -539,13 +539,10 @@ def execute(groups: list[ShardGroup], context: dict, dask: DaskSession | None,
 def _run_now(group: ShardGroup, context: dict) -> concurrent.futures.Future:
     """workers=0: run a group in this process (debugging, tests): the same task code, no cluster."""
     future: concurrent.futures.Future = concurrent.futures.Future()
-    omp = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
     try:
         future.set_result(run_group(group.to_dict(), context))
     except Exception as exc:
         future.set_exception(exc)
-    finally:
-        restore_environ(omp)  # run_group pins worker processes to one thread; not this caller
     return future
 
 

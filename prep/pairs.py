@@ -35,7 +35,7 @@ from prep.register import (
     register_grids,
     registration_grid,
 )
-from prep.segment import breast_area_mm2, segment_at_work_resolution, upsample_mask, work_image
+from prep.segment import breast_area_mm2, segment_breast
 
 SIDES = ("L", "R")
 
@@ -130,19 +130,14 @@ def canonicalise(image: ImageInput, cfg: PrepConfig) -> CanonicalImage:
         info.update(status="bad_geometry", reason=str(exc))
         return CanonicalImage(pixels, np.zeros(pixels.shape, bool), [], CanonicalFrame((1.0, 1.0), 0, "left"), info)
     frame = CanonicalFrame(scale_xy, resampled.shape[1], "left")
-    if not np.isfinite(resampled).all():
-        info.update(status="segmentation_failed", reason="nan_pixels")
-        return CanonicalImage(resampled, np.zeros(resampled.shape, bool), [], frame, info)
-    work, work_mm, to_work = work_image(resampled, cfg.mm_per_px, cfg.reg_mm_per_px)
-    seg = segment_at_work_resolution(work, work_mm)
-    if seg.soft is None:
+    seg = segment_breast(resampled, cfg.mm_per_px, work_mm_per_px=cfg.reg_mm_per_px)
+    if not seg.ok:
         info.update(status="segmentation_failed", reason=seg.reason)
-        return CanonicalImage(resampled, np.zeros(resampled.shape, bool), [], frame, info)
-    mask = upsample_mask(seg.soft, resampled.shape, to_work)
-    check = check_orientation(mask, image.laterality)
+        return CanonicalImage(resampled, seg.mask, [], frame, info)
+    check = check_orientation(seg.mask, image.laterality)
     # geometry follows the image; the flag records any disagreement with the tag
     frame = CanonicalFrame(scale_xy, resampled.shape[1], check.side)
-    area_mm2 = breast_area_mm2(mask, cfg.mm_per_px)
+    area_mm2 = breast_area_mm2(seg.mask, cfg.mm_per_px)
     info.update(chest_wall_side=check.side, orientation_flag=check.flag, breast_area_mm2=area_mm2)
     raw = np.array([[f["xmin"], f["ymin"], f["xmax"], f["ymax"]] for f in image.findings], np.float64).reshape(-1, 4)
     canon = boxes_to_canonical(map_boxes(raw, scale_xy), frame.width, check.side)
@@ -151,11 +146,13 @@ def canonicalise(image: ImageInput, cfg: PrepConfig) -> CanonicalImage:
     ]
     # the work grid mirrored like the image: canonical px -> stored px -> work px -> mirrored work px
     to_grid = compose_affines(
-        canonical_affine(resampled.shape[1], check.side), to_work, canonical_affine(work.shape[1], check.side)
+        canonical_affine(resampled.shape[1], check.side), seg.to_work, canonical_affine(seg.work.shape[1], check.side)
     )
-    grid = grid_from_small(to_canonical(work, check.side), to_canonical(seg.soft, check.side), to_grid, area_mm2, cfg)
+    grid = grid_from_small(
+        to_canonical(seg.work, check.side), to_canonical(seg.soft, check.side), to_grid, area_mm2, cfg
+    )
     return CanonicalImage(
-        to_canonical(resampled, check.side), to_canonical(mask, check.side), boxes, frame, info, grid=grid
+        to_canonical(resampled, check.side), to_canonical(seg.mask, check.side), boxes, frame, info, grid=grid
     )
 
 

@@ -34,12 +34,18 @@ REASONS = ("empty_image", "nan_pixels", "constant_image", "no_breast_found", "ba
 
 @dataclass(frozen=True)
 class Segmentation:
-    """`mask`: bool, same shape as the input. `reason` is None when ok. `method`: one of METHODS."""
+    """`mask`: bool, same shape as the input. `reason` is None when ok. `method`: one of METHODS.
+
+    When ok, also the work grid it was found on (`work` image, `soft` mask with a smoothed edge, `to_work`: input
+    px -> work px), which registration reuses (`prep.register.grid_from_small`)."""
 
     mask: np.ndarray
     ok: bool
     reason: str | None
     method: str
+    work: np.ndarray | None = None
+    soft: np.ndarray | None = None
+    to_work: np.ndarray | None = None
 
 
 def _odd(px: float) -> int:
@@ -177,7 +183,7 @@ def segment_breast(img: np.ndarray, mm_per_px: float, *, work_mm_per_px: float =
     seg = segment_at_work_resolution(work, work_px)
     if seg.soft is None:
         return Segmentation(np.zeros(img.shape, bool), False, seg.reason, "none")
-    return Segmentation(upsample_mask(seg.soft, img.shape, to_work), True, None, seg.method)
+    return Segmentation(upsample_mask(seg.soft, img.shape, to_work), True, None, seg.method, work, seg.soft, to_work)
 
 
 def breast_area_mm2(mask: np.ndarray, mm_per_px: float) -> float:
