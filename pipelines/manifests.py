@@ -13,15 +13,14 @@ own location), so a build can be moved as long as both folders move together.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import os
 from pathlib import Path
-from typing import IO, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from prep.io import (  # noqa: F401  (re-exported: the build's writers use them through this module)
+    TMP_SUFFIX, atomic_open, remove_stray_temp_files, sha256_file, write_bytes_atomic, write_json_atomic)
 
 TABLES = ("images", "pairs", "samples", "rejects", "shards")
 
@@ -86,35 +85,6 @@ SORT_KEYS = {"images": ["study_id", "image_id"], "pairs": ["split", "study_id", 
              "samples": ["shard", "offset"], "rejects": ["study_id", "view", "image_id", "reason"],
              "shards": ["shard"]}
 
-TMP_SUFFIX = ".tmp"
-
-
-@contextlib.contextmanager
-def atomic_open(path: Path) -> Iterator[IO[bytes]]:
-    """Write `path` through a temp file in the same folder: fsync, then os.replace (never a partial file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}{TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    with atomic_open(path) as handle:
-        handle.write(data)
-
-
-def write_json_atomic(path: Path, obj: object) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
 def write_table(path: Path, name: str, rows: list[dict]) -> None:
     """Rows -> Parquet with the table's explicit schema, atomically."""
     table = pa.Table.from_pylist(rows, schema=SCHEMAS[name])
@@ -124,24 +94,6 @@ def write_table(path: Path, name: str, rows: list[dict]) -> None:
 
 def read_table(path: Path, name: str) -> pa.Table:
     return pq.read_table(path, schema=SCHEMAS[name])
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def remove_stray_temp_files(folder: Path) -> list[Path]:
-    """Delete leftovers of interrupted atomic writes (`*.tmp`) under `folder`; returns what was removed."""
-    removed = []
-    if Path(folder).is_dir():
-        for tmp in sorted(Path(folder).rglob(f"*{TMP_SUFFIX}")):
-            tmp.unlink()
-            removed.append(tmp)
-    return removed
 
 
 def assemble(parts: list[Path], name: str, extra_rows: list[dict] | None = None) -> pa.Table:

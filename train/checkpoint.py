@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.manifests import atomic_open
+from prep.io import atomic_open
 
 LAST = "last.pt"
 STEP_PATTERN = re.compile(r"^step-(\d{8})\.pt$")

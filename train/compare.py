@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.manifests import write_bytes_atomic
+from prep.io import write_bytes_atomic
 
 PRIMARY = "siamese-soft"
 ALPHA = 0.05

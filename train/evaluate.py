@@ -635,7 +635,7 @@ def evaluate_encoder(
     on_total: Callable[[int | None], None] | None = None,
 ) -> dict:
     """Evaluate one encoder end to end: embed -> metrics -> metrics.json, scores.parquet, report.md, PNGs."""
-    from pipelines.manifests import write_bytes_atomic, write_json_atomic
+    from prep.io import write_bytes_atomic, write_json_atomic
     from train.data import DataError, select
     from train.models import EncoderError, load_encoder
     from train.report import write_report

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipelines.manifests import write_json_atomic
+from prep.io import write_json_atomic
 from train import distributed
 from train.checkpoint import (
     CheckpointError,
@@ -368,7 +368,7 @@ def _open_logs(run_dir: Path, resume_step: int):
     checkpoint of an interrupted run) are dropped so the file describes one history."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from pipelines.manifests import write_bytes_atomic
+    from prep.io import write_bytes_atomic
 
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "metrics.jsonl"

@@ -71,7 +71,7 @@ def save_encoder(backbone: nn.Module, meta: dict, out: str | Path) -> tuple[Path
     """Write `out` (safetensors, backbone state dict) and `out` with suffix .json, both atomically."""
     from safetensors.torch import save
 
-    from pipelines.manifests import write_bytes_atomic, write_json_atomic
+    from prep.io import write_bytes_atomic, write_json_atomic
 
     out = Path(out)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}

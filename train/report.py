@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipelines.manifests import write_bytes_atomic  # noqa: E402
+from prep.io import write_bytes_atomic  # noqa: E402
 from train.evaluate import Embeddings, EvaluationResult, Heatmap, TopPair, lesion_labels  # noqa: E402
 
 NORMAL_COLOUR = "#4C72B0"

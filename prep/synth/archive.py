@@ -23,7 +23,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
 
-from pipelines.manifests import write_bytes_atomic
+from prep.io import write_bytes_atomic
 from prep.synth.dicom_writer import PLANTED_PATIENT_ID, to_dicom_dataset
 from prep.synth.study import CATEGORIES, DEVICES, SIZES, SynthStudy, make_study
 
