@@ -33,7 +33,7 @@ from rich.table import Table
 
 from pipelines import manifests as mf
 from pipelines.cluster import DaskSession
-from pipelines.plan import BuildOptions, Plan, PlannedPair, ShardGroup, make_plan, reject_row
+from pipelines.plan import BuildOptions, Plan, PlannedPair, ShardGroup, make_plan, no_pairs_hint, reject_row
 from pipelines.progress import make_progress
 from pipelines.shards import ShardRoller, encode_sample, group_of_shard_index
 from prep.codec import sample_key
@@ -78,6 +78,7 @@ def image_row(record: ImageRecord, facts: dict, info: dict | None, status: str, 
         "transfer_syntax": facts.get("transfer_syntax"), "photometric": facts.get("photometric"),
         "bits_stored": facts.get("bits_stored"), "rows": facts.get("rows"), "cols": facts.get("cols"),
         "spacing_mm": list(facts["spacing_mm"]) if facts.get("spacing_mm") else None,
+        "spacing_source": facts.get("spacing_source"),
         "voi_kind": facts.get("voi_kind"), "inverted": facts.get("inverted"),
         "laterality_tag": facts.get("laterality_tag"), "view_tag": facts.get("view_tag"),
         "chest_wall_side": info.get("chest_wall_side"), "orientation_flag": info.get("orientation_flag"),
@@ -101,7 +102,7 @@ def process_planned_pair(planned: PlannedPair, options: BuildOptions) -> PairOut
     started = time.perf_counter()
     for side, record in records.items():
         try:
-            decoded[side] = decode_dicom(read_dicom(record.path))
+            decoded[side] = decode_dicom(read_dicom(record.path), assumed_spacing_mm=options.assume_spacing_mm)
         except UnsupportedImage as exc:
             failures[side] = (exc.reason, str(exc.detail)[:500])
         except Exception as exc:  # a decoder bug must not stop the build: record it with its text
@@ -308,19 +309,26 @@ def read_headers(records: list[ImageRecord], dask: DaskSession | None) -> list[I
     return done
 
 
-def load_records(dataset: str, root: Path, dask: DaskSession | None = None) -> list[ImageRecord]:
+def load_records(dataset: str, root: Path, dask: DaskSession | None = None,
+                 pair_by: str | None = None) -> list[ImageRecord]:
     """The adapter's images table; headers read through `read_headers` when the adapter can defer them."""
     adapter = get_adapter(dataset)
+    accepts = inspect.signature(adapter).parameters
+    kwargs = {}
+    if pair_by is not None:
+        if "pair_by" not in accepts:
+            raise BuildError("bad_input", f"--pair-by: the {dataset} adapter pairs its own way (dicom-dir only)")
+        kwargs["pair_by"] = pair_by
     try:
-        if "read_headers" not in inspect.signature(adapter).parameters:
-            return adapter(root).images()
-        return read_headers(adapter(root, read_headers=False).images(), dask)
+        if "read_headers" not in accepts:
+            return adapter(root, **kwargs).images()
+        return read_headers(adapter(root, read_headers=False, **kwargs).images(), dask)
     except DatasetError as exc:
         raise BuildError("bad_input", str(exc)) from exc
 
 
 def plan_build(dataset: str, root: Path, options: BuildOptions, dask: DaskSession | None = None) -> Plan:
-    return make_plan(load_records(dataset, root, dask), options)
+    return make_plan(load_records(dataset, root, dask, options.pair_by), options)
 
 
 def estimate(plan: Plan, sample_pairs: int = 3) -> dict:
@@ -383,12 +391,14 @@ def finalize(plan: Plan, build: str, shards_dir: Path, manifests_dir: Path) -> d
         per_split.setdefault(s["split"], Counter())[label] += 1
     pairs = tables["pairs"].select(["split", "status"]).to_pylist()
     image_status = tables["images"].column("status").to_pylist()
+    spacing_sources = Counter(tables["images"].column("spacing_source").to_pylist())
     return {
         "pairs_planned": dict(Counter(p.split for p in plan.pairs)),
         "pairs_ok": dict(Counter(p["split"] for p in pairs if p["status"] == "ok")),
         "samples": {k: dict(sorted(v.items())) for k, v in sorted(per_split.items())},
         "n_samples": len(samples),
         "images": len(image_status), "images_rejected": sum(s != "ok" for s in image_status),
+        "images_spacing_assumed": spacing_sources.get("assumed", 0),
         "rejects": dict(sorted(Counter(tables["rejects"].column("reason").to_pylist()).items())),
         "shards": dict(Counter(r["split"] for r in shard_rows)),
         "n_shards": len(shard_rows), "bytes": sum(r["bytes"] for r in shard_rows),
@@ -449,8 +459,9 @@ def build_in_session(dataset: str, root: Path, options: BuildOptions, dask: Dask
     timings["plan_s"] = time.perf_counter() - started
     build = build or plan.default_build_name()
     shards_dir, manifests_dir = default_dirs(build, out, manifests)
-    if not plan.groups:
-        raise BuildError("no_pairs", f"no usable L/R pair in {root} (rejects: {plan.counts()['rejects']})")
+    if not plan.groups and dry_run:
+        raise BuildError("no_pairs", f"no usable L/R pair in {root} (rejects: {plan.counts()['rejects']}); "
+                                     f"{no_pairs_hint(plan.rejects)}")
     if dry_run:
         summary = {"build": build, "shards_dir": str(shards_dir), "manifests_dir": str(manifests_dir),
                    "config_hash": plan.config_hash, **plan.counts(), "estimate": estimate(plan),
@@ -484,12 +495,24 @@ def build_in_session(dataset: str, root: Path, options: BuildOptions, dask: Dask
                **counts, "seconds": round(time.perf_counter() - build_started, 3)}
     mf.write_json_atomic(manifests_dir / "build.json", {
         "build": build, "dataset": dataset, "root": str(root.resolve()), "config_hash": plan.config_hash,
-        "config": options.to_dict(), "plan": plan.counts(), "counts": counts,
+        "config": options.to_dict(), "plan": plan.counts(), "counts": counts, "labels": label_counts(plan),
+        "pixel_spacing": {"assume_spacing_mm": options.assume_spacing_mm,
+                          "images_assumed": counts["images_spacing_assumed"]},
         "timings": {k: round(v, 3) for k, v in timings.items()}, "versions": package_versions(),
         "git_commit": git_commit(), "shard_scheme": "see pipelines/shards.py",
         "wids_urls": "relative to this folder"})
+    if not plan.groups:  # manifests (all rejects) are written first, so the user can read why
+        raise BuildError("no_pairs", f"no usable L/R pair in {root}: all {len(plan.records)} images rejected, "
+                                     f"{no_pairs_hint(plan.rejects)}; every reject with its detail: "
+                                     f"{manifests_dir / 'rejects.parquet'}")
     print_summary(summary, console)
     return summary
+
+
+def label_counts(plan: Plan) -> dict:
+    """Findings the archive gave, and how many of them without a location (no box: no patch label)."""
+    findings = [f for r in plan.records for f in r.findings]
+    return {"findings": len(findings), "findings_without_box": sum(f.get("xmin") is None for f in findings)}
 
 
 def resume_state(plan: Plan, build: str, shards_dir: Path, manifests_dir: Path,

@@ -24,14 +24,17 @@ from prep.io import (  # noqa: F401  (re-exported: the build's writers use them 
 
 TABLES = ("images", "pairs", "samples", "rejects", "shards")
 
+# a finding without a location (CBIS-DDSM whose ROI mask was not downloaded) has null box fields
 FINDING = pa.struct([("category", pa.string()), ("birads", pa.string()), ("xmin", pa.float64()),
-                     ("ymin", pa.float64()), ("xmax", pa.float64()), ("ymax", pa.float64())])
+                     ("ymin", pa.float64()), ("xmax", pa.float64()), ("ymax", pa.float64()),
+                     ("pathology", pa.string())])  # malignant | benign | benign_without_callback | null
 
 IMAGES_SCHEMA = pa.schema([
     ("dataset", pa.string()), ("study_id", pa.string()), ("series_id", pa.string()), ("image_id", pa.string()),
     ("rel_path", pa.string()), ("laterality", pa.string()), ("view", pa.string()), ("split", pa.string()),
     ("manufacturer", pa.string()), ("transfer_syntax", pa.string()), ("photometric", pa.string()),
     ("bits_stored", pa.int32()), ("rows", pa.int32()), ("cols", pa.int32()), ("spacing_mm", pa.list_(pa.float64())),
+    ("spacing_source", pa.string()),  # header | assumed (--assume-spacing-mm); null when never decoded
     ("voi_kind", pa.string()), ("inverted", pa.bool_()), ("laterality_tag", pa.string()), ("view_tag", pa.string()),
     ("chest_wall_side", pa.string()), ("orientation_flag", pa.string()), ("breast_area_mm2", pa.float64()),
     ("findings", pa.list_(FINDING)), ("breast_birads", pa.string()), ("breast_density", pa.string()),

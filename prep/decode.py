@@ -294,9 +294,15 @@ def pixel_spacing_mm(ds: Dataset, assumed_mm: float | None = None) -> tuple[floa
         return spacing
     if assumed_mm is None:
         raise UnsupportedImage("no_pixel_spacing", "neither ImagerPixelSpacing nor PixelSpacing present")
-    if not plausible_spacing(float(assumed_mm)):
-        raise ValueError(f"assumed spacing {assumed_mm} mm is outside [{MIN_SPACING_MM}, {MAX_SPACING_MM}]")
-    return float(assumed_mm), float(assumed_mm)
+    assumed = check_assumed_spacing(assumed_mm)
+    return assumed, assumed
+
+
+def check_assumed_spacing(mm: float) -> float:
+    """A caller-supplied spacing as float; ValueError when outside the plausible range."""
+    if not plausible_spacing(float(mm)):
+        raise ValueError(f"assumed spacing {mm} mm is outside [{MIN_SPACING_MM}, {MAX_SPACING_MM}] mm")
+    return float(mm)
 
 
 # --------------------------------------------------------------------------- checks

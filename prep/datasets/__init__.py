@@ -19,7 +19,7 @@ SPLITS = ("training", "test")
 
 
 class DatasetError(Exception):
-    """An archive the adapter cannot use. `reason`: unknown_dataset, not_found, bad_layout, bad_csv."""
+    """An archive the adapter cannot use. `reason`: unknown_dataset, not_found, bad_layout, bad_csv, bad_option."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
