@@ -123,4 +123,4 @@ def split_from_hash(study_id: str, test_fraction: float = 0.2) -> str:
 
 
 # Adapters register themselves on import.
-from prep.datasets import dicom_dir, vindr  # noqa: E402,F401
+from prep.datasets import cbis_ddsm, dicom_dir, vindr  # noqa: E402,F401
