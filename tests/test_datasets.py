@@ -149,8 +149,8 @@ def test_dicom_dir_pairs_by_patient_when_each_view_is_its_own_study(tmp_path):
     from pydicom.sequence import Sequence
 
     from cbis_fixture import cbis_dataset
-    from pipelines.build import BuildError, load_records
-    from pipelines.plan import BuildOptions, make_plan, no_pairs_hint
+    from pipelines.errors import BuildError
+    from pipelines.plan import BuildOptions, load_records, make_plan, no_pairs_hint
     from prep.datasets.dicom_dir import DicomDirAdapter, pseudonym
 
     pixels = np.zeros((64, 48), np.uint16)

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from prep.datasets import DatasetError, ImageRecord, read_header_checked, register_adapter
+from prep.datasets.base import DatasetError, ImageRecord, read_header_checked, register_adapter
 from prep.decode import UnsupportedImage, read_dicom, read_header
 
 METADATA_CSV = "metadata.csv"
