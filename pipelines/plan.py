@@ -187,9 +187,11 @@ def pair_images(records: list[ImageRecord], assume_spacing_mm: float | None = No
             rejects.append(reject_row(record, *problem, level="image"))
             continue
         by_pair.setdefault((record.study_id, record.view), []).append(record)
+    # every image of a study counts, an unknown side too: a study is one-sided only when all its images are
+    # known to be of the same side
     sides_of_study: dict[str, set[str]] = {}
-    for (study_id, _), members in by_pair.items():
-        sides_of_study.setdefault(study_id, set()).update(m.laterality for m in members)
+    for record in records:
+        sides_of_study.setdefault(record.study_id, set()).add(record.laterality)
 
     pairs = []
     for (study_id, view), members in sorted(by_pair.items()):
@@ -199,7 +201,7 @@ def pair_images(records: list[ImageRecord], assume_spacing_mm: float | None = No
             rejects += [reject_row(m, "duplicate_view", f"{view} images per side: {lats}", "pair") for m in members]
             continue
         if not sides["L"] or not sides["R"]:
-            one_sided = len(sides_of_study[study_id]) < 2
+            one_sided = len(sides_of_study[study_id]) == 1
             for m in members:
                 problem = reason_of(m)
                 rejects.append(reject_row(m, *problem, level="image") if problem else
