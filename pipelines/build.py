@@ -30,7 +30,7 @@ from pipelines.pair_work import estimate, plan_rejected_image_rows
 from pipelines.plan import BuildOptions, Plan, ShardGroup, no_pairs_hint, plan_build
 from pipelines.progress import make_progress, print_cluster, print_plan, print_summary
 from pipelines.provenance import git_commit, package_versions
-from pipelines.resume import resume_state
+from pipelines.resume import LOCK_FILE, resume_state
 from pipelines.worker import GroupTask, run_group
 
 __all__ = ["BuildError", "build_shards", "run_build", "plan_build", "reject_problem"]
@@ -137,6 +137,8 @@ def build_in_session(dataset: str, root: Path, options: BuildOptions, dask: Dask
         "git_commit": git_commit(), "shard_scheme": "see pipelines/shards.py",
         "wids_urls": "relative to this folder"})
     if not plan.groups:  # manifests (all rejects) are written first, so the user can read why
+        # nothing was built: the rerun with the fix (a changed config) must not be refused as config_changed
+        (manifests_dir / mf.PARTS_DIR / LOCK_FILE).unlink(missing_ok=True)
         raise BuildError("no_pairs", f"no usable L/R pair in {root}: all {len(plan.records)} images rejected, "
                                      f"{no_pairs_hint(plan.rejects)}; every reject with its detail: "
                                      f"{manifests_dir / 'rejects.parquet'}")

@@ -200,3 +200,9 @@ def test_a_build_where_nothing_pairs_writes_its_rejects_and_names_the_fix(archiv
     assert build["pixel_spacing"] == {"assume_spacing_mm": None, "images_assumed": 0}
     assert build["labels"] == {"findings": 9, "findings_without_box": 4}
     assert pd.read_parquet(tmp_path / "manifests" / "samples.parquet").empty
+    # the fix, into the same folders, is not refused as a changed config (nothing was built before)
+    summary = build_shards("cbis-ddsm", archive, options=BuildOptions(dataset="cbis-ddsm", assume_spacing_mm=0.05),
+                           out=tmp_path / "shards", manifests=tmp_path / "manifests", build="b", workers=0)
+    assert summary["pairs_planned"] == {"test": 2, "training": 1}  # random-noise films: pairs planned, not usable
+    images = pd.read_parquet(tmp_path / "manifests" / "images.parquet")
+    assert set(images.loc[images["spacing_source"].notna(), "spacing_source"]) == {"assumed"}
