@@ -206,3 +206,14 @@ def test_a_build_where_nothing_pairs_writes_its_rejects_and_names_the_fix(archiv
     assert summary["pairs_planned"] == {"test": 2, "training": 1}  # random-noise films: pairs planned, not usable
     images = pd.read_parquet(tmp_path / "manifests" / "images.parquet")
     assert set(images.loc[images["spacing_source"].notna(), "spacing_source"]) == {"assumed"}
+
+
+def test_build_shards_help_lists_the_adapter_and_the_spacing_flag():
+    from typer.testing import CliRunner
+
+    from prep.cli import app
+
+    result = CliRunner().invoke(app, ["build-shards", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "cbis-ddsm" in text and "--assume-spacing-mm" in text and "--pair-by" in text
