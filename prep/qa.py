@@ -19,6 +19,7 @@ from matplotlib.patches import Patch, Polygon, Rectangle
 
 from prep.config import PrepConfig
 from prep.decode import decode_dicom, read_dicom
+from prep.geometry import has_box
 from prep.pairs import CanonicalImage, ImageInput, PairResult, canonicalise, image_input, process_pair
 from prep.patches import patch_footprint, top_left
 
@@ -73,7 +74,7 @@ def _show(ax, image: np.ndarray, title: str) -> None:
 
 
 def _draw_boxes(ax, boxes: list[dict]) -> None:
-    for b in boxes:
+    for b in filter(has_box, boxes):
         ax.add_patch(Rectangle((b["xmin"], b["ymin"]), b["xmax"] - b["xmin"], b["ymax"] - b["ymin"],
                                fill=False, ec=FINDING_COLOUR, lw=1.2))
         ax.text(b["xmin"], b["ymin"], str(b.get("category", "")), color=FINDING_COLOUR, fontsize=6, va="bottom")

@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from prep.codec import CODECS
 from prep.config import PrepConfig
+from prep.datasets import ADAPTERS
 
 _DEFAULTS = PrepConfig()
 
@@ -19,7 +20,8 @@ _DEFAULTS = PrepConfig()
 def build_shards(
     root: Path = typer.Option(..., "--root", help="Archive root (VinDr layout: the CSVs + images/; the PhysioNet "
                               "zip's top folder is found too)."),
-    dataset: str = typer.Option("vindr", "--dataset", help="Dataset adapter: vindr | dicom-dir."),
+    dataset: str = typer.Option("vindr", "--dataset", help=f"Dataset adapter: {' | '.join(sorted(ADAPTERS))} "
+                                "(docs/USAGE.md: one section per archive)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Shard folder. Default: shards/<build>/."),
     manifests: Optional[Path] = typer.Option(None, "--manifests",
                                              help="Manifest folder. Default: data_manifests/<build>/."),

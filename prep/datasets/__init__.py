@@ -5,7 +5,9 @@ headers (never pixels) and copy only allow-listed header facts (`prep.decode.hea
 can leave through them.
 
 Registry: `vindr` (VinDr-Mammo CSVs + `images/<study>/<image>.dicom`), `dicom-dir` (any folder of DICOMs;
-laterality and view from the tags, pseudonymised ids, split from a hash of the study).
+laterality and view from the tags, pseudonymised ids, split from a hash of the study), `cmmd` (TCIA tree + clinical
+table), `inbreast` (AllDICOMs + INbreast.csv + AllXML), `rsna-2022` (train_images + train.csv), `optimam` (OMI-DB
+through the `omidb` package). Label vocabulary shared by all: `prep.datasets.labels`.
 """
 
 from __future__ import annotations
@@ -123,4 +125,4 @@ def split_from_hash(study_id: str, test_fraction: float = 0.2) -> str:
 
 
 # Adapters register themselves on import.
-from prep.datasets import dicom_dir, vindr  # noqa: E402,F401
+from prep.datasets import cmmd, dicom_dir, inbreast, optimam, rsna, vindr  # noqa: E402,F401
