@@ -13,7 +13,7 @@ from pipelines.build import build_shards
 from pipelines.plan import BuildOptions
 from pipelines.verify import verify_build
 from prep.config import PrepConfig
-from prep.synth.dicom_writer import to_dicom_dataset
+from prep.synth.dicom_writer import PLANTED_BIRTH_DATE, PLANTED_PATIENT_ID, PLANTED_PATIENT_NAME, to_dicom_dataset
 from prep.synth.study import make_study
 
 # coarse and small: a pair costs well under a second
@@ -64,4 +64,7 @@ def tiny_build(dataset: str, root: Path, out: Path, **options) -> tuple[dict, di
     assert report.ok, report.problems
     tables = {name: pq.read_table(out / "manifests" / f"{name}.parquet").to_pylist()
               for name in ("images", "pairs", "samples", "rejects")}
+    # the headers carry planted PHI canaries (PatientName/ID/BirthDate): no output may repeat them
+    text = repr(tables) + (out / "manifests" / "build.json").read_text()
+    assert not [c for c in (PLANTED_PATIENT_NAME, PLANTED_PATIENT_ID, PLANTED_BIRTH_DATE) if c in text]
     return summary, tables

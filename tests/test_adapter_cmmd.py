@@ -28,7 +28,7 @@ CLINICAL = pd.DataFrame([
 ])
 
 
-def write_cmmd(root, clinical: str = "xlsx"):
+def write_cmmd(root):
     for patient, (seed, images) in PATIENTS.items():
         series = root / "CMMD" / patient / f"07-18-2010-NA-NA-{seed:05d}" / f"1.000000-NA-{seed + 70000}"
         for n, (_, ds) in enumerate(synthetic_images(seed, images), start=1):
@@ -36,10 +36,7 @@ def write_cmmd(root, clinical: str = "xlsx"):
             del ds.Laterality
             ds.ViewCodeSequence = view_code_sequence(images[n - 1][1])
             write(ds, series / f"1-{n}.dcm")
-    if clinical == "xlsx":
-        CLINICAL.to_excel(root / "CMMD_clinicaldata_revision.xlsx", index=False)
-    else:
-        CLINICAL.to_csv(root / "CMMD_clinicaldata_revision.csv", sep=";", index=False)
+    CLINICAL.to_excel(root / "CMMD_clinicaldata_revision.xlsx", index=False)
     return root
 
 
@@ -77,8 +74,10 @@ def test_clinical_rows_label_their_breast_and_the_other_breast_stays_normal(reco
     assert not any(has_box(f) for r in records for f in r.findings)  # CMMD has no regions
 
 
-def test_a_semicolon_csv_export_reads_like_the_xlsx(records, tmp_path):
-    again = get_adapter("cmmd")(write_cmmd(tmp_path, clinical="csv")).images()
+def test_a_semicolon_csv_export_reads_like_the_xlsx(archive, records, tmp_path):
+    (tmp_path / "CMMD").symlink_to(archive / "CMMD")
+    CLINICAL.to_csv(tmp_path / "CMMD_clinicaldata_revision.csv", sep=";", index=False)
+    again = get_adapter("cmmd")(tmp_path).images()
     strip = lambda r: {k: v for k, v in r.to_dict().items() if k != "path"}  # noqa: E731
     assert [strip(r) for r in again] == [strip(r) for r in records]
 
