@@ -40,7 +40,8 @@ def synthetic_images(seed: int, images=(("L", "CC"), ("L", "MLO"), ("R", "CC"), 
     study_uid = generate_uid(entropy_srcs=["adapter-study", str(seed)])
     rendered, ordered = list(study.images), []
     for lat, view in images:  # make_study renders view by view: back to the order asked for
-        ordered.append(rendered.pop(next(i for i, im in enumerate(rendered) if (im.laterality, im.view) == (lat, view))))
+        index = next(i for i, im in enumerate(rendered) if (im.laterality, im.view) == (lat, view))
+        ordered.append(rendered.pop(index))
     out = []
     for n, image in enumerate(ordered):
         ds = to_dicom_dataset(image.image, image.spacing_mm, laterality=image.laterality, view=image.view,

@@ -43,8 +43,9 @@ def read_train_csv(path: Path) -> pd.DataFrame:
     missing = [c for c in CSV_COLUMNS if c not in frame.columns]
     if missing:
         raise DatasetError("bad_csv", f"{path.name} lacks columns {missing}")
-    if frame["image_id"].duplicated().any():
-        raise DatasetError("bad_csv", f"{path.name} lists image {frame['image_id'][frame['image_id'].duplicated()].iloc[0]} twice")
+    duplicated = frame["image_id"].duplicated()
+    if duplicated.any():
+        raise DatasetError("bad_csv", f"{path.name} lists image {frame['image_id'][duplicated].iloc[0]} twice")
     return frame
 
 
