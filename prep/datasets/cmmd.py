@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 from prep.datasets import DatasetError, ImageRecord, check_header, register_adapter, split_from_hash
 from prep.datasets.labels import BENIGN, MALIGNANT, finding
@@ -49,6 +51,7 @@ def find_clinical_table(root: Path) -> Path:
 
 def read_clinical_table(path: Path) -> pd.DataFrame:
     """The table as strings, from the xlsx or from a CSV export (`,` or `;`: the delimiter is sniffed)."""
+    import pandas as pd  # here, not at import: the CLI lists the adapters without paying pandas' import
     if path.suffix.lower() == ".xlsx":
         frame = pd.read_excel(path, dtype=str)
     else:

@@ -22,8 +22,10 @@ from __future__ import annotations
 import plistlib
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 from prep.datasets import DatasetError, ImageRecord, read_header_checked, register_adapter, split_from_hash
 from prep.datasets.labels import birads_label, density_label, finding, point_box
@@ -49,6 +51,7 @@ def _view(text: str) -> str:
 
 
 def read_csv(path: Path) -> pd.DataFrame:
+    import pandas as pd  # here, not at import: the CLI lists the adapters without paying pandas' import
     if not path.is_file():
         raise DatasetError("bad_layout", f"missing {path.name}")
     frame = pd.read_csv(path, sep=";", dtype=str, keep_default_na=False, na_values=[""], skipinitialspace=True)

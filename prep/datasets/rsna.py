@@ -17,8 +17,10 @@ Headers are read by the build (`read_headers=False` defers them) for the lateral
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 from prep.datasets import DatasetError, ImageRecord, read_header_checked, register_adapter, split_from_hash
 from prep.datasets.labels import BENIGN, MALIGNANT, birads_label, density_label, finding
@@ -37,6 +39,7 @@ def _flag(value: object, where: str) -> bool:
 
 
 def read_train_csv(path: Path) -> pd.DataFrame:
+    import pandas as pd  # here, not at import: the CLI lists the adapters without paying pandas' import
     if not path.is_file():
         raise DatasetError("bad_layout", f"missing {path.name}")
     frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
