@@ -118,3 +118,17 @@ def test_build_pairs_the_linked_study_and_keeps_every_other_image_as_a_reject(ar
     lesion = [s for s in tables["samples"] if s["sampling"] == "finding"]
     assert any(s["ipsi_abnormal"] and s["ipsi_lat"] == "L" for s in lesion)
     assert len(tables["images"]) == 7  # every DICOM of the archive has its images row
+
+
+def test_an_image_without_its_dicom_json_takes_its_tags_from_the_dicom(archive, records, tmp_path):
+    import shutil
+
+    root, truth, study_a = archive
+    (tmp_path / "images").symlink_to(root / "images")
+    shutil.copytree(root / "data", tmp_path / "data")
+    sop = next(iter(truth["marks"]))
+    (tmp_path / "data" / CLIENT / study_a / f"{sop}.json").unlink()
+    again = get_adapter("optimam")(tmp_path, read_headers=False).images()
+    before, after = by_sop(records, sop), by_sop(again, sop)
+    assert (after.laterality, after.view, after.findings) == (before.laterality, before.view, before.findings)
+    assert after.laterality == "L" and after.header == {}  # headers deferred to the build
