@@ -105,3 +105,15 @@ def test_build_pairs_both_four_image_patients_and_rejects_the_one_sided_one(arch
                and r["view"] == "CC")
     assert {f["category"] for f in lcc["findings"]} == {"Mass", "Malignant"} and lcc["status"] == "ok"
     assert tables["samples"] and not any(s["ipsi_abnormal"] or s["contra_abnormal"] for s in tables["samples"])
+
+
+def test_inspect_draws_a_pair_whose_findings_have_no_box(archive, tmp_path):
+    from typer.testing import CliRunner
+
+    from prep.cli import app
+
+    out = tmp_path / "qa.png"
+    result = CliRunner().invoke(app, ["inspect", "--dataset", "cmmd", "--root", str(archive), "--study", "D1-0001",
+                                      "--view", "CC", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
