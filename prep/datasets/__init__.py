@@ -42,7 +42,8 @@ class ImageRecord:
     laterality: str  # L | R, from the dataset's labels (tags for dicom-dir)
     view: str  # CC | MLO
     split: str
-    findings: list[dict] = field(default_factory=list)  # category, birads, xmin, ymin, xmax, ymax (clipped)
+    findings: list[dict] = field(default_factory=list)  # category, birads, xmin, ymin, xmax, ymax (clipped; all None
+    # for a breast-level label: `prep.datasets.labels`)
     breast_birads: str | None = None
     breast_density: str | None = None
     height: int | None = None
