@@ -130,6 +130,8 @@ class OptimamAdapter:
                 for study in episode.studies:
                     for series in study.series:
                         for image in series.images:
+                            if (client.id, study.id, image.id) in yielded:
+                                continue  # a study omidb links to two episodes: its images once
                             yielded.add((client.id, study.id, image.id))
                             records.append(self._record(client.id, study.id, series.id, image, outcomes))
         for client_id in sorted(db.clients):
