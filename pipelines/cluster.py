@@ -3,7 +3,7 @@
 An embedded LocalCluster (processes, one thread each) unless an existing scheduler is named. Starting it
 takes ~1 s (the workers are fresh interpreters); planning reads every header, so the two overlap: the
 client plans while `DaskSession` starts, and hands header reads to the workers once they are up
-(`pipelines.build.read_headers`).
+(`pipelines.plan.read_headers`).
 
 Shutdown order: the client first (its futures are released; every task has finished by then), then the
 cluster, whose nannies give each idle worker 4 s to exit. Workers exit in well under a second as long

@@ -4,6 +4,10 @@ Layout under the manifest folder (`data_manifests/<build>/` by default):
   images.parquet, pairs.parquet, samples.parquet, rejects.parquet, shards.parquet  (final, sorted)
   build.json, wids.json
   parts/<split>-g<group>.<table>.parquet + parts/<split>-g<group>.done.json        (one set per shard group)
+  parts/build-config.json                                                           (the resume lock)
+
+`finalize` assembles the final tables from the parts of every finished group (`pipelines.resume` writes
+and reads the done markers).
 
 `samples.parquet.shard` and `shards.parquet.shard` are paths relative to the shard folder
 (`<split>/<build>-<split>-NNNNNN.tar`); `offset` is the sample's index inside that tar.
@@ -14,6 +18,7 @@ own location), so a build can be moved as long as both folders move together.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,6 +28,7 @@ from prep.io import (  # noqa: F401  (re-exported: the build's writers use them 
     TMP_SUFFIX, atomic_open, remove_stray_temp_files, sha256_file, write_bytes_atomic, write_json_atomic)
 
 TABLES = ("images", "pairs", "samples", "rejects", "shards")
+PARTS_DIR = "parts"
 
 FINDING = pa.struct([("category", pa.string()), ("birads", pa.string()), ("xmin", pa.float64()),
                      ("ymin", pa.float64()), ("xmax", pa.float64()), ("ymax", pa.float64())])
@@ -85,6 +91,13 @@ SORT_KEYS = {"images": ["study_id", "image_id"], "pairs": ["split", "study_id", 
              "samples": ["shard", "offset"], "rejects": ["study_id", "view", "image_id", "reason"],
              "shards": ["shard"]}
 
+
+def part_path(manifests_dir: Path, group_name: str, table: str) -> Path:
+    """`parts/<split>-g<group>.<table>.parquet`, or the group's `.done.json` marker for table "done"."""
+    suffix = "done.json" if table == "done" else f"{table}.parquet"
+    return Path(manifests_dir) / PARTS_DIR / f"{group_name}.{suffix}"
+
+
 def write_table(path: Path, name: str, rows: list[dict]) -> None:
     """Rows -> Parquet with the table's explicit schema, atomically."""
     table = pa.Table.from_pylist(rows, schema=SCHEMAS[name])
@@ -115,3 +128,35 @@ def wids_index(shard_rows: list[dict], shards_dir: Path, manifests_dir: Path, na
     shardlist = [{"url": os.path.relpath(Path(shards_dir) / r["shard"], manifests_dir), "nsamples": r["nsamples"]}
                  for r in sorted(shard_rows, key=lambda r: r["shard"])]
     return {"wids_version": 1, "name": name, "shardlist": shardlist}
+
+
+def finalize(manifests_dir: Path, shards_dir: Path, build: str, extra: dict[str, list[dict]],
+             pairs_planned: dict[str, int]) -> dict:
+    """Assemble the final manifests from every finished group's parts (sorted) plus the client-side `extra`
+    rows (the plan's rejects), write them and `wids.json`; return the build's counts."""
+    parts = sorted((manifests_dir / PARTS_DIR).glob("*.done.json"))
+    stems = [p.name[: -len(".done.json")] for p in parts]
+    tables = {}
+    for name in TABLES:
+        files = [manifests_dir / PARTS_DIR / f"{stem}.{name}.parquet" for stem in stems]
+        tables[name] = assemble(files, name, extra.get(name))
+        write_final_table(manifests_dir / f"{name}.parquet", tables[name])
+    shard_rows = tables["shards"].to_pylist()
+    write_json_atomic(manifests_dir / "wids.json", wids_index(shard_rows, shards_dir, manifests_dir, build))
+    samples = tables["samples"].select(["split", "ipsi_abnormal", "contra_abnormal", "sampling"]).to_pylist()
+    per_split: dict[str, Counter] = {}
+    for s in samples:
+        label = "ipsi_abnormal" if s["ipsi_abnormal"] else "contra_abnormal" if s["contra_abnormal"] else "normal"
+        per_split.setdefault(s["split"], Counter())[label] += 1
+    pairs = tables["pairs"].select(["split", "status"]).to_pylist()
+    image_status = tables["images"].column("status").to_pylist()
+    return {
+        "pairs_planned": pairs_planned,
+        "pairs_ok": dict(Counter(p["split"] for p in pairs if p["status"] == "ok")),
+        "samples": {k: dict(sorted(v.items())) for k, v in sorted(per_split.items())},
+        "n_samples": len(samples),
+        "images": len(image_status), "images_rejected": sum(s != "ok" for s in image_status),
+        "rejects": dict(sorted(Counter(tables["rejects"].column("reason").to_pylist()).items())),
+        "shards": dict(Counter(r["split"] for r in shard_rows)),
+        "n_shards": len(shard_rows), "bytes": sum(r["bytes"] for r in shard_rows),
+    }

@@ -1,7 +1,8 @@
 """Plan a build: images table -> (study, view) pairs -> rejects with reasons -> shard groups per split.
 
-Everything here runs in the client and reads headers only (through the dataset adapter). The plan is
-deterministic for given inputs and options; its hash names the build and guards resumes.
+Everything here runs in the client and reads headers only (through the dataset adapter; `read_headers`
+hands them to the cluster's workers once it is up). The plan is deterministic for given inputs and
+options; its hash names the build and guards resumes.
 
 Plan-stage reject reasons (rejects.parquet `stage == "plan"`):
   image level: the `prep.decode.UnsupportedImage` reason of the header check (unreadable, for_processing,
@@ -16,19 +17,27 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from pipelines.errors import BuildError
 from pipelines.shards import derive_seed
 from prep.config import PrepConfig
-from prep.datasets import ImageRecord
+from prep.datasets import DatasetError, ImageRecord, get_adapter, read_header_checked
+
+if TYPE_CHECKING:
+    from pipelines.cluster import DaskSession
 
 PLAN_VERSION = 1
 LATERALITIES = ("L", "R")
 VIEWS = ("CC", "MLO")
 PAIR_FLAGS = ("laterality_disagreement", "view_disagreement")
+HEADER_CHUNK = 256  # header reads per cluster task: enough work per round trip, still many tasks
 
 
 @dataclass(frozen=True)
@@ -215,3 +224,41 @@ def plan_hash(options: BuildOptions, groups: list[ShardGroup]) -> str:
     blob = json.dumps({"version": PLAN_VERSION, "options": options.to_dict(), "groups": layout},
                       sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------- headers
+
+
+def read_header_chunk(records: list[ImageRecord]) -> list[ImageRecord]:
+    """The cluster task of planning: fill each record's header facts and flags."""
+    return [read_header_checked(r) for r in records]
+
+
+def read_headers(records: list[ImageRecord], dask: DaskSession | None) -> list[ImageRecord]:
+    """Header reads (file I/O + pydicom parsing), in order: in this process while the cluster is starting,
+    on its workers once it is up (a large archive's planning then scales with the workers)."""
+    chunks = [records[i: i + HEADER_CHUNK] for i in range(0, len(records), HEADER_CHUNK)]
+    done: list[ImageRecord] = []
+    while chunks and (dask is None or len(chunks) == 1 or not dask.has_workers()):
+        done += read_header_chunk(chunks.pop(0))
+    if chunks:
+        client = dask.client()
+        futures = client.map(read_header_chunk, chunks, pure=False)  # unique keys: a scheduler may be shared
+        done += [r for part in client.gather(futures) for r in part]
+    return done
+
+
+def load_records(dataset: str, root: Path, dask: DaskSession | None = None) -> list[ImageRecord]:
+    """The adapter's images table; headers read through `read_headers` when the adapter can defer them."""
+    adapter = get_adapter(dataset)
+    try:
+        if "read_headers" not in inspect.signature(adapter).parameters:
+            return adapter(root).images()
+        return read_headers(adapter(root, read_headers=False).images(), dask)
+    except DatasetError as exc:
+        raise BuildError("bad_input", str(exc)) from exc
+
+
+def plan_build(dataset: str, root: Path, options: BuildOptions, dask: DaskSession | None = None) -> Plan:
+    """Read the archive's images table (headers on the cluster when it is up) and plan it."""
+    return make_plan(load_records(dataset, root, dask), options)

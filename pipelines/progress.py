@@ -1,4 +1,5 @@
-"""Build progress: a live rich bar on a terminal, plain throttled lines everywhere else.
+"""What a build prints: progress (a live rich bar on a terminal, plain throttled lines everywhere else),
+the cluster line, the dry-run plan and the final summary tables (on the console given, stderr by default).
 
 A rich live display shows nothing useful in a CI log, under nohup or in a SLURM output file (it is only
 drawn once, at the end), so a console that is not interactive gets one line such as
@@ -16,9 +17,11 @@ import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 LINE_INTERVAL_S = 30.0
 LINE_STEP_FRACTION = 0.1
+MIN_SHARDS_PER_SPLIT = 8  # a typical GPUs x loader workers; fewer leaves workers idle
 
 
 def format_duration(seconds: float) -> str:
@@ -91,3 +94,49 @@ class BarProgress:
 def make_progress(console: Console, total: int) -> LineProgress | BarProgress:
     """The bar on an interactive terminal, plain lines otherwise (files, pipes, TERM=dumb)."""
     return BarProgress(console, total) if console.is_interactive else LineProgress(console, total)
+
+
+def print_cluster(console: Console, n_workers: int, dashboard: str) -> None:
+    console.print(f"Dask: {n_workers} workers, dashboard: {dashboard}", markup=False)
+
+
+def print_plan(summary: dict, console: Console) -> None:
+    est = summary["estimate"]
+    table = Table(title=f"Plan for {summary['build']} (dry run: nothing written)")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    table.add_row("images", str(summary["images"]))
+    for split, n in summary["pairs"].items():
+        table.add_row(f"pairs {split}", f"{n} in {summary['groups'][split]} groups")
+    for reason, n in summary["rejects"].items():
+        table.add_row(f"rejected images: {reason}", str(n))
+    table.add_row("est. samples", f"{est['est_samples']} ({est['samples_per_pair']:.1f}/pair)")
+    table.add_row("est. disk", f"{est['est_bytes'] / 1e6:.1f} MB")
+    workers = max(1, summary["workers"] or 1)
+    table.add_row("est. time", f"{est['est_cpu_seconds'] / workers:.0f} s on {workers} workers "
+                               f"({est['seconds_per_pair']:.2f} s/pair, {est['timed_pairs']} pairs timed)")
+    table.add_row("shards", summary["shards_dir"])
+    table.add_row("manifests", summary["manifests_dir"])
+    console.print(table)
+
+
+def print_summary(summary: dict, console: Console) -> None:
+    table = Table(title=f"Build {summary['build']}")
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    for split, n in summary["pairs_planned"].items():
+        table.add_row(f"pairs {split}", f"{summary['pairs_ok'].get(split, 0)} ok / {n} planned")
+    for split, labels in summary["samples"].items():
+        table.add_row(f"samples {split}", ", ".join(f"{k} {v}" for k, v in labels.items()))
+    for reason, n in summary["rejects"].items():
+        table.add_row(f"rejects: {reason}", str(n))
+    table.add_row("shards", f"{summary['n_shards']} ({summary['bytes'] / 1e6:.1f} MB)")
+    table.add_row("groups run / skipped", f"{summary['groups_run']} / {summary['groups_skipped']}")
+    table.add_row("seconds", f"{summary['seconds']:.1f}")
+    table.add_row("shards dir", summary["shards_dir"])
+    table.add_row("manifests dir", summary["manifests_dir"])
+    console.print(table)
+    for split, n in summary["shards"].items():
+        if n < MIN_SHARDS_PER_SPLIT:
+            console.print(f"[yellow]warning:[/] split {split} has {n} shard(s) (< {MIN_SHARDS_PER_SPLIT}, a typical "
+                          "GPUs x loader workers): lower --shard-max-samples for training on many workers")

@@ -22,7 +22,8 @@ import pytest
 import webdataset as wds
 from typer.testing import CliRunner
 
-from pipelines.build import build_shards, plan_build, process_planned_pair
+from pipelines.build import build_shards, plan_build
+from pipelines.pair_work import process_planned_pair
 from pipelines.plan import BuildOptions
 from pipelines.verify import verify_build
 from prep.cli import app

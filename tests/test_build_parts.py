@@ -11,10 +11,11 @@ import sys
 import numpy as np
 import pytest
 
-from pipelines import build as build_module
+from pipelines import plan as plan_module
 from pipelines import progress as progress_module
-from pipelines.build import load_records, reject_problem
+from pipelines.build import reject_problem
 from pipelines.cluster import DaskSession
+from pipelines.plan import load_records
 from pipelines.progress import LineProgress, format_duration
 from pipelines.shards import TAR_MODE, TAR_USER, encode_sample, write_tar
 from prep.datasets import get_adapter
@@ -38,7 +39,7 @@ def test_shard_tars_are_byte_identical_to_webdataset_tarwriter(tmp_path):
 
 def test_a_dask_worker_imports_no_torch():
     """torch made every worker start ~2 s slower and its exit outlast the nanny's 4 s (pipelines/cluster.py)."""
-    code = "import sys, pipelines.build, prep.pairs; print('torch' in sys.modules)"
+    code = "import sys, pipelines.build, pipelines.worker, prep.pairs; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
 
@@ -95,7 +96,7 @@ def test_reject_problem_names_reasons_and_the_rejects_manifest():
 @pytest.mark.slow
 def test_header_reads_on_the_cluster_match_the_adapter(synth_archive, monkeypatch):
     expected = get_adapter("vindr")(synth_archive).images()
-    monkeypatch.setattr(build_module, "HEADER_CHUNK", 5)  # several chunks from a small archive
+    monkeypatch.setattr(plan_module, "HEADER_CHUNK", 5)  # several chunks from a small archive
     dask = DaskSession(workers=1, scheduler=None, scheduler_file=None, memory_limit=None)
     try:
         dask.client().wait_for_workers(1, timeout=120)

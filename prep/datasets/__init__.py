@@ -12,69 +12,11 @@ through the `omidb` package). Label vocabulary shared by all: `prep.datasets.lab
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from prep.decode import UnsupportedImage, check_supported, header_facts, read_header
-
-SPLITS = ("training", "test")
-
-
-class DatasetError(Exception):
-    """An archive the adapter cannot use. `reason`: unknown_dataset, not_found, bad_layout, bad_csv."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-@dataclass
-class ImageRecord:
-    """One DICOM of an archive: labels from the dataset's tables, facts from its header (allow-listed)."""
-
-    dataset: str
-    study_id: str
-    series_id: str
-    image_id: str
-    path: str  # absolute
-    rel_path: str  # relative to the archive root; dicom-dir: its keyed hash unless kept on purpose (PHI)
-    laterality: str  # L | R, from the dataset's labels (tags for dicom-dir)
-    view: str  # CC | MLO
-    split: str
-    findings: list[dict] = field(default_factory=list)  # category, birads, xmin, ymin, xmax, ymax (clipped; all None
-    # for a breast-level label: `prep.datasets.labels`)
-    breast_birads: str | None = None
-    breast_density: str | None = None
-    height: int | None = None
-    width: int | None = None
-    # header cross-check (read with stop_before_pixels); header = prep.decode.header_facts(ds)
-    header: dict = field(default_factory=dict)
-    header_error: str | None = None  # UnsupportedImage reason when the header could not be read
-    header_detail: str | None = None
-    # disagreements between the labels and the header: laterality_disagreement, view_disagreement, shape_mismatch
-    flags: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ImageRecord":
-        return cls(**data)
-
-
-ADAPTERS: dict[str, type] = {}
-
-
-def register_adapter(name: str):
-    """Class decorator adding an adapter to the registry under `name`."""
-
-    def add(cls: type) -> type:
-        cls.name = name
-        ADAPTERS[name] = cls
-        return cls
-
-    return add
+from prep.datasets.base import (  # noqa: F401  (the package's public names)
+    ADAPTERS, SPLITS, DatasetError, ImageRecord, check_header, read_header_checked, register_adapter,
+    split_from_hash)
+# adapters register themselves on import
+from prep.datasets import cmmd, dicom_dir, inbreast, optimam, rsna, vindr  # noqa: F401
 
 
 def get_adapter(name: str) -> type:
@@ -83,47 +25,3 @@ def get_adapter(name: str) -> type:
         return ADAPTERS[name]
     except KeyError:
         raise DatasetError("unknown_dataset", f"{name!r}; choose one of {sorted(ADAPTERS)}") from None
-
-
-def read_header_checked(record: ImageRecord) -> ImageRecord:
-    """Fill `record.header` from the DICOM header and flag label/header disagreements (in place)."""
-    if not Path(record.path).is_file():
-        record.header_error, record.header_detail = "missing_file", f"no file at {record.rel_path}"
-        return record
-    try:
-        ds = read_header(record.path)
-        record.header = header_facts(ds)
-        check_header(ds)
-    except UnsupportedImage as exc:
-        record.header_error, record.header_detail = exc.reason, str(exc.detail)[:500]
-        return record
-    tag_lat, tag_view = record.header.get("laterality_tag"), record.header.get("view_tag")
-    if tag_lat and tag_lat != record.laterality:
-        record.flags.append("laterality_disagreement")
-    if tag_view and tag_view != record.view:
-        record.flags.append("view_disagreement")
-    rows, cols = record.header.get("rows"), record.header.get("cols")
-    if record.height and rows and (record.height, record.width) != (rows, cols):
-        record.flags.append("shape_mismatch")
-    return record
-
-
-def check_header(ds) -> None:
-    """`prep.decode.check_supported` on a header-only read (for_processing, multi_frame, colour, geometry...).
-
-    A `stop_before_pixels` read has no PixelData by construction; its presence and integrity are checked
-    when the pixels are decoded, so a placeholder stands in for it here.
-    """
-    if "PixelData" not in ds:
-        ds.PixelData = b""
-    check_supported(ds)
-
-
-def split_from_hash(study_id: str, test_fraction: float = 0.2) -> str:
-    """A stable split for datasets without one: the study's hash decides, so all its images agree."""
-    bucket = int(hashlib.sha256(study_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "test" if bucket < test_fraction else "training"
-
-
-# Adapters register themselves on import.
-from prep.datasets import cmmd, dicom_dir, inbreast, optimam, rsna, vindr  # noqa: E402,F401

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pandas as pd
 
-from prep.datasets import DatasetError, ImageRecord, check_header, register_adapter, split_from_hash
+from prep.datasets.base import DatasetError, ImageRecord, check_header, register_adapter, split_from_hash
 from prep.datasets.labels import BENIGN, MALIGNANT, finding
 from prep.decode import UnsupportedImage, header_facts, read_header
 

@@ -19,7 +19,7 @@ import hmac
 import os
 from pathlib import Path
 
-from prep.datasets import DatasetError, ImageRecord, check_header, register_adapter, split_from_hash
+from prep.datasets.base import DatasetError, ImageRecord, check_header, register_adapter, split_from_hash
 from prep.decode import UnsupportedImage, header_facts, read_header
 
 SALT_ENV = "CONTRALATERAL_ID_SALT"

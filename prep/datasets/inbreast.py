@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pandas as pd
 
-from prep.datasets import DatasetError, ImageRecord, read_header_checked, register_adapter, split_from_hash
+from prep.datasets.base import DatasetError, ImageRecord, read_header_checked, register_adapter, split_from_hash
 from prep.datasets.labels import birads_label, density_label, finding, point_box
 from prep.datasets.vindr import clip_box
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import re
 
-from prep.datasets import DatasetError
+from prep.datasets.base import DatasetError
 
 MALIGNANT = "Malignant"
 BENIGN = "Benign"

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from prep.datasets import DatasetError, ImageRecord, read_header_checked, register_adapter, split_from_hash
+from prep.datasets.base import DatasetError, ImageRecord, read_header_checked, register_adapter, split_from_hash
 from prep.datasets.labels import BENIGN, MALIGNANT, finding
 from prep.datasets.vindr import clip_box
 from prep.decode import UnsupportedImage, header_facts, read_header

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pandas as pd
 
-from prep.datasets import DatasetError, ImageRecord, read_header_checked, register_adapter
+from prep.datasets.base import DatasetError, ImageRecord, read_header_checked, register_adapter
 
 BREAST_CSV = "breast-level_annotations.csv"
 FINDING_CSV = "finding_annotations.csv"

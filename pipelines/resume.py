@@ -1,0 +1,105 @@
+"""Resume: the config lock, each shard group's done marker, and clearing what an unfinished run left.
+
+A group's task writes its done marker last (`write_done_marker`: its counts, the sha256 of each file it
+wrote, the config hash). A rerun of the same command skips groups whose marker matches the config hash and
+whose files hash-verify, deletes stray temp files and redoes the rest, so an interrupted build ends with
+the same bytes as an uninterrupted one. `parts/build-config.json` (the lock) refuses a rerun with other
+options in the same folders.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from pipelines import manifests as mf
+from pipelines.errors import BuildError
+from pipelines.plan import Plan, ShardGroup
+from pipelines.shards import group_of_shard_index
+
+LOCK_FILE = "build-config.json"
+
+
+def write_done_marker(manifests_dir: Path, group: ShardGroup, config_hash: str, counts: dict,
+                      files: dict[str, str]) -> None:
+    """The group's last write: `files` maps `shards/<rel>` or `manifests/<rel>` to its sha256."""
+    mf.write_json_atomic(mf.part_path(manifests_dir, group.name, "done"),
+                         {"config_hash": config_hash, "counts": counts, "files": files})
+
+
+def _resolve(entry: str, shards_dir: Path, manifests_dir: Path) -> Path:
+    root, _, rel = entry.partition("/")
+    return (shards_dir if root == "shards" else manifests_dir) / rel
+
+
+def finished_counts(group: ShardGroup, config_hash: str, shards_dir: Path, manifests_dir: Path) -> dict | None:
+    """The counts of a group whose done marker matches the config and whose files hash-verify; else None."""
+    marker = mf.part_path(manifests_dir, group.name, "done")
+    try:
+        done = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    if done.get("config_hash") != config_hash:
+        return None
+    for entry, digest in done.get("files", {}).items():
+        path = _resolve(entry, shards_dir, manifests_dir)
+        if not path.is_file() or mf.sha256_file(path) != digest:
+            return None
+    return done["counts"]
+
+
+def clear_group(group: ShardGroup, build: str, shards_dir: Path, manifests_dir: Path) -> None:
+    """Delete whatever an unfinished run of this group left: its tars (its index block) and its parts."""
+    for tar in (Path(shards_dir) / group.split).glob(f"{build}-{group.split}-*.tar"):
+        index = tar.stem.rsplit("-", 1)[-1]
+        if index.isdigit() and group_of_shard_index(int(index)) == group.group:
+            tar.unlink()
+    for table in (*mf.TABLES, "done"):
+        mf.part_path(manifests_dir, group.name, table).unlink(missing_ok=True)
+
+
+def wipe_build(build: str, shards_dir: Path, manifests_dir: Path) -> None:
+    """--overwrite: remove this build's tars, parts and final manifests (nothing else)."""
+    for tar in Path(shards_dir).glob(f"*/{build}-*.tar"):
+        tar.unlink()
+    shutil.rmtree(Path(manifests_dir) / mf.PARTS_DIR, ignore_errors=True)
+    for name in (*mf.TABLES, "build", "wids"):
+        for suffix in (".parquet", ".json"):
+            (Path(manifests_dir) / f"{name}{suffix}").unlink(missing_ok=True)
+
+
+def check_config(plan: Plan, build: str, manifests_dir: Path) -> None:
+    """Refuse to mix configs in one build folder; write the lock that later runs compare against."""
+    lock = Path(manifests_dir) / mf.PARTS_DIR / LOCK_FILE
+    if lock.is_file():
+        previous = json.loads(lock.read_text())
+        if previous.get("config_hash") != plan.config_hash:
+            old, new = previous.get("options", {}), plan.options.to_dict()
+            changed = sorted(k for k in {**old.get("prep", {}), **new["prep"]}
+                             if old.get("prep", {}).get(k) != new["prep"].get(k))
+            changed += sorted(k for k in new if k != "prep" and old.get(k) != new[k])
+            raise BuildError("config_changed",
+                             f"build {build!r} in {manifests_dir} was made with config {previous.get('config_hash')}, "
+                             f"this run has {plan.config_hash} (changed: {', '.join(changed) or 'inputs'}); "
+                             "use --overwrite to rebuild or another --build/--out/--manifests")
+    mf.write_json_atomic(lock, {"config_hash": plan.config_hash, "build": build, "options": plan.options.to_dict()})
+
+
+def resume_state(plan: Plan, build: str, shards_dir: Path, manifests_dir: Path,
+                 overwrite: bool) -> tuple[list[dict], list[ShardGroup]]:
+    """(counts of the groups already finished, groups to run); clears what unfinished groups left behind."""
+    if overwrite:
+        wipe_build(build, shards_dir, manifests_dir)
+    check_config(plan, build, manifests_dir)
+    for folder in (shards_dir, manifests_dir):
+        mf.remove_stray_temp_files(folder)
+    done_counts, todo = [], []
+    for group in plan.groups:
+        counts = finished_counts(group, plan.config_hash, shards_dir, manifests_dir)
+        if counts is None:
+            clear_group(group, build, shards_dir, manifests_dir)
+            todo.append(group)
+        else:
+            done_counts.append(counts)
+    return done_counts, todo
