@@ -93,12 +93,3 @@ def unmap_boxes(boxes: np.ndarray, scale_xy: tuple[float, float]) -> np.ndarray:
     """Inverse of `map_boxes`."""
     sx, sy = scale_xy
     return map_boxes(boxes, (1.0 / sx, 1.0 / sy))
-
-
-BOX_KEYS = ("xmin", "ymin", "xmax", "ymax")
-
-
-def has_box(finding: dict) -> bool:
-    """Whether a finding carries a box: archives that label a breast, not a region (CMMD, RSNA), give
-    findings whose four coordinates are None; they label the image, never a patch."""
-    return all(finding.get(k) is not None and np.isfinite(finding[k]) for k in BOX_KEYS)

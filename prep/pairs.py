@@ -15,7 +15,7 @@ import numpy as np
 
 from prep.config import PrepConfig
 from prep.decode import DecodedImage
-from prep.geometry import has_box, map_boxes, map_points, resample_to_spacing, unmap_points
+from prep.geometry import map_boxes, map_points, resample_to_spacing, unmap_points
 from prep.orient import (
     boxes_to_canonical,
     canonical_affine,
@@ -116,6 +116,11 @@ def direction_seed(pair_seed: int, left_id: str, right_id: str, view: str, ipsi_
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1  # fits int64
 
 
+def located_findings(findings: list[dict]) -> list[dict]:
+    """The findings with a box; a finding the archive gives without a location labels its breast only."""
+    return [f for f in findings if f.get("xmin") is not None]
+
+
 def canonicalise(image: ImageInput, cfg: PrepConfig) -> CanonicalImage:
     """Resample to cfg.mm_per_px, segment, decide the chest-wall side, mirror to canonical (boxes too).
 
@@ -139,10 +144,10 @@ def canonicalise(image: ImageInput, cfg: PrepConfig) -> CanonicalImage:
     frame = CanonicalFrame(scale_xy, resampled.shape[1], check.side)
     area_mm2 = breast_area_mm2(seg.mask, cfg.mm_per_px)
     info.update(chest_wall_side=check.side, orientation_flag=check.flag, breast_area_mm2=area_mm2)
-    boxed = [f for f in image.findings if has_box(f)]  # a breast-level label without a box labels no patch
-    raw = np.array([[f["xmin"], f["ymin"], f["xmax"], f["ymax"]] for f in boxed], np.float64).reshape(-1, 4)
+    located = located_findings(image.findings)
+    raw = np.array([[f["xmin"], f["ymin"], f["xmax"], f["ymax"]] for f in located], np.float64).reshape(-1, 4)
     canon = boxes_to_canonical(map_boxes(raw, scale_xy), frame.width, check.side)
-    boxes = [{**f, "xmin": b[0], "ymin": b[1], "xmax": b[2], "ymax": b[3]} for f, b in zip(boxed, canon.tolist())]
+    boxes = [{**f, "xmin": b[0], "ymin": b[1], "xmax": b[2], "ymax": b[3]} for f, b in zip(located, canon.tolist())]
     # the work grid mirrored like the image: canonical px -> stored px -> work px -> mirrored work px
     to_grid = compose_affines(
         canonical_affine(resampled.shape[1], check.side), seg.to_work, canonical_affine(seg.work.shape[1], check.side)

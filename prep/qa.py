@@ -19,8 +19,8 @@ from matplotlib.patches import Patch, Polygon, Rectangle
 
 from prep.config import PrepConfig
 from prep.decode import decode_dicom, read_dicom
-from prep.geometry import has_box
-from prep.pairs import CanonicalImage, ImageInput, PairResult, canonicalise, image_input, process_pair
+from prep.pairs import (CanonicalImage, ImageInput, PairResult, canonicalise, image_input, located_findings,
+                        process_pair)
 from prep.patches import patch_footprint, top_left
 
 LABEL_COLOURS = {"normal": "#40c4ff", "ipsi-abnormal": "#ff1744", "contra-abnormal": "#ffc400"}
@@ -74,7 +74,7 @@ def _show(ax, image: np.ndarray, title: str) -> None:
 
 
 def _draw_boxes(ax, boxes: list[dict]) -> None:
-    for b in filter(has_box, boxes):
+    for b in boxes:
         ax.add_patch(Rectangle((b["xmin"], b["ymin"]), b["xmax"] - b["xmin"], b["ymax"] - b["ymin"],
                                fill=False, ec=FINDING_COLOUR, lw=1.2))
         ax.text(b["xmin"], b["ymin"], str(b.get("category", "")), color=FINDING_COLOUR, fontsize=6, va="bottom")
@@ -130,7 +130,7 @@ def render_pair_qa(left: ImageInput, right: ImageInput, cfg: PrepConfig, seed: i
         _show(ax, image.decoded.pixels, f"{side}-{image.view} as stored ({image.breast_birads or '-'}, "
                                         f"{image.breast_density or '-'})\nchest wall {info['chest_wall_side']}, "
                                         f"{info['orientation_flag']}")
-        _draw_boxes(ax, image.findings)
+        _draw_boxes(ax, located_findings(image.findings))
 
     L, R = canon["L"], canon["R"]
     ax = axes[0, 2]

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from prep.datasets import DatasetError, get_adapter
-from prep.geometry import has_box
+from prep.pairs import located_findings
 from adapter_fixtures import synthetic_images, tiny_build, view_code_sequence, write
 
 # patient -> (seed, images in file order 1-1, 1-2, ...: deliberately not view order)
@@ -71,7 +71,8 @@ def test_clinical_rows_label_their_breast_and_the_other_breast_stays_normal(reco
     assert categories("D1-0001", "R") == {frozenset()}  # no clinical row: a normal contralateral breast
     assert categories("D2-0003", "R") == {frozenset({"Mass", "Calcification", "Malignant"})}
     assert categories("D2-0003", "L") == {frozenset()}
-    assert not any(has_box(f) for r in records for f in r.findings)  # CMMD has no regions
+    assert not any(located_findings(r.findings) for r in records)  # CMMD has no regions
+    assert all(f[k] is None for r in records for f in r.findings for k in ("xmin", "ymin", "xmax", "ymax"))
 
 
 def test_a_semicolon_csv_export_reads_like_the_xlsx(archive, records, tmp_path):

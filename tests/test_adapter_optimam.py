@@ -11,7 +11,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from prep.datasets import get_adapter
-from prep.geometry import has_box
+from prep.pairs import located_findings
 from prep.synth.dicom_writer import to_dicom_dataset
 from adapter_fixtures import synthetic_images, tiny_build, write
 
@@ -95,9 +95,10 @@ def test_linked_images_carry_tags_marks_and_the_episode_outcome(records, archive
     assert sorted((r.laterality, r.view) for r in presentation) == sorted(FOUR)
     for sop_uid, box in truth["marks"].items():
         record = by_sop(records, sop_uid)
-        (mass,) = [f for f in record.findings if has_box(f)]
+        (mass,) = located_findings(record.findings)
         assert mass["category"] == "Mass" and (mass["xmin"], mass["ymin"], mass["xmax"], mass["ymax"]) == box
-    outcome = {r.laterality: [f["category"] for f in r.findings if not has_box(f)] for r in presentation}
+    outcome = {r.laterality: [f["category"] for f in r.findings if f not in located_findings(r.findings)]
+               for r in presentation}
     assert outcome == {"L": ["Malignant"], "R": []}  # surgery: left malignant, right normal
 
 

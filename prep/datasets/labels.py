@@ -7,7 +7,7 @@ The manifest speaks VinDr-Mammo's vocabulary (the first archive):
   VinDr's rows are. Lesion types use VinDr's names where the meaning is the same ("Mass", "Architectural
   Distortion", "Focal Asymmetry", "Suspicious Calcification"), the archive's own otherwise ("Calcification").
 - Archives that label a breast rather than a region (CMMD, RSNA, OPTIMAM's outcomes) give findings without a box
-  (the four coordinates None, `prep.geometry.has_box` is False): they label the image in images.parquet and
+  (the four coordinates None, `prep.pairs.located_findings` leaves them out): they label the image in images.parquet and
   never a patch. A biopsy or surgery outcome is such a finding of category `MALIGNANT` or `BENIGN`.
 """
 
