@@ -56,6 +56,8 @@ COMPRESSED_SYNTAXES = frozenset(
         uid.HTJ2K,
         uid.JPEGLosslessSV1,
         uid.JPEGLossless,
+        uid.JPEGLSLossless,  # pylibjpeg-libjpeg decodes JPEG-LS too
+        uid.JPEGLSNearLossless,
         uid.RLELossless,
     }
 )

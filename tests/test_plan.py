@@ -59,6 +59,20 @@ def test_header_problems_reject_the_image_and_its_partner():
     assert {r["level"] for r in rejects if r["reason"] == "for_processing"} == {"image"}
 
 
+def test_a_refused_twin_beside_a_usable_image_is_not_a_duplicate():
+    # OPTIMAM stores the FOR PROCESSING image of a view beside its FOR PRESENTATION twin
+    images = four_views("s") + [record("s", "L", "CC", "raw", header_error="for_processing")]
+    pairs, rejects = pair_images(images)
+    assert [(l.view, l.image_id, r.image_id) for l, r in pairs] == [("CC", "sLCC", "sRCC"), ("MLO", "sLMLO", "sRMLO")]
+    assert reasons(rejects) == {"raw": "for_processing"}
+    # two usable images of one side are still duplicates, whatever else is refused beside them
+    images.append(record("s", "L", "CC", "again"))
+    pairs, rejects = pair_images(images)
+    assert [p[0].view for p in pairs] == ["MLO"]
+    assert reasons(rejects) == {"raw": "for_processing", "sLCC": "duplicate_view", "again": "duplicate_view",
+                                "sRCC": "duplicate_view"}
+
+
 def test_unknown_laterality_is_rejected_not_dropped():
     images = four_views("s") + [record("s", "", "CC", "odd")]
     pairs, rejects = pair_images(images)

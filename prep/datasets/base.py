@@ -35,8 +35,8 @@ class ImageRecord:
     laterality: str  # L | R, from the dataset's labels (tags for dicom-dir)
     view: str  # CC | MLO
     split: str
-    # category, birads, xmin, ymin, xmax, ymax (clipped; all None for a finding given without a location),
-    # optional pathology (malignant | benign | benign_without_callback)
+    # category, birads, xmin, ymin, xmax, ymax (clipped; all None for a finding given without a location, a
+    # breast-level label: `prep.datasets.labels`), optional pathology (malignant | benign | benign_without_callback)
     findings: list[dict] = field(default_factory=list)
     breast_birads: str | None = None
     breast_density: str | None = None

@@ -10,8 +10,10 @@ from __future__ import annotations
 import ast
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 from prep.datasets.base import DatasetError, ImageRecord, read_header_checked, register_adapter
 
@@ -56,6 +58,7 @@ def clip_box(box: tuple[float, float, float, float], width: int, height: int) ->
 
 
 def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+    import pandas as pd  # here, not at import: the CLI lists the adapters without paying pandas' import
     if not path.is_file():
         raise DatasetError("bad_layout", f"missing {path.name}")
     frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
