@@ -35,10 +35,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from prep.datasets.base import DatasetError, ImageRecord, read_header_checked, register_adapter
+from prep.datasets.labels import birads_label, density_label
 from prep.decode import UnsupportedImage, read_dicom, read_header
 
 METADATA_CSV = "metadata.csv"
@@ -48,7 +53,6 @@ METADATA_COLUMNS = ("Series UID", "Subject ID", "File Location")
 CASE_COLUMNS = ("patient_id", "left or right breast", "image view", "abnormality type", "assessment", "pathology",
                 "image file path", "cropped image file path", "ROI mask file path")
 DENSITY_COLUMNS = ("breast_density", "breast density")  # mass files / calc files
-DENSITY_LETTERS = {"1": "A", "2": "B", "3": "C", "4": "D"}
 CATEGORIES = {"mass": "Mass", "calcification": "Suspicious Calcification"}
 SIDES = {"LEFT": "L", "RIGHT": "R"}
 # a mask covers about the full image; a crop is a small window (an ROI series can hold both)
@@ -69,8 +73,10 @@ def resolve_root(root: Path) -> Path:
                                      "exactly one of its sub-folders")
 
 
-def read_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
+def read_table(path: Path, columns: tuple[str, ...]) -> "pd.DataFrame":
     """A CSV as stripped strings (quoted cells can end in a newline); columns selected by name."""
+    import pandas as pd  # here, not at import: the CLI lists the adapters without paying pandas' import
+
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     frame.columns = [c.strip() for c in frame.columns]
     missing = [c for c in columns if c not in frame.columns]
@@ -85,14 +91,6 @@ def series_uid(csv_path: str) -> str:
     if len(parts) < 3:
         raise ValueError(f"not a <subject>/<study>/<series>/<file> path: {csv_path!r}")
     return parts[-2]
-
-
-def density_label(value: str) -> str | None:
-    return f"DENSITY {DENSITY_LETTERS[value]}" if value in DENSITY_LETTERS else None
-
-
-def birads_label(value: str) -> str | None:
-    return f"BI-RADS {int(value)}" if value.isdigit() else None
 
 
 def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
@@ -163,7 +161,8 @@ class CbisDdsmAdapter:
             if density_column is None:
                 raise DatasetError("bad_csv", f"{path.name} has neither of the density columns {DENSITY_COLUMNS}")
             split = "test" if "_test_" in path.name else "training"
-            for _, row in frame.iterrows():
+            for index, row in frame.iterrows():
+                where = f"{path.name} row {index + 2}"
                 try:
                     series = series_uid(row["image file path"])
                     roi = tuple(dict.fromkeys(series_uid(row[c]) for c in ("ROI mask file path",
@@ -172,12 +171,12 @@ class CbisDdsmAdapter:
                     raise DatasetError("bad_csv", f"{path.name}: {exc}") from None
                 pathology = row["pathology"].lower() or None
                 finding = {"category": CATEGORIES.get(row["abnormality type"].lower(), row["abnormality type"]),
-                           "birads": birads_label(row["assessment"]), "pathology": pathology,
+                           "birads": birads_label(row["assessment"], where), "pathology": pathology,
                            "xmin": None, "ymin": None, "xmax": None, "ymax": None}
                 rows.append(CaseRow(csv=path.name, split=split, patient=row["patient_id"],
                                     side=SIDES.get(row["left or right breast"].upper(), ""),
                                     view=row["image view"].upper(), series=series, roi_series=roi, finding=finding,
-                                    density=density_label(row[density_column])))
+                                    density=density_label(row[density_column], where)))
         return rows
 
     # ------------------------------------------------------------------------------------------ masks
