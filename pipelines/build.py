@@ -27,10 +27,10 @@ from pipelines import manifests as mf
 from pipelines.cluster import DaskSession
 from pipelines.errors import BuildError
 from pipelines.pair_work import estimate, plan_rejected_image_rows
-from pipelines.plan import BuildOptions, Plan, ShardGroup, plan_build
+from pipelines.plan import BuildOptions, Plan, ShardGroup, no_pairs_hint, plan_build
 from pipelines.progress import make_progress, print_cluster, print_plan, print_summary
 from pipelines.provenance import git_commit, package_versions
-from pipelines.resume import resume_state
+from pipelines.resume import LOCK_FILE, resume_state
 from pipelines.worker import GroupTask, run_group
 
 __all__ = ["BuildError", "build_shards", "run_build", "plan_build", "reject_problem"]
@@ -94,8 +94,9 @@ def build_in_session(dataset: str, root: Path, options: BuildOptions, dask: Dask
     timings["plan_s"] = time.perf_counter() - started
     build = build or plan.default_build_name()
     shards_dir, manifests_dir = default_dirs(build, out, manifests)
-    if not plan.groups:
-        raise BuildError("no_pairs", f"no usable L/R pair in {root} (rejects: {plan.counts()['rejects']})")
+    if not plan.groups and dry_run:
+        raise BuildError("no_pairs", f"no usable L/R pair in {root} (rejects: {plan.counts()['rejects']}); "
+                                     f"{no_pairs_hint(plan.rejects)}")
     if dry_run:
         summary = {"build": build, "shards_dir": str(shards_dir), "manifests_dir": str(manifests_dir),
                    "config_hash": plan.config_hash, **plan.counts(), "estimate": estimate(plan),
@@ -129,12 +130,26 @@ def build_in_session(dataset: str, root: Path, options: BuildOptions, dask: Dask
                **counts, "seconds": round(time.perf_counter() - build_started, 3)}
     mf.write_json_atomic(manifests_dir / "build.json", {
         "build": build, "dataset": dataset, "root": str(root.resolve()), "config_hash": plan.config_hash,
-        "config": options.to_dict(), "plan": plan.counts(), "counts": counts,
+        "config": options.to_dict(), "plan": plan.counts(), "counts": counts, "labels": label_counts(plan),
+        "pixel_spacing": {"assume_spacing_mm": options.assume_spacing_mm,
+                          "images_assumed": counts["images_spacing_assumed"]},
         "timings": {k: round(v, 3) for k, v in timings.items()}, "versions": package_versions(),
         "git_commit": git_commit(), "shard_scheme": "see pipelines/shards.py",
         "wids_urls": "relative to this folder"})
+    if not plan.groups:  # manifests (all rejects) are written first, so the user can read why
+        # nothing was built: the rerun with the fix (a changed config) must not be refused as config_changed
+        (manifests_dir / mf.PARTS_DIR / LOCK_FILE).unlink(missing_ok=True)
+        raise BuildError("no_pairs", f"no usable L/R pair in {root}: all {len(plan.records)} images rejected, "
+                                     f"{no_pairs_hint(plan.rejects)}; every reject with its detail: "
+                                     f"{manifests_dir / 'rejects.parquet'}")
     print_summary(summary, console)
     return summary
+
+
+def label_counts(plan: Plan) -> dict:
+    """Findings the archive gave, and how many of them without a location (no box: no patch label)."""
+    findings = [f for r in plan.records for f in r.findings]
+    return {"findings": len(findings), "findings_without_box": sum(f.get("xmin") is None for f in findings)}
 
 
 def finalize(plan: Plan, build: str, shards_dir: Path, manifests_dir: Path) -> dict:

@@ -30,14 +30,17 @@ from prep.io import (  # noqa: F401  (re-exported: the build's writers use them 
 TABLES = ("images", "pairs", "samples", "rejects", "shards")
 PARTS_DIR = "parts"
 
+# a finding without a location (CBIS-DDSM whose ROI mask was not downloaded) has null box fields
 FINDING = pa.struct([("category", pa.string()), ("birads", pa.string()), ("xmin", pa.float64()),
-                     ("ymin", pa.float64()), ("xmax", pa.float64()), ("ymax", pa.float64())])
+                     ("ymin", pa.float64()), ("xmax", pa.float64()), ("ymax", pa.float64()),
+                     ("pathology", pa.string())])  # malignant | benign | benign_without_callback | null
 
 IMAGES_SCHEMA = pa.schema([
     ("dataset", pa.string()), ("study_id", pa.string()), ("series_id", pa.string()), ("image_id", pa.string()),
     ("rel_path", pa.string()), ("laterality", pa.string()), ("view", pa.string()), ("split", pa.string()),
     ("manufacturer", pa.string()), ("transfer_syntax", pa.string()), ("photometric", pa.string()),
     ("bits_stored", pa.int32()), ("rows", pa.int32()), ("cols", pa.int32()), ("spacing_mm", pa.list_(pa.float64())),
+    ("spacing_source", pa.string()),  # header | assumed (--assume-spacing-mm); null when never decoded
     ("voi_kind", pa.string()), ("inverted", pa.bool_()), ("laterality_tag", pa.string()), ("view_tag", pa.string()),
     ("chest_wall_side", pa.string()), ("orientation_flag", pa.string()), ("breast_area_mm2", pa.float64()),
     ("findings", pa.list_(FINDING)), ("breast_birads", pa.string()), ("breast_density", pa.string()),
@@ -150,12 +153,14 @@ def finalize(manifests_dir: Path, shards_dir: Path, build: str, extra: dict[str,
         per_split.setdefault(s["split"], Counter())[label] += 1
     pairs = tables["pairs"].select(["split", "status"]).to_pylist()
     image_status = tables["images"].column("status").to_pylist()
+    spacing_sources = Counter(tables["images"].column("spacing_source").to_pylist())
     return {
         "pairs_planned": pairs_planned,
         "pairs_ok": dict(Counter(p["split"] for p in pairs if p["status"] == "ok")),
         "samples": {k: dict(sorted(v.items())) for k, v in sorted(per_split.items())},
         "n_samples": len(samples),
         "images": len(image_status), "images_rejected": sum(s != "ok" for s in image_status),
+        "images_spacing_assumed": spacing_sources.get("assumed", 0),
         "rejects": dict(sorted(Counter(tables["rejects"].column("reason").to_pylist()).items())),
         "shards": dict(Counter(r["split"] for r in shard_rows)),
         "n_shards": len(shard_rows), "bytes": sum(r["bytes"] for r in shard_rows),

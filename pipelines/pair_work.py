@@ -38,6 +38,7 @@ def image_row(record: ImageRecord, facts: dict, info: dict | None, status: str, 
         "transfer_syntax": facts.get("transfer_syntax"), "photometric": facts.get("photometric"),
         "bits_stored": facts.get("bits_stored"), "rows": facts.get("rows"), "cols": facts.get("cols"),
         "spacing_mm": list(facts["spacing_mm"]) if facts.get("spacing_mm") else None,
+        "spacing_source": facts.get("spacing_source"),
         "voi_kind": facts.get("voi_kind"), "inverted": facts.get("inverted"),
         "laterality_tag": facts.get("laterality_tag"), "view_tag": facts.get("view_tag"),
         "chest_wall_side": info.get("chest_wall_side"), "orientation_flag": info.get("orientation_flag"),
@@ -69,7 +70,7 @@ def process_planned_pair(planned: PlannedPair, options: BuildOptions) -> PairOut
     started = time.perf_counter()
     for side, record in records.items():
         try:
-            decoded[side] = decode_dicom(read_dicom(record.path))
+            decoded[side] = decode_dicom(read_dicom(record.path), assumed_spacing_mm=options.assume_spacing_mm)
         except UnsupportedImage as exc:
             failures[side] = (exc.reason, str(exc.detail)[:500])
         except Exception as exc:  # a decoder bug must not stop the build: record it with its text

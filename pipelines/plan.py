@@ -6,16 +6,20 @@ options; its hash names the build and guards resumes.
 
 Plan-stage reject reasons (rejects.parquet `stage == "plan"`):
   image level: the `prep.decode.UnsupportedImage` reason of the header check (unreadable, for_processing,
-    multi_frame, colour, bad_geometry, ...), `missing_file`, `unknown_laterality`, `unknown_view`
-  pair level: `duplicate_view` (a side has more than one usable image for the view; a refused one beside a
-    usable one keeps its own image-level reason), `missing_partner` (no image of
-    the other side), `laterality_disagreement` / `view_disagreement` (labels vs header tags; the whole pair
-    is rejected), `partner_rejected` (the other image of the pair was rejected).
+    multi_frame, colour, bad_geometry, no_pixel_spacing unless `--assume-spacing-mm`, ...), `missing_file`,
+    `unknown_laterality`, `unknown_view`
+  pair level: `duplicate_view` (a side has more than one usable image for the view; a refused one
+    beside a usable one keeps its own image-level reason), `unpaired` (the study -- the
+    pairing unit: a patient for CBIS-DDSM or `--pair-by patient` -- has images of one side only),
+    `missing_partner` (the other side has images, but none of this view), `laterality_disagreement` /
+    `view_disagreement` (labels vs header tags; the whole pair is rejected), `partner_rejected` (the other
+    image of the pair was rejected).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import inspect
 import json
@@ -29,6 +33,7 @@ from pipelines.errors import BuildError
 from pipelines.shards import derive_seed
 from prep.config import PrepConfig
 from prep.datasets import DatasetError, ImageRecord, get_adapter, read_header_checked
+from prep.decode import check_assumed_spacing
 
 if TYPE_CHECKING:
     from pipelines.cluster import DaskSession
@@ -37,6 +42,24 @@ PLAN_VERSION = 1
 LATERALITIES = ("L", "R")
 VIEWS = ("CC", "MLO")
 PAIR_FLAGS = ("laterality_disagreement", "view_disagreement")
+PAIR_BY = ("study", "patient")
+
+# What a user can do about the most common reason when nothing pairs (the build's `no_pairs` message).
+REJECT_FIXES = {
+    "no_pixel_spacing": "the DICOMs state no pixel spacing and it is never guessed: give the archive's with "
+                        "--assume-spacing-mm MM (recorded in build.json and as images.parquet spacing_source; "
+                        "CBIS-DDSM: see docs/USAGE.md)",
+    "unknown_view": "no CC/MLO view in the labels or the tags (ViewPosition, ViewCodeSequence, PatientOrientation): "
+                    "use the archive's own adapter (--dataset) so the view comes from its tables",
+    "unknown_laterality": "no L/R laterality in the labels or the tags (ImageLaterality, Laterality): use the "
+                          "archive's own adapter (--dataset)",
+    "unpaired": "every study holds one side only; if the archive stores each image as its own study, pair by "
+                "patient: --pair-by patient (dicom-dir), or use the archive's own adapter (--dataset)",
+    "missing_partner": "no study has both sides of a view: check --dataset and --pair-by",
+    "unreadable": "the files do not read as DICOM: check --root and --dataset",
+    "missing_file": "the tables list files that are not under --root: check --root (a partial download?)",
+    "unsupported_transfer_syntax": "install the codecs (pip install -e '.') or convert the files",
+}
 HEADER_CHUNK = 256  # header reads per cluster task: enough work per round trip, still many tasks
 
 
@@ -50,15 +73,25 @@ class BuildOptions:
     shard_max_samples: int = 10_000
     shard_max_bytes: int = 500_000_000
     group_pairs: int = 100
+    # used only for images whose header has no spacing (never guessed: None rejects them as no_pixel_spacing)
+    assume_spacing_mm: float | None = None
+    pair_by: str | None = None  # the adapter's pairing unit when it offers a choice (dicom-dir: study | patient)
 
     def __post_init__(self) -> None:
         if self.shard_max_samples < 1 or self.shard_max_bytes < 1 or self.group_pairs < 1:
             raise ValueError("shard_max_samples, shard_max_bytes and group_pairs must be positive")
+        if self.assume_spacing_mm is not None:
+            check_assumed_spacing(self.assume_spacing_mm)
+        if self.pair_by is not None and self.pair_by not in PAIR_BY:
+            raise ValueError(f"pair_by {self.pair_by!r}: choose one of {PAIR_BY}")
 
     def to_dict(self) -> dict:
+        # the two optional keys appear only when set, so builds that use neither keep their config hash
+        optional = {k: v for k, v in (("assume_spacing_mm", self.assume_spacing_mm), ("pair_by", self.pair_by))
+                    if v is not None}
         return {"dataset": self.dataset, "prep": self.prep.to_dict(), "codec": self.codec,
                 "shard_max_samples": self.shard_max_samples, "shard_max_bytes": self.shard_max_bytes,
-                "group_pairs": self.group_pairs}
+                "group_pairs": self.group_pairs, **optional}
 
     @classmethod
     def from_dict(cls, data: dict) -> "BuildOptions":
@@ -127,9 +160,14 @@ def reject_row(record: ImageRecord, reason: str, detail: str, level: str, stage:
             "reason": reason, "detail": detail}
 
 
-def image_reject_reason(record: ImageRecord) -> tuple[str, str] | None:
-    """Why this image cannot be used on its own, from its header and labels; None when it can."""
-    if record.header_error:
+def image_reject_reason(record: ImageRecord, assume_spacing_mm: float | None = None) -> tuple[str, str] | None:
+    """Why this image cannot be used on its own, from its header and labels; None when it can.
+
+    `no_pixel_spacing` is the header check's last test (`prep.decode.check_supported`), so with an assumed
+    spacing such an image passed every other one.
+    """
+    spacing_supplied = record.header_error == "no_pixel_spacing" and assume_spacing_mm is not None
+    if record.header_error and not spacing_supplied:
         return record.header_error, record.header_detail or ""
     if record.laterality not in LATERALITIES:
         return "unknown_laterality", f"laterality {record.laterality!r}"
@@ -138,16 +176,23 @@ def image_reject_reason(record: ImageRecord) -> tuple[str, str] | None:
     return None
 
 
-def pair_images(records: list[ImageRecord]) -> tuple[list[tuple[ImageRecord, ImageRecord]], list[dict]]:
+def pair_images(records: list[ImageRecord], assume_spacing_mm: float | None = None,
+                ) -> tuple[list[tuple[ImageRecord, ImageRecord]], list[dict]]:
     """(left, right) per (study, view) and the plan rejects of every image that is not in a pair."""
     by_pair: dict[tuple[str, str], list[ImageRecord]] = {}
     rejects: list[dict] = []
+    reason_of = functools.partial(image_reject_reason, assume_spacing_mm=assume_spacing_mm)
     for record in records:
-        problem = image_reject_reason(record)
+        problem = reason_of(record)
         if problem and problem[0] in ("unknown_laterality", "unknown_view"):
             rejects.append(reject_row(record, *problem, level="image"))
             continue
         by_pair.setdefault((record.study_id, record.view), []).append(record)
+    # every image of a study counts, an unknown side too: a study is one-sided only when all its images are
+    # known to be of the same side
+    sides_of_study: dict[str, set[str]] = {}
+    for record in records:
+        sides_of_study.setdefault(record.study_id, set()).add(record.laterality)
 
     pairs = []
     for (study_id, view), members in sorted(by_pair.items()):
@@ -155,23 +200,26 @@ def pair_images(records: list[ImageRecord]) -> tuple[list[tuple[ImageRecord, Ima
         # an image the header check refused beside a usable one of the same side and view (OPTIMAM's FOR
         # PROCESSING twin of a FOR PRESENTATION image) is rejected for its own reason, not as a duplicate
         for lat in LATERALITIES:
-            refused = [m for m in sides[lat] if m.header_error]
+            refused = [(m, reason_of(m)) for m in sides[lat] if reason_of(m)]
             if refused and len(refused) < len(sides[lat]):
-                rejects += [reject_row(m, m.header_error, m.header_detail or "", "image") for m in refused]
-                sides[lat] = [m for m in sides[lat] if not m.header_error]
-                members = [m for m in members if not any(m is r for r in refused)]
+                rejects += [reject_row(m, *problem, level="image") for m, problem in refused]
+                sides[lat] = [m for m in sides[lat] if not reason_of(m)]
+                members = [m for m in members if not any(m is r for r, _ in refused)]
         if any(len(sides[lat]) > 1 for lat in LATERALITIES):
             lats = "".join(m.laterality for m in members)
             rejects += [reject_row(m, "duplicate_view", f"{view} images per side: {lats}", "pair") for m in members]
             continue
         if not sides["L"] or not sides["R"]:
+            one_sided = len(sides_of_study[study_id]) == 1
             for m in members:
-                problem = image_reject_reason(m)
+                problem = reason_of(m)
                 rejects.append(reject_row(m, *problem, level="image") if problem else
+                               reject_row(m, "unpaired", "no image of the other side in this study", "pair")
+                               if one_sided else
                                reject_row(m, "missing_partner", f"no {view} image of the other side", "pair"))
             continue
         left, right = sides["L"][0], sides["R"][0]
-        problems = {m.image_id: image_reject_reason(m) for m in (left, right)}
+        problems = {m.image_id: reason_of(m) for m in (left, right)}
         if any(problems.values()):
             for m in (left, right):
                 if problems[m.image_id]:
@@ -190,13 +238,23 @@ def pair_images(records: list[ImageRecord]) -> tuple[list[tuple[ImageRecord, Ima
     return pairs, rejects
 
 
+def no_pairs_hint(rejects: list[dict]) -> str:
+    """The most common reject reason and what fixes it (`partner_rejected` only follows another reason)."""
+    counts = Counter(r["reason"] for r in rejects if r["reason"] != "partner_rejected") or Counter(
+        r["reason"] for r in rejects)
+    if not counts:
+        return "the archive lists no images: check --root and --dataset"
+    reason, n = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return f"top reason {reason} ({n} images): {REJECT_FIXES.get(reason, 'see the detail column of rejects.parquet')}"
+
+
 def study_bucket(study_id: str) -> int:
     return int(hashlib.sha256(study_id.encode()).hexdigest()[:12], 16)
 
 
 def make_plan(records: list[ImageRecord], options: BuildOptions) -> Plan:
     """Pair, reject and group the images; groups are hash(study) buckets within each split."""
-    pairs, rejects = pair_images(records)
+    pairs, rejects = pair_images(records, options.assume_spacing_mm)
     groups: list[ShardGroup] = []
     for split in sorted({left.split for left, _ in pairs}):
         split_pairs = [(l, r) for l, r in pairs if l.split == split]
@@ -248,17 +306,24 @@ def read_headers(records: list[ImageRecord], dask: DaskSession | None) -> list[I
     return done
 
 
-def load_records(dataset: str, root: Path, dask: DaskSession | None = None) -> list[ImageRecord]:
+def load_records(dataset: str, root: Path, dask: DaskSession | None = None,
+                 pair_by: str | None = None) -> list[ImageRecord]:
     """The adapter's images table; headers read through `read_headers` when the adapter can defer them."""
     adapter = get_adapter(dataset)
+    accepts = inspect.signature(adapter).parameters
+    kwargs = {}
+    if pair_by is not None:
+        if "pair_by" not in accepts:
+            raise BuildError("bad_input", f"--pair-by: the {dataset} adapter pairs its own way (dicom-dir only)")
+        kwargs["pair_by"] = pair_by
     try:
-        if "read_headers" not in inspect.signature(adapter).parameters:
-            return adapter(root).images()
-        return read_headers(adapter(root, read_headers=False).images(), dask)
+        if "read_headers" not in accepts:
+            return adapter(root, **kwargs).images()
+        return read_headers(adapter(root, read_headers=False, **kwargs).images(), dask)
     except DatasetError as exc:
         raise BuildError("bad_input", str(exc)) from exc
 
 
 def plan_build(dataset: str, root: Path, options: BuildOptions, dask: DaskSession | None = None) -> Plan:
     """Read the archive's images table (headers on the cluster when it is up) and plan it."""
-    return make_plan(load_records(dataset, root, dask), options)
+    return make_plan(load_records(dataset, root, dask, options.pair_by), options)

@@ -34,6 +34,7 @@ REASONS = (
     "colour",
     "unsupported_transfer_syntax",
     "bad_geometry",
+    "no_pixel_spacing",
     "decode_failed",
 )
 
@@ -69,6 +70,7 @@ MIN_SIDE_PX = 32
 MAX_SIDE_PX = 16384
 MIN_SPACING_MM = 0.005
 MAX_SPACING_MM = 2.0
+SPACING_TAGS = ("ImagerPixelSpacing", "PixelSpacing")  # in order of preference
 
 # Used only when an image carries no VOI at all.
 FALLBACK_PERCENTILES = (0.5, 99.5)
@@ -81,6 +83,9 @@ _VIEW_CODES = {
     "399368009": "MLO",
 }
 _VIEW_MEANINGS = {"cranio-caudal": "CC", "medio-lateral oblique": "MLO"}
+# PatientOrientation is two direction letters per the standard (e.g. "A\\R"); CBIS-DDSM writes the view name
+# there instead. A single value that is exactly a view name cannot be a direction pair, so it is read as the view.
+_ORIENTATION_VIEWS = {"CC", "MLO"}
 
 
 class UnsupportedImage(Exception):
@@ -203,7 +208,8 @@ def transfer_syntax(ds: Dataset) -> str | None:
 
 
 def view_tag(ds: Dataset) -> str | None:
-    """ViewPosition, else the ViewCodeSequence code mapped to CC/MLO; other views kept verbatim."""
+    """ViewPosition, else the ViewCodeSequence code mapped to CC/MLO (other views kept verbatim), else a
+    PatientOrientation that is exactly "CC" or "MLO" (CBIS-DDSM's only view tag)."""
     position = _text(ds, "ViewPosition")
     if position:
         return position.upper()
@@ -216,6 +222,9 @@ def view_tag(ds: Dataset) -> str | None:
             return _VIEW_MEANINGS[meaning]
         if meaning:
             return meaning
+    orientation = ds.get("PatientOrientation")
+    if isinstance(orientation, str) and orientation.strip().upper() in _ORIENTATION_VIEWS:
+        return orientation.strip().upper()
     return None
 
 
@@ -250,13 +259,15 @@ def header_facts(ds: Dataset) -> dict[str, Any]:
         "laterality_tag": laterality_tag(ds),
         "view_tag": view_tag(ds),
         "presentation_intent": (_text(ds, "PresentationIntentType") or "").upper() or None,
+        # "header" when the file states its spacing; `decode_dicom` says "assumed" when it used the caller's value
+        "spacing_source": "header" if any(ds.get(k) not in (None, "") for k in SPACING_TAGS) else None,
     }
 
 
-def pixel_spacing_mm(ds: Dataset) -> tuple[float, float]:
-    """(row, col) spacing in mm from ImagerPixelSpacing, else PixelSpacing; bad_geometry if absent
-    or implausible."""
-    for keyword in ("ImagerPixelSpacing", "PixelSpacing"):
+def header_spacing_mm(ds: Dataset) -> tuple[float, float] | None:
+    """(row, col) spacing in mm from ImagerPixelSpacing, else PixelSpacing; None when neither is present;
+    bad_geometry when present but not two plausible numbers."""
+    for keyword in SPACING_TAGS:
         value = ds.get(keyword)
         if value is None or value == "":
             continue
@@ -264,17 +275,47 @@ def pixel_spacing_mm(ds: Dataset) -> tuple[float, float]:
             row, col = (float(v) for v in value)
         except (TypeError, ValueError) as exc:
             raise UnsupportedImage("bad_geometry", f"{keyword}={value!r} is not two numbers") from exc
-        if not all(np.isfinite(v) and MIN_SPACING_MM <= v <= MAX_SPACING_MM for v in (row, col)):
+        if not all(plausible_spacing(v) for v in (row, col)):
             raise UnsupportedImage("bad_geometry", f"{keyword}={value!r} mm is implausible")
         return row, col
-    raise UnsupportedImage("bad_geometry", "neither ImagerPixelSpacing nor PixelSpacing present")
+    return None
+
+
+def plausible_spacing(mm: float) -> bool:
+    return bool(np.isfinite(mm) and MIN_SPACING_MM <= mm <= MAX_SPACING_MM)
+
+
+def pixel_spacing_mm(ds: Dataset, assumed_mm: float | None = None) -> tuple[float, float]:
+    """The header's (row, col) spacing; without one, `(assumed_mm, assumed_mm)` when the caller gives it.
+
+    Never guessed: no spacing and no `assumed_mm` is `no_pixel_spacing` (CBIS-DDSM has none, and its scanners
+    differ by 20 %); an implausible `assumed_mm` is a ValueError (a configuration error, not an image's).
+    """
+    spacing = header_spacing_mm(ds)
+    if spacing is not None:
+        return spacing
+    if assumed_mm is None:
+        raise UnsupportedImage("no_pixel_spacing", "neither ImagerPixelSpacing nor PixelSpacing present")
+    assumed = check_assumed_spacing(assumed_mm)
+    return assumed, assumed
+
+
+def check_assumed_spacing(mm: float) -> float:
+    """A caller-supplied spacing as float; ValueError when outside the plausible range."""
+    if not plausible_spacing(float(mm)):
+        raise ValueError(f"assumed spacing {mm} mm is outside [{MIN_SPACING_MM}, {MAX_SPACING_MM}] mm")
+    return float(mm)
 
 
 # --------------------------------------------------------------------------- checks
 
 
-def check_supported(ds: Dataset) -> None:
-    """Raise UnsupportedImage for anything `decode_dicom` refuses, without decoding pixels."""
+def check_supported(ds: Dataset, *, assumed_spacing_mm: float | None = None) -> None:
+    """Raise UnsupportedImage for anything `decode_dicom` refuses, without decoding pixels.
+
+    `no_pixel_spacing` is checked last, so an image refused for it passed every other check: the planner
+    relies on that to accept such images when the build is given an assumed spacing.
+    """
     if "PixelData" not in ds:
         raise UnsupportedImage("no_pixel_data", "no (7FE0,0010) Pixel Data element")
     frames = _int(ds, "NumberOfFrames") or 1
@@ -299,7 +340,7 @@ def check_supported(ds: Dataset) -> None:
     bits_stored, bits_allocated = _int(ds, "BitsStored"), _int(ds, "BitsAllocated")
     if bits_stored is None or bits_allocated is None or not 1 <= bits_stored <= bits_allocated <= 16:
         raise UnsupportedImage("decode_failed", f"BitsStored={bits_stored}, BitsAllocated={bits_allocated}")
-    pixel_spacing_mm(ds)
+    pixel_spacing_mm(ds, assumed_spacing_mm)  # last: see the docstring
 
 
 # --------------------------------------------------------------------------- pixel steps (pure)
@@ -388,14 +429,18 @@ def _voi_to_unit(values: np.ndarray, ds: Dataset, kind: str) -> np.ndarray:
     return rescale_to_unit(out, out_min, out_max)
 
 
-def decode_dicom(ds: Dataset, *, decoding_plugin: str = "pylibjpeg") -> DecodedImage:
+def decode_dicom(ds: Dataset, *, decoding_plugin: str = "pylibjpeg",
+                 assumed_spacing_mm: float | None = None) -> DecodedImage:
     """Decode and normalise one single-frame mammogram. Raises UnsupportedImage (see `REASONS`).
+
+    `assumed_spacing_mm` is used only for an image whose header has no spacing (`meta["spacing_source"]`
+    then says "assumed"); without it such an image is refused as `no_pixel_spacing`.
 
     `decoding_plugin` is the pydicom plugin for compressed syntaxes (pydicom's native decoder is
     always used for uncompressed data); naming it avoids pydicom's slower default plugin order.
     """
-    check_supported(ds)
-    spacing = pixel_spacing_mm(ds)
+    check_supported(ds, assumed_spacing_mm=assumed_spacing_mm)
+    spacing = pixel_spacing_mm(ds, assumed_spacing_mm)
     ts = transfer_syntax(ds)
     plugin = "" if ts in UNCOMPRESSED_SYNTAXES else decoding_plugin
     try:
@@ -433,4 +478,5 @@ def decode_dicom(ds: Dataset, *, decoding_plugin: str = "pylibjpeg") -> DecodedI
     if padding is not None:
         pixels[padding] = 0.0
     facts["voi_kind"] = kind
+    facts["spacing_source"] = facts["spacing_source"] or "assumed"
     return DecodedImage(pixels=pixels, spacing_mm=spacing, meta=facts)

@@ -37,8 +37,10 @@ class QAError(Exception):
         self.detail = detail
 
 
-def load_pair(root: str, study_id: str, view: str, dataset: str = "vindr") -> tuple[ImageInput, ImageInput]:
-    """The L and R ImageInputs of one (study, view), through the dataset adapter and the decoder."""
+def load_pair(root: str, study_id: str, view: str, dataset: str = "vindr",
+              assumed_spacing_mm: float | None = None) -> tuple[ImageInput, ImageInput]:
+    """The L and R ImageInputs of one (study, view), through the dataset adapter and the decoder
+    (`assumed_spacing_mm`: for images whose header has no spacing, as `prep build-shards --assume-spacing-mm`)."""
     from prep.datasets import get_adapter
 
     records = [r for r in get_adapter(dataset)(root).images() if r.study_id == study_id]
@@ -55,7 +57,7 @@ def load_pair(root: str, study_id: str, view: str, dataset: str = "vindr") -> tu
     for side in ("L", "R"):
         record = by_side[side]
         try:
-            out.append(image_input(record, decode_dicom(read_dicom(record.path))))
+            out.append(image_input(record, decode_dicom(read_dicom(record.path), assumed_spacing_mm=assumed_spacing_mm)))
         except Exception as exc:  # UnsupportedImage and friends: one line for the CLI
             raise QAError("decode_failed", f"{record.rel_path}: {exc}") from exc
     return out[0], out[1]

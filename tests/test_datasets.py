@@ -164,5 +164,45 @@ def test_build_help_lists_every_registered_adapter():
 
     result = CliRunner().invoke(app, ["build-shards", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
-    assert {"vindr", "dicom-dir", "cmmd", "inbreast", "rsna-2022", "optimam"} <= set(ADAPTERS)
+    assert {"vindr", "dicom-dir", "cbis-ddsm", "cmmd", "inbreast", "rsna-2022", "optimam"} <= set(ADAPTERS)
     assert all(name in result.output for name in ADAPTERS)
+
+
+def test_dicom_dir_pairs_by_patient_when_each_view_is_its_own_study(tmp_path):
+    """CBIS-DDSM-like folders: one study per image, view in ViewCodeSequence or only in PatientOrientation."""
+    import numpy as np
+    from pydicom import uid
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from cbis_fixture import cbis_dataset
+    from pipelines.errors import BuildError
+    from pipelines.plan import BuildOptions, load_records, make_plan, no_pairs_hint
+    from prep.datasets.dicom_dir import DicomDirAdapter, pseudonym
+
+    pixels = np.zeros((64, 48), np.uint16)
+    for patient in ("PAT-A", "PAT-B"):
+        for lat in "LR":
+            ds = cbis_dataset(pixels, patient, lat, "", uid.generate_uid(), uid.generate_uid())
+            if patient == "PAT-A":  # view as a code; PAT-B keeps it in PatientOrientation only
+                del ds.PatientOrientation
+                code = Dataset()
+                code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "399162004", "SCT", "cranio-caudal"
+                ds.ViewCodeSequence = Sequence([code])
+            else:
+                ds.PatientOrientation = "CC"
+            ds.ImagerPixelSpacing = [0.1, 0.1]
+            ds.save_as(tmp_path / f"{patient}-{lat}.dcm", enforce_file_format=True)
+    options = BuildOptions(dataset="dicom-dir")
+    by_study = make_plan(DicomDirAdapter(tmp_path, salt="s").images(), options)
+    assert by_study.pairs == [] and {r["reason"] for r in by_study.rejects} == {"unpaired"}
+    assert "--pair-by patient" in no_pairs_hint(by_study.rejects)
+    records = DicomDirAdapter(tmp_path, salt="s", pair_by="patient").images()
+    assert {r.view for r in records} == {"CC"}
+    assert {r.study_id for r in records} == {pseudonym("PAT-A", "s"), pseudonym("PAT-B", "s")}  # keyed hashes
+    by_patient = make_plan(records, options)
+    assert len(by_patient.pairs) == 2 and by_patient.rejects == []
+    assert len(load_records("dicom-dir", tmp_path, pair_by="patient")) == 4
+    with pytest.raises(BuildError) as err:
+        load_records("vindr", tmp_path, pair_by="patient")
+    assert err.value.reason == "bad_input" and "dicom-dir" in str(err.value)

@@ -23,7 +23,7 @@ BITS = 12
 MAX_STORED = 2**BITS - 1
 ALLOWED_META = {
     "transfer_syntax", "photometric", "bits_stored", "rows", "cols", "voi_kind", "inverted",
-    "manufacturer", "laterality_tag", "view_tag", "presentation_intent",
+    "manufacturer", "laterality_tag", "view_tag", "presentation_intent", "spacing_source",
 }
 
 
@@ -278,6 +278,8 @@ def _refusal(reason: str) -> Dataset:
     elif reason == "unsupported_transfer_syntax":
         ds.file_meta.TransferSyntaxUID = uid.JPEGBaseline8Bit
     elif reason == "bad_geometry":
+        ds.ImagerPixelSpacing = [0.1, 9.0]
+    elif reason == "no_pixel_spacing":
         del ds.ImagerPixelSpacing
     elif reason == "decode_failed":
         ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
@@ -299,6 +301,34 @@ def test_absurd_geometry_is_refused(attrs):
     with pytest.raises(UnsupportedImage) as err:
         decode_dicom(ds)
     assert err.value.reason == "bad_geometry"
+
+
+def test_missing_spacing_is_never_guessed_but_an_explicit_one_is_used_and_recorded():
+    ds = make_dataset(breast_values(), WindowCenter=2048, WindowWidth=4096)
+    assert decode_dicom(ds).meta["spacing_source"] == "header"
+    del ds.ImagerPixelSpacing
+    assert "PixelSpacing" not in ds and header_facts(ds)["spacing_source"] is None
+    with pytest.raises(UnsupportedImage) as err:
+        decode_dicom(ds)
+    assert err.value.reason == "no_pixel_spacing"
+    decoded = decode_dicom(ds, assumed_spacing_mm=0.05)
+    assert decoded.spacing_mm == (0.05, 0.05) and decoded.meta["spacing_source"] == "assumed"
+    with pytest.raises(ValueError):
+        decode_dicom(ds, assumed_spacing_mm=50.0)
+    # a header spacing always wins over the assumed one
+    ds.PixelSpacing = [0.07, 0.07]
+    decoded = decode_dicom(ds, assumed_spacing_mm=0.05)
+    assert decoded.spacing_mm == (0.07, 0.07) and decoded.meta["spacing_source"] == "header"
+
+
+def test_view_name_in_patient_orientation_is_the_view_but_a_direction_pair_is_not():
+    ds = make_dataset(breast_values(), Laterality="R", PatientOrientation="MLO")  # CBIS-DDSM's only view tag
+    assert header_facts(ds)["view_tag"] == "MLO"
+    ds.PatientOrientation = ["A", "R"]
+    assert header_facts(ds)["view_tag"] is None
+    ds.ViewPosition = "CC"
+    ds.PatientOrientation = "MLO"
+    assert header_facts(ds)["view_tag"] == "CC"  # ViewPosition first
 
 
 def test_unknown_reason_code_is_a_programming_error():

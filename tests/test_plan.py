@@ -140,3 +140,35 @@ def test_every_synthetic_trap_is_rejected_with_its_reason(synth_archive, archive
     planned = {r.image_id for p in archive_plan.pairs for r in (p.left, p.right)}
     assert planned.isdisjoint(by_image)
     assert len(planned) + len(archive_plan.rejected_images) == len(archive_plan.records)
+
+
+def test_a_study_with_one_side_only_is_unpaired_and_nothing_paired_names_the_fix():
+    from pipelines.plan import no_pairs_hint
+
+    pairs, rejects = pair_images([record("s", "L", "CC"), record("s", "L", "MLO")])
+    assert pairs == [] and set(reasons(rejects).values()) == {"unpaired"}
+    assert "--pair-by patient" in no_pairs_hint(rejects)
+
+
+def test_no_pixel_spacing_is_cleared_only_by_an_assumed_spacing_which_joins_the_config_hash():
+    from pipelines.plan import no_pairs_hint
+
+    images = [replace(r, header_error="no_pixel_spacing", header_detail="no spacing") for r in four_views("s")]
+    pairs, rejects = pair_images(images)
+    assert pairs == [] and set(reasons(rejects).values()) == {"no_pixel_spacing"}
+    assert "--assume-spacing-mm" in no_pairs_hint(rejects)
+    assumed = replace(OPTIONS, assume_spacing_mm=0.05)
+    plan = make_plan(images, assumed)
+    assert len(plan.pairs) == 2 and plan.rejects == []
+    assert plan.config_hash != make_plan(images, OPTIONS).config_hash
+    # other header errors are not cleared by it
+    images[0] = replace(images[0], header_error="for_processing")
+    assert reasons(make_plan(images, assumed).rejects)["sLCC"] == "for_processing"
+    # builds without the new options keep their config keys (and so their hash)
+    assert set(OPTIONS.to_dict()) == {"dataset", "prep", "codec", "shard_max_samples", "shard_max_bytes",
+                                      "group_pairs"}
+    assert BuildOptions.from_dict(json.loads(json.dumps(assumed.to_dict()))) == assumed
+    with pytest.raises(ValueError):
+        replace(OPTIONS, assume_spacing_mm=30.0)
+    with pytest.raises(ValueError):
+        replace(OPTIONS, pair_by="episode")

@@ -20,8 +20,15 @@ _DEFAULTS = PrepConfig()
 def build_shards(
     root: Path = typer.Option(..., "--root", help="Archive root (VinDr layout: the CSVs + images/; the PhysioNet "
                               "zip's top folder is found too)."),
-    dataset: str = typer.Option("vindr", "--dataset", help=f"Dataset adapter: {' | '.join(sorted(ADAPTERS))} "
-                                "(docs/USAGE.md: one section per archive)."),
+    dataset: str = typer.Option("vindr", "--dataset", help="Dataset adapter: " + " | ".join(sorted(ADAPTERS))
+                                + " (docs/USAGE.md: what each reads)."),
+    assume_spacing_mm: Optional[float] = typer.Option(
+        None, "--assume-spacing-mm", help="Pixel spacing (mm) for images whose header states none (CBIS-DDSM "
+        "never does). Never guessed: without this flag they are rejected as no_pixel_spacing. Recorded in "
+        "build.json and images.parquet (spacing_source = assumed); part of the config hash. Default: none."),
+    pair_by: Optional[str] = typer.Option(None, "--pair-by", help="dicom-dir: pair L/R within a study "
+                                          "(StudyInstanceUID) or a patient (PatientID, for archives that store each "
+                                          "view as its own study). Default: study."),
     out: Optional[Path] = typer.Option(None, "--out", help="Shard folder. Default: shards/<build>/."),
     manifests: Optional[Path] = typer.Option(None, "--manifests",
                                              help="Manifest folder. Default: data_manifests/<build>/."),
@@ -83,7 +90,8 @@ def build_shards(
                           finding_patches_per_lesion=finding_patches, min_tissue_fraction=min_tissue_fraction,
                           reg_mm_per_px=reg_mm_per_px, min_dice=min_dice, seed=seed)
         options = BuildOptions(dataset=dataset, prep=prep, codec=codec, shard_max_samples=shard_max_samples,
-                               shard_max_bytes=shard_max_bytes, group_pairs=group_pairs)
+                               shard_max_bytes=shard_max_bytes, group_pairs=group_pairs,
+                               assume_spacing_mm=assume_spacing_mm, pair_by=pair_by)
     except ValueError as exc:
         console.print(f"[red]error:[/] bad_config: {exc}")
         raise typer.Exit(2) from exc

@@ -14,7 +14,7 @@ SPLITS = ("training", "test")
 
 
 class DatasetError(Exception):
-    """An archive the adapter cannot use. `reason`: unknown_dataset, not_found, bad_layout, bad_csv."""
+    """An archive the adapter cannot use. `reason`: unknown_dataset, not_found, bad_layout, bad_csv, bad_option."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
@@ -35,8 +35,9 @@ class ImageRecord:
     laterality: str  # L | R, from the dataset's labels (tags for dicom-dir)
     view: str  # CC | MLO
     split: str
-    findings: list[dict] = field(default_factory=list)  # category, birads, xmin, ymin, xmax, ymax (clipped; all None
-    # for a breast-level label: `prep.datasets.labels`)
+    # category, birads, xmin, ymin, xmax, ymax (clipped; all None for a finding given without a location),
+    # optional pathology (malignant | benign | benign_without_callback); vocabulary: `prep.datasets.labels`
+    findings: list[dict] = field(default_factory=list)
     breast_birads: str | None = None
     breast_density: str | None = None
     height: int | None = None

@@ -5,6 +5,10 @@ ViewPosition/ViewCodeSequence). Study/series/image ids are keyed hashes of the U
 is linkable by anyone holding the UID): HMAC-SHA256 with the salt in `CONTRALATERAL_ID_SALT` (set a secret
 one for real archives). The split comes from a hash of the study. No findings or BI-RADS.
 
+`pair_by="patient"` (`--pair-by patient`) makes the pairing unit (`study_id`) the keyed hash of PatientID, for
+archives that store each view as its own study: all of a patient's images then pair (and split) together,
+so a patient imaged in several rounds has duplicate views (rejected as `duplicate_view`).
+
 Folder and file names of real archives often carry patient names ("DOE^JANE/..."), so `rel_path` holds a
 keyed hash of the relative path (`pseudonym(rel_path, salt)`); `prep.decode` error texts never quote the path.
 `path` (absolute) stays in memory for the build to re-open the file and is written nowhere
@@ -25,6 +29,7 @@ from prep.decode import UnsupportedImage, header_facts, read_header
 SALT_ENV = "CONTRALATERAL_ID_SALT"
 KEEP_PATHS_ENV = "CONTRALATERAL_KEEP_PATHS"
 DICOM_SUFFIXES = {".dcm", ".dicom", ""}
+PAIR_BY_TAG = {"study": "StudyInstanceUID", "patient": "PatientID"}  # the tag whose keyed hash is the study_id
 
 
 def pseudonym(uid: str, salt: str) -> str:
@@ -42,10 +47,14 @@ class DicomDirAdapter:
 
     name = "dicom-dir"
 
-    def __init__(self, root: Path | str, *, salt: str | None = None, keep_paths: bool | None = None):
+    def __init__(self, root: Path | str, *, salt: str | None = None, keep_paths: bool | None = None,
+                 pair_by: str = "study"):
         self.root = Path(root).expanduser().resolve()
         if not self.root.is_dir():
             raise DatasetError("not_found", f"{self.root} is not a directory")
+        if pair_by not in PAIR_BY_TAG:
+            raise DatasetError("bad_option", f"pair_by {pair_by!r}: choose one of {sorted(PAIR_BY_TAG)}")
+        self.pair_by = pair_by
         self.salt = salt if salt is not None else os.environ.get(SALT_ENV, "contralateral")
         self.keep_paths = keep_paths if keep_paths is not None else keep_paths_from_env()
 
@@ -79,7 +88,8 @@ class DicomDirAdapter:
             except UnsupportedImage as exc:
                 header_error = exc.reason
                 header_detail = str(exc.detail)[:500]
-            study_id = pseudonym(ds.get("StudyInstanceUID", rel_path), self.salt)
+            # no pairing tag: the file's own path, so it cannot pair by accident (an `unpaired` reject)
+            study_id = pseudonym(str(ds.get(PAIR_BY_TAG[self.pair_by]) or rel_path), self.salt)
             records.append(ImageRecord(
                 dataset=self.name, study_id=study_id,
                 series_id=pseudonym(ds.get("SeriesInstanceUID", rel_path), self.salt),
