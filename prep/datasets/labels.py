@@ -3,8 +3,8 @@
 The manifest speaks VinDr-Mammo's vocabulary (the first archive):
 - `breast_birads`: "BI-RADS <n>", n in 0-6, with the 4A/4B/4C subcategories kept where an archive gives them;
 - `breast_density`: "DENSITY <A-D>" (the older ACR 1-4 scale maps 1 -> A ... 4 -> D);
-- `findings`: one dict per category of an image (category, birads, xmin, ymin, xmax, ymax), unioned per image as
-  VinDr's rows are. Lesion types use VinDr's names where the meaning is the same ("Mass", "Architectural
+- `findings`: one dict per category of an image (category, birads, xmin, ymin, xmax, ymax, pathology), unioned as
+  VinDr's rows are per image. Lesion types use VinDr's names where the meaning is the same ("Mass", "Architectural
   Distortion", "Focal Asymmetry", "Suspicious Calcification"), the archive's own otherwise ("Calcification").
 - Archives that label a breast rather than a region (CMMD, RSNA, OPTIMAM's outcomes) give findings without a box
   (the four coordinates None, `prep.pairs.located_findings` leaves them out): they label the image in images.parquet and
