@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prep.errors import ContralateralError
 from prep.io import write_json_atomic
 from prep.progress import LineThrottle
 from train import distributed
@@ -54,11 +55,8 @@ from train.methods import get_method
 from train.models import ENCODER_FILE, save_encoder
 
 
-class ConfigError(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+class ConfigError(ContralateralError):
+    """A training config the loop refuses. `reason`: unknown_method."""
 
 
 TRAIN_ERRORS = (ConfigError, DataError, CheckpointError)
