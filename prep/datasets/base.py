@@ -9,17 +9,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prep.decode import UnsupportedImage, check_supported, header_facts, read_header
+from prep.errors import ContralateralError
 
 SPLITS = ("training", "test")
 
 
-class DatasetError(Exception):
+class DatasetError(ContralateralError):
     """An archive the adapter cannot use. `reason`: unknown_dataset, not_found, bad_layout, bad_csv, bad_option."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass
