@@ -91,3 +91,14 @@ def test_pretrain_and_evaluate_run_on_the_real_film_shards(built, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     n_samples = len(pd.read_parquet(built / "manifests" / "samples.parquet"))
     assert metrics["data"]["n_samples"] == n_samples > 0
+
+
+def test_prep_inspect_draws_a_real_pair_only_with_an_assumed_spacing(films, tmp_path):
+    args = ["inspect", "--dataset", "cbis-ddsm", "--root", str(films), "--study", "P_00820", "--view", "MLO",
+            "--out", str(tmp_path / "qa.png")]
+    refused = CliRunner().invoke(prep_app, args)
+    assert refused.exit_code == 1 and "no_pixel_spacing" in refused.output
+    assert not (tmp_path / "qa.png").exists()
+    drawn = CliRunner().invoke(prep_app, [*args, "--assume-spacing-mm", "0.05"])
+    assert drawn.exit_code == 0, drawn.output
+    assert "samples, ok" in " ".join(drawn.output.split()) and (tmp_path / "qa.png").stat().st_size > 50_000
