@@ -1,24 +1,33 @@
 """The build's Dask session: started in a background thread while the client plans, closed in order.
 
 An embedded LocalCluster (processes, one thread each) unless an existing scheduler is named. Starting it
-takes ~1 s (the workers are fresh interpreters); planning reads every header, so the two overlap: the
-client plans while `DaskSession` starts, and hands header reads to the workers once they are up
+takes about a second (the workers are fresh interpreters); planning reads every header, so the two overlap:
+the client plans while `DaskSession` starts, and hands header reads to the workers once they are up
 (`pipelines.plan.read_headers`).
 
-Shutdown order: the client first (its futures are released; every task has finished by then), then the
-cluster, whose nannies give each idle worker 4 s to exit. Workers exit in well under a second as long
-as nothing heavy is imported in them: torch (imported by `webdataset`) made an idle worker's exit take
-~2 s, and over 4 s on a loaded machine, so the nanny killed it with "Worker process still alive after
-4.0 seconds, killing". The shard writer therefore does not import webdataset (`pipelines.shards`).
+Shutdown order (`stop_dask`), for an embedded cluster:
+1. each worker stops its heartbeat and waits for the one in flight (`stop_heartbeat`). A closing worker
+   aborts its pooled comms, and a heartbeat caught in flight then logs "Failed to communicate with
+   scheduler during heartbeat ... Stream is closed" with a traceback (dask/distributed#7105). Heartbeats
+   leave every 0.5 s and wait for the scheduler (in this process); on a loaded machine the wait is long
+   enough that a close lands inside it in a few per cent of builds;
+2. the client (its futures are released; every task has finished by then);
+3. the cluster: the nannies close their idle workers. Workers exit quickly as long as nothing heavy is
+   imported in them (the shard writer does not import webdataset, which imports torch: `pipelines.shards`),
+   within the nanny's 4 s grace.
+Workers of an external scheduler are not ours: only the client is closed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
+import time
 
 CONNECT_TIMEOUT = "30s"
 CLOSE_TIMEOUT_S = 30  # for the client's and the cluster's close; each nanny still gives its worker 4 s
+HEARTBEAT_DRAIN_S = 10.0  # longest wait for a worker's heartbeat in flight (its answer is usually ms away)
 
 
 def spawn_environ_snapshot() -> dict[str, str | None]:
@@ -66,13 +75,28 @@ def start_dask(workers: int | None, scheduler: str | None, scheduler_file: str |
         raise
 
 
+async def stop_heartbeat(dask_worker) -> None:
+    """Runs on each worker (`Client.run`) before it is closed: no new heartbeat, and the one in flight, if
+    any, answered (the heartbeat is the worker's only pooled request to the scheduler)."""
+    dask_worker.periodic_callbacks["heartbeat"].stop()
+    in_flight = dask_worker.rpc.occupied
+    deadline = time.monotonic() + HEARTBEAT_DRAIN_S
+    while in_flight.get(dask_worker.scheduler.address) and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+
+
 def stop_dask(client, cluster) -> None:
-    """Client before cluster: the cluster's workers are idle and unreferenced when they are told to exit."""
+    """Heartbeats, then client, then cluster (module docstring); an external cluster keeps its workers."""
     try:
-        client.close(timeout=CLOSE_TIMEOUT_S)
-    finally:
         if cluster is not None:
-            cluster.close(timeout=CLOSE_TIMEOUT_S)
+            # on_error="ignore": a worker that died already needs no quieting, and shutdown must go on
+            client.run(stop_heartbeat, on_error="ignore")
+    finally:
+        try:
+            client.close(timeout=CLOSE_TIMEOUT_S)
+        finally:
+            if cluster is not None:
+                cluster.close(timeout=CLOSE_TIMEOUT_S)
 
 
 class DaskSession:

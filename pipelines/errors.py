@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
+from prep.errors import ContralateralError
 
-class BuildError(Exception):
+
+class BuildError(ContralateralError):
     """A build that cannot start or finish. `reason`: config_changed, bad_input, no_pairs, group_failed,
     cannot_write."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail

@@ -8,11 +8,12 @@ Plan-stage reject reasons (rejects.parquet `stage == "plan"`):
   image level: the `prep.decode.UnsupportedImage` reason of the header check (unreadable, for_processing,
     multi_frame, colour, bad_geometry, no_pixel_spacing unless `--assume-spacing-mm`, ...), `missing_file`,
     `unknown_laterality`, `unknown_view`
-  pair level: `duplicate_view` (a side has more than one usable image for the view; a refused one beside a
-    usable one keeps its own image-level reason), `unpaired` (the study -- the pairing unit: a patient for
-    CBIS-DDSM or `--pair-by patient` -- has images of one side only), `missing_partner` (the other side has
-    images, but none of this view), `laterality_disagreement` / `view_disagreement` (labels vs header tags; the
-    whole pair is rejected), `partner_rejected` (the other image of the pair was rejected).
+  pair level: `duplicate_view` (a side has more than one usable image for the view; a refused one
+    beside a usable one keeps its own image-level reason), `unpaired` (the study -- the
+    pairing unit: a patient for CBIS-DDSM or `--pair-by patient` -- has images of one side only),
+    `missing_partner` (the other side has images, but none of this view), `laterality_disagreement` /
+    `view_disagreement` (labels vs header tags; the whole pair is rejected), `partner_rejected` (the other
+    image of the pair was rejected).
 """
 
 from __future__ import annotations
@@ -199,11 +200,11 @@ def pair_images(records: list[ImageRecord], assume_spacing_mm: float | None = No
         # an image the header check refused beside a usable one of the same side and view (OPTIMAM's FOR
         # PROCESSING twin of a FOR PRESENTATION image) is rejected for its own reason, not as a duplicate
         for lat in LATERALITIES:
-            refused = [m for m in sides[lat] if reason_of(m)]
+            refused = [(m, reason_of(m)) for m in sides[lat] if reason_of(m)]
             if refused and len(refused) < len(sides[lat]):
-                rejects += [reject_row(m, *reason_of(m), level="image") for m in refused]
+                rejects += [reject_row(m, *problem, level="image") for m, problem in refused]
                 sides[lat] = [m for m in sides[lat] if not reason_of(m)]
-                members = [m for m in members if not any(m is r for r in refused)]
+                members = [m for m in members if not any(m is r for r, _ in refused)]
         if any(len(sides[lat]) > 1 for lat in LATERALITIES):
             lats = "".join(m.laterality for m in members)
             rejects += [reject_row(m, "duplicate_view", f"{view} images per side: {lats}", "pair") for m in members]

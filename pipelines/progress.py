@@ -1,14 +1,13 @@
-"""What a build prints: progress (a live rich bar on a terminal, plain throttled lines everywhere else),
-the cluster line, the dry-run plan and the final summary tables (on the console given, stderr by default).
+"""What a build prints: progress (a live rich bar on a terminal, plain lines everywhere else), the cluster
+line, the dry-run plan and the final summary (on the console given, stderr by default).
 
-A rich live display shows nothing useful in a CI log, under nohup or in a SLURM output file (it is only
-drawn once, at the end), so a console that is not interactive gets one line such as
+Off a terminal (a CI log, nohup, a SLURM output file) every line is written whole (`prep.progress`): one
+progress line such as
 
     build: 120/4000 pairs (3%), 912 samples, 3 rejects, 14.2 pairs/s, eta 4m33s
 
-when another tenth of the pairs is done or `interval_s` (30 s) has passed since the last line, whichever
-comes first, and always for the last group: at most ~10 lines plus 2 a minute, a few hundred lines for a
-day-long build. Progress moves one shard group (one Dask task) at a time.
+per tenth of the pairs or 30 s, and the plan and summary as `item: value` lines instead of tables a log
+would cut at 80 columns. Progress moves one shard group (one Dask task) at a time.
 """
 
 from __future__ import annotations
@@ -19,19 +18,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-LINE_INTERVAL_S = 30.0
-LINE_STEP_FRACTION = 0.1
+from prep.progress import LINE_INTERVAL_S, LINE_STEP_FRACTION, LineThrottle, format_duration
+
 MIN_SHARDS_PER_SPLIT = 8  # a typical GPUs x loader workers; fewer leaves workers idle
-
-
-def format_duration(seconds: float) -> str:
-    """`4m33s`, `2h05m`, `12s`: short enough for a log line."""
-    seconds = max(0, int(round(seconds)))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
 
 
 def progress_line(done: int, total: int, samples: int, rejects: int, elapsed_s: float) -> str:
@@ -43,14 +32,12 @@ def progress_line(done: int, total: int, samples: int, rejects: int, elapsed_s: 
 
 
 class LineProgress:
-    """Plain progress lines, throttled (module docstring)."""
+    """Plain progress lines, throttled (`prep.progress.LineThrottle`)."""
 
     def __init__(self, console: Console, total: int, interval_s: float = LINE_INTERVAL_S,
                  step_fraction: float = LINE_STEP_FRACTION):
         self.console, self.total = console, total
-        self.interval_s, self.step = interval_s, max(1, int(total * step_fraction))
-        self.started = self.last_time = time.monotonic()
-        self.last_done = 0
+        self.throttle = LineThrottle(total, interval_s=interval_s, step_fraction=step_fraction)
 
     def __enter__(self) -> "LineProgress":
         return self
@@ -59,12 +46,8 @@ class LineProgress:
         return None
 
     def update(self, done: int, samples: int, rejects: int) -> None:
-        now = time.monotonic()
-        if done < self.total and done - self.last_done < self.step and now - self.last_time < self.interval_s:
-            return
-        self.last_time, self.last_done = now, done
-        self.console.print(progress_line(done, self.total, samples, rejects, now - self.started),
-                           markup=False, highlight=False, soft_wrap=True)
+        if self.throttle.due(done):
+            print_line(self.console, progress_line(done, self.total, samples, rejects, self.throttle.elapsed()))
 
 
 class BarProgress:
@@ -96,47 +79,57 @@ def make_progress(console: Console, total: int) -> LineProgress | BarProgress:
     return BarProgress(console, total) if console.is_interactive else LineProgress(console, total)
 
 
+def print_line(console: Console, text: str, markup: bool = False) -> None:
+    """One whole line, never wrapped or cut (a log keeps it greppable)."""
+    console.print(text, markup=markup, highlight=False, soft_wrap=True)
+
+
+def print_items(console: Console, title: str, rows: list[tuple[str, str]]) -> None:
+    """A two-column table on a terminal; `title` then `  item: value` lines anywhere else."""
+    if console.is_interactive:
+        table = Table(title=title)
+        table.add_column("item")
+        table.add_column("value", justify="right")
+        for item, value in rows:
+            table.add_row(item, value)
+        console.print(table)
+        return
+    print_line(console, title)
+    for item, value in rows:
+        print_line(console, f"  {item}: {value}")
+
+
 def print_cluster(console: Console, n_workers: int, dashboard: str) -> None:
-    console.print(f"Dask: {n_workers} workers, dashboard: {dashboard}", markup=False)
+    print_line(console, f"Dask: {n_workers} workers, dashboard: {dashboard}")
 
 
 def print_plan(summary: dict, console: Console) -> None:
     est = summary["estimate"]
-    table = Table(title=f"Plan for {summary['build']} (dry run: nothing written)")
-    table.add_column("item")
-    table.add_column("value", justify="right")
-    table.add_row("images", str(summary["images"]))
-    for split, n in summary["pairs"].items():
-        table.add_row(f"pairs {split}", f"{n} in {summary['groups'][split]} groups")
-    for reason, n in summary["rejects"].items():
-        table.add_row(f"rejected images: {reason}", str(n))
-    table.add_row("est. samples", f"{est['est_samples']} ({est['samples_per_pair']:.1f}/pair)")
-    table.add_row("est. disk", f"{est['est_bytes'] / 1e6:.1f} MB")
+    rows = [("images", str(summary["images"]))]
+    rows += [(f"pairs {split}", f"{n} in {summary['groups'][split]} groups") for split, n in summary["pairs"].items()]
+    rows += [(f"rejected images: {reason}", str(n)) for reason, n in summary["rejects"].items()]
     workers = max(1, summary["workers"] or 1)
-    table.add_row("est. time", f"{est['est_cpu_seconds'] / workers:.0f} s on {workers} workers "
-                               f"({est['seconds_per_pair']:.2f} s/pair, {est['timed_pairs']} pairs timed)")
-    table.add_row("shards", summary["shards_dir"])
-    table.add_row("manifests", summary["manifests_dir"])
-    console.print(table)
+    rows += [("est. samples", f"{est['est_samples']} ({est['samples_per_pair']:.1f}/pair)"),
+             ("est. disk", f"{est['est_bytes'] / 1e6:.1f} MB"),
+             ("est. time", f"{est['est_cpu_seconds'] / workers:.0f} s on {workers} workers "
+                           f"({est['seconds_per_pair']:.2f} s/pair, {est['timed_pairs']} pairs timed)"),
+             ("shards", summary["shards_dir"]), ("manifests", summary["manifests_dir"])]
+    print_items(console, f"Plan for {summary['build']} (dry run: nothing written)", rows)
 
 
 def print_summary(summary: dict, console: Console) -> None:
-    table = Table(title=f"Build {summary['build']}")
-    table.add_column("item")
-    table.add_column("value", justify="right")
-    for split, n in summary["pairs_planned"].items():
-        table.add_row(f"pairs {split}", f"{summary['pairs_ok'].get(split, 0)} ok / {n} planned")
-    for split, labels in summary["samples"].items():
-        table.add_row(f"samples {split}", ", ".join(f"{k} {v}" for k, v in labels.items()))
-    for reason, n in summary["rejects"].items():
-        table.add_row(f"rejects: {reason}", str(n))
-    table.add_row("shards", f"{summary['n_shards']} ({summary['bytes'] / 1e6:.1f} MB)")
-    table.add_row("groups run / skipped", f"{summary['groups_run']} / {summary['groups_skipped']}")
-    table.add_row("seconds", f"{summary['seconds']:.1f}")
-    table.add_row("shards dir", summary["shards_dir"])
-    table.add_row("manifests dir", summary["manifests_dir"])
-    console.print(table)
+    rows = [(f"pairs {split}", f"{summary['pairs_ok'].get(split, 0)} ok / {n} planned")
+            for split, n in summary["pairs_planned"].items()]
+    rows += [(f"samples {split}", ", ".join(f"{k} {v}" for k, v in labels.items()))
+             for split, labels in summary["samples"].items()]
+    rows += [(f"rejects: {reason}", str(n)) for reason, n in summary["rejects"].items()]
+    rows += [("shards", f"{summary['n_shards']} ({summary['bytes'] / 1e6:.1f} MB)"),
+             ("groups run / skipped", f"{summary['groups_run']} / {summary['groups_skipped']}"),
+             ("seconds", f"{summary['seconds']:.1f}"),
+             ("shards dir", summary["shards_dir"]), ("manifests dir", summary["manifests_dir"])]
+    print_items(console, f"Build {summary['build']}", rows)
     for split, n in summary["shards"].items():
         if n < MIN_SHARDS_PER_SPLIT:
-            console.print(f"[yellow]warning:[/] split {split} has {n} shard(s) (< {MIN_SHARDS_PER_SPLIT}, a typical "
-                          "GPUs x loader workers): lower --shard-max-samples for training on many workers")
+            print_line(console, f"[yellow]warning:[/] split {split} has {n} shard(s) (< {MIN_SHARDS_PER_SPLIT}, a "
+                                "typical GPUs x loader workers): lower --shard-max-samples for training on many "
+                                "workers", markup=True)

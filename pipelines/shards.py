@@ -26,6 +26,7 @@ import numpy as np
 
 from pipelines.manifests import atomic_open, sha256_file
 from prep.codec import encode_patch
+from prep.errors import ContralateralError
 
 SHARD_STRIDE = 1000
 TAR_BLOCK = 512
@@ -33,10 +34,8 @@ TAR_USER = "contralateral"
 TAR_MODE = 0o444
 
 
-class ShardLimitError(Exception):
+class ShardLimitError(ContralateralError):
     """A shard group needs more than SHARD_STRIDE shards (reason `group_too_large`)."""
-
-    reason = "group_too_large"
 
 
 def shard_name(build: str, split: str, index: int) -> str:
@@ -46,8 +45,8 @@ def shard_name(build: str, split: str, index: int) -> str:
 def shard_relpath(build: str, split: str, group: int, part: int) -> str:
     """`<split>/<build>-<split>-NNNNNN.tar` for the `part`-th tar of shard group `group`."""
     if part >= SHARD_STRIDE:
-        raise ShardLimitError(f"group {group} of {split} needs more than {SHARD_STRIDE} shards: "
-                              "lower --group-pairs or raise --shard-max-samples/--shard-max-bytes")
+        raise ShardLimitError("group_too_large", f"group {group} of {split} needs more than {SHARD_STRIDE} "
+                              "shards: lower --group-pairs or raise --shard-max-samples/--shard-max-bytes")
     return f"{split}/{shard_name(build, split, group * SHARD_STRIDE + part)}"
 
 

@@ -26,6 +26,8 @@ from pydicom import uid
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from prep.errors import ContralateralError
+
 REASONS = (
     "unreadable",
     "no_pixel_data",
@@ -88,15 +90,13 @@ _VIEW_MEANINGS = {"cranio-caudal": "CC", "medio-lateral oblique": "MLO"}
 _ORIENTATION_VIEWS = {"CC", "MLO"}
 
 
-class UnsupportedImage(Exception):
+class UnsupportedImage(ContralateralError):
     """An image the pipeline refuses, with a machine-readable `reason` (one of `REASONS`)."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
         if reason not in REASONS:
             raise ValueError(f"unknown UnsupportedImage reason {reason!r}; choose one of {REASONS}")
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+        super().__init__(reason, detail)
 
 
 @dataclass(frozen=True)

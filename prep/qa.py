@@ -19,6 +19,7 @@ from matplotlib.patches import Patch, Polygon, Rectangle
 
 from prep.config import PrepConfig
 from prep.decode import decode_dicom, read_dicom
+from prep.errors import ContralateralError
 from prep.pairs import (CanonicalImage, ImageInput, PairResult, canonicalise, image_input, located_findings,
                         process_pair)
 from prep.patches import patch_footprint, top_left
@@ -28,13 +29,8 @@ FINDING_COLOUR = "#76ff03"
 CHECKER_MM = 10.0
 
 
-class QAError(Exception):
+class QAError(ContralateralError):
     """Why the QA picture could not be made. `reason`: study_not_found, pair_incomplete, decode_failed."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 def load_pair(root: str, study_id: str, view: str, dataset: str = "vindr",

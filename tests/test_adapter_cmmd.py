@@ -63,14 +63,15 @@ def test_sides_and_views_come_from_the_tags_not_the_file_numbering(records):
 
 
 def test_clinical_rows_label_their_breast_and_the_other_breast_stays_normal(records):
-    def categories(patient, side):
-        return {frozenset(f["category"] for f in r.findings) for r in records
+    def labels(patient, side):
+        return {tuple((f["category"], f["pathology"]) for f in r.findings) for r in records
                 if r.study_id == patient and r.laterality == side}
 
-    assert categories("D1-0001", "L") == {frozenset({"Mass", "Malignant"})}
-    assert categories("D1-0001", "R") == {frozenset()}  # no clinical row: a normal contralateral breast
-    assert categories("D2-0003", "R") == {frozenset({"Mass", "Calcification", "Malignant"})}
-    assert categories("D2-0003", "L") == {frozenset()}
+    assert labels("D1-0001", "L") == {(("Mass", "malignant"),)}  # both views of the breast
+    assert labels("D1-0001", "R") == {()}  # no clinical row: a normal contralateral breast
+    assert labels("D2-0003", "R") == {(("Mass", "malignant"), ("Suspicious Calcification", "malignant"))}
+    assert labels("D2-0003", "L") == {()}
+    assert labels("D1-0002", "L") == {(("Suspicious Calcification", "benign"),)}
     assert not any(located_findings(r.findings) for r in records)  # CMMD has no regions
     assert all(f[k] is None for r in records for f in r.findings for k in ("xmin", "ymin", "xmax", "ymax"))
 
@@ -99,12 +100,13 @@ def test_build_pairs_both_four_image_patients_and_rejects_the_one_sided_one(arch
     assert pairs == {(s, v) for s in ("D1-0001", "D2-0003") for v in ("CC", "MLO")}
     assert all(p["reg_ok"] for p in tables["pairs"])
     one_sided = [r for r in tables["rejects"] if r["study_id"] == "D1-0002"]
-    assert sorted(r["reason"] for r in one_sided) == ["missing_partner", "missing_partner"]
+    assert sorted(r["reason"] for r in one_sided) == ["unpaired", "unpaired"]
     # breast-level labels reach images.parquet, never a patch label (no box to overlap)
     images = {r["image_id"]: r for r in tables["images"]}
     lcc = next(r for r in images.values() if r["study_id"] == "D1-0001" and r["laterality"] == "L"
                and r["view"] == "CC")
-    assert {f["category"] for f in lcc["findings"]} == {"Mass", "Malignant"} and lcc["status"] == "ok"
+    assert [(f["category"], f["pathology"], f["xmin"]) for f in lcc["findings"]] == [("Mass", "malignant", None)]
+    assert lcc["status"] == "ok"
     assert tables["samples"] and not any(s["ipsi_abnormal"] or s["contra_abnormal"] for s in tables["samples"])
 
 

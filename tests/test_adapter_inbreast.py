@@ -117,7 +117,7 @@ def test_build_pairs_two_cases_labels_lesion_patches_and_rejects_the_mastectomy(
         (s, v) for s in ("0a1b2c3d4e5f6789", "fedcba9876543210") for v in ("CC", "MLO")}
     assert all(p["reg_ok"] for p in tables["pairs"])
     assert sorted(r["reason"] for r in tables["rejects"] if r["study_id"] == "00ff00ff00ff00ff") == [
-        "missing_partner", "missing_partner"]
+        "unpaired", "unpaired"]
     lesion = [s for s in tables["samples"] if s["study_id"] == "0a1b2c3d4e5f6789" and s["sampling"] == "finding"]
     assert lesion and any(s["ipsi_abnormal"] and s["ipsi_lat"] == "L" and "Mass" in s["finding_categories"]
                           for s in lesion)

@@ -44,7 +44,7 @@ def archive(tmp_path_factory):
     studies[study_a] = {"StudyDate": "20120301", "EpisodeID": "1"}
     for n, (image, ds) in enumerate(linked):
         marks = {}
-        if image.findings:
+        if image.findings and image.view == "CC":  # the MLO of the same breast stays unmarked
             f = image.findings[0]  # x1 > x2 and y1 > y2, as OMI-DB has them
             marks[str(n)] = {"MarkID": n, "X1": int(f["xmax"]), "Y1": int(f["ymax"]), "X2": int(f["xmin"]),
                              "Y2": int(f["ymin"]), "Mass": True, "Conspicuity": "Obvious",
@@ -97,9 +97,11 @@ def test_linked_images_carry_tags_marks_and_the_episode_outcome(records, archive
         record = by_sop(records, sop_uid)
         (mass,) = located_findings(record.findings)
         assert mass["category"] == "Mass" and (mass["xmin"], mass["ymin"], mass["xmax"], mass["ymax"]) == box
-    outcome = {r.laterality: [f["category"] for f in r.findings if f not in located_findings(r.findings)]
-               for r in presentation}
-    assert outcome == {"L": ["Malignant"], "R": []}  # surgery: left malignant, right normal
+    # surgery: left malignant (the pathology of its marks; an unmarked view: of an Unspecified finding), right normal
+    labels = {(r.laterality, r.view): [(f["category"], f["pathology"], f["xmin"] is None) for f in r.findings]
+              for r in presentation}
+    assert labels == {("L", "CC"): [("Mass", "malignant", False)], ("L", "MLO"): [("Unspecified", "malignant", True)],
+                      ("R", "CC"): [], ("R", "MLO"): []}
 
 
 def test_for_processing_and_unlinked_studies_are_kept_as_rejects(records, archive):

@@ -58,10 +58,11 @@ def test_every_csv_row_is_an_image_with_its_labels(records, archive):
         assert (r.study_id, r.laterality, r.view) == (patient, lat, view) and r.header_error is None
     first = [r for r in records if r.study_id == "10006"]
     assert {r.breast_birads for r in first} == {"BI-RADS 0"} and {r.breast_density for r in first} == {"DENSITY C"}
-    assert {r.laterality: [f["category"] for f in r.findings] for r in first} == {"L": ["Malignant"], "R": []}
+    outcome = {r.laterality: [(f["category"], f["pathology"], f["xmin"]) for f in r.findings] for r in first}
+    assert outcome == {"L": [("Unspecified", "malignant", None)], "R": []}
     second = [r for r in records if r.study_id == "10011"]
     assert {(r.breast_birads, r.breast_density) for r in second} == {(None, None)}  # empty cells: unknown
-    assert {r.laterality: [f["category"] for f in r.findings] for r in second} == {"L": [], "R": ["Benign"]}
+    assert {r.laterality: [f["pathology"] for f in r.findings] for r in second} == {"L": [], "R": ["benign"]}
 
 
 def test_jpeg2000_sigmoid_monochrome1_decode_to_the_displayed_image(archive):

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from pipelines import plan as plan_module
-from pipelines import progress as progress_module
 from pipelines.build import reject_problem
 from pipelines.cluster import DaskSession
 from pipelines.plan import load_records
-from pipelines.progress import LineProgress, format_duration
+from pipelines.progress import LineProgress
+from prep import progress as prep_progress
+from prep.progress import format_duration
 from pipelines.shards import TAR_MODE, TAR_USER, encode_sample, write_tar
 from prep.datasets import get_adapter
 
@@ -67,7 +68,7 @@ def test_plain_progress_lines_every_tenth_or_interval(monkeypatch):
             self.lines.append(line)
 
     clock = iter(range(0, 10_000))
-    monkeypatch.setattr(progress_module.time, "monotonic", lambda: float(next(clock)))
+    monkeypatch.setattr(prep_progress.time, "monotonic", lambda: float(next(clock)))
     console = Printed()
     progress = LineProgress(console, total=100, interval_s=1e9)
     for done in range(1, 101):

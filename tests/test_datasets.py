@@ -141,6 +141,33 @@ def test_unknown_dataset_and_bad_root_are_clear_errors(tmp_path):
     assert layout.value.reason == "bad_layout"
 
 
+def test_label_vocabulary_maps_each_archive_spelling_and_refuses_the_rest():
+    from prep.datasets.labels import birads_label, density_label
+
+    assert [birads_label(v, "t") for v in ("4a", "4", "4.0", "BI-RADS 5", "6", " ", None)] == [
+        "BI-RADS 4A", "BI-RADS 4", "BI-RADS 4", "BI-RADS 5", "BI-RADS 6", None, None]
+    assert [density_label(v, "t") for v in ("A", "2", "4.0", "DENSITY C", "  ", float("nan"))] == [
+        "DENSITY A", "DENSITY B", "DENSITY D", "DENSITY C", None, None]
+    for bad in ("7", "5a", "probably benign"):
+        with pytest.raises(DatasetError) as error:
+            birads_label(bad, "INbreast.csv file 1")
+        assert error.value.reason == "bad_csv" and "INbreast.csv file 1" in str(error.value)
+    with pytest.raises(DatasetError):
+        density_label("E", "t")
+
+
+def test_build_help_lists_every_registered_adapter():
+    from typer.testing import CliRunner
+
+    from prep.cli import app
+    from prep.datasets import ADAPTERS
+
+    result = CliRunner().invoke(app, ["build-shards", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert {"vindr", "dicom-dir", "cbis-ddsm", "cmmd", "inbreast", "rsna-2022", "optimam"} <= set(ADAPTERS)
+    assert all(name in result.output for name in ADAPTERS)
+
+
 def test_dicom_dir_pairs_by_patient_when_each_view_is_its_own_study(tmp_path):
     """CBIS-DDSM-like folders: one study per image, view in ViewCodeSequence or only in PatientOrientation."""
     import numpy as np
@@ -179,29 +206,3 @@ def test_dicom_dir_pairs_by_patient_when_each_view_is_its_own_study(tmp_path):
     with pytest.raises(BuildError) as err:
         load_records("vindr", tmp_path, pair_by="patient")
     assert err.value.reason == "bad_input" and "dicom-dir" in str(err.value)
-
-def test_label_vocabulary_maps_each_archive_spelling_and_refuses_the_rest():
-    from prep.datasets.labels import birads_label, density_label
-
-    assert [birads_label(v, "t") for v in ("4a", "4", "4.0", "BI-RADS 5", "6", " ", None)] == [
-        "BI-RADS 4A", "BI-RADS 4", "BI-RADS 4", "BI-RADS 5", "BI-RADS 6", None, None]
-    assert [density_label(v, "t") for v in ("A", "2", "4.0", "DENSITY C", "  ", float("nan"))] == [
-        "DENSITY A", "DENSITY B", "DENSITY D", "DENSITY C", None, None]
-    for bad in ("7", "5a", "probably benign"):
-        with pytest.raises(DatasetError) as error:
-            birads_label(bad, "INbreast.csv file 1")
-        assert error.value.reason == "bad_csv" and "INbreast.csv file 1" in str(error.value)
-    with pytest.raises(DatasetError):
-        density_label("E", "t")
-
-
-def test_build_help_lists_every_registered_adapter():
-    from typer.testing import CliRunner
-
-    from prep.cli import app
-    from prep.datasets import ADAPTERS
-
-    result = CliRunner().invoke(app, ["build-shards", "--help"], env={"COLUMNS": "200"})
-    assert result.exit_code == 0
-    assert {"vindr", "dicom-dir", "cmmd", "inbreast", "rsna-2022", "optimam"} <= set(ADAPTERS)
-    assert all(name in result.output for name in ADAPTERS)

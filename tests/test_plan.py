@@ -71,6 +71,11 @@ def test_a_refused_twin_beside_a_usable_image_is_not_a_duplicate():
     assert [p[0].view for p in pairs] == ["MLO"]
     assert reasons(rejects) == {"raw": "for_processing", "sLCC": "duplicate_view", "again": "duplicate_view",
                                 "sRCC": "duplicate_view"}
+    # an image refused only for its missing spacing is usable once a spacing is assumed: then it is a duplicate
+    images = four_views("s") + [record("s", "L", "CC", "nospacing", header_error="no_pixel_spacing")]
+    assert reasons(pair_images(images)[1]) == {"nospacing": "no_pixel_spacing"}
+    assert reasons(pair_images(images, assume_spacing_mm=0.05)[1]) == {
+        "sLCC": "duplicate_view", "nospacing": "duplicate_view", "sRCC": "duplicate_view"}
 
 
 def test_unknown_laterality_is_rejected_not_dropped():

@@ -17,17 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prep.errors import ContralateralError
 from prep.io import atomic_open
 
 LAST = "last.pt"
 STEP_PATTERN = re.compile(r"^step-(\d{8})\.pt$")
 
 
-class CheckpointError(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+class CheckpointError(ContralateralError):
+    """A checkpoint that cannot be used. `reason`: no_checkpoint, unreadable_checkpoint, config_changed."""
 
 
 def config_hash(config: dict) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prep.errors import ContralateralError
 from prep.io import write_bytes_atomic
 
 PRIMARY = "siamese-soft"
@@ -38,11 +39,8 @@ METRICS = {
 BUDGET_FIELDS = ("steps", "batch_size", "backbone", "crop_px")
 
 
-class CompareError(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+class CompareError(ContralateralError):
+    """A comparison that cannot be made. `reason`: no_such_path, no_evaluations."""
 
 
 @dataclass

@@ -24,6 +24,7 @@ import torch
 import webdataset as wds
 
 from prep.codec import decode_json, decode_pair
+from prep.errors import ContralateralError
 from train.augment import pair_geometry
 
 # x / 65535 then (x - mean) / std: fixed constants, written into encoder.json
@@ -43,13 +44,8 @@ LABEL_FIELDS = (
 )
 
 
-class DataError(Exception):
+class DataError(ContralateralError):
     """A data problem the user must fix; `reason` is a stable code."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 def normalisation() -> dict:

@@ -25,6 +25,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import pandas as pd
 
+from prep.errors import ContralateralError
+
 # Fields carried from a sample's json / manifest row into evaluation outputs (an allow-list: no PHI).
 EVAL_COLUMNS = (
     "key", "split", "study_id", "view", "ipsi_lat", "sampling", "ipsi_image_id",
@@ -35,13 +37,8 @@ PROBE_CS = (0.001, 0.01, 0.1, 1.0)  # C >= 10 is ~unregularised on 512-d feature
 MULTICLASS_TASKS = {"birads": "breast_birads_ipsi", "density": "density"}
 
 
-class EvaluationError(Exception):
+class EvaluationError(ContralateralError):
     """An evaluation that cannot be done as asked; `reason` is a stable code."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prep.errors import ContralateralError
 from prep.io import write_json_atomic
+from prep.progress import LineThrottle
 from train import distributed
 from train.checkpoint import (
     CheckpointError,
@@ -53,11 +55,8 @@ from train.methods import get_method
 from train.models import ENCODER_FILE, save_encoder
 
 
-class ConfigError(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+class ConfigError(ContralateralError):
+    """A training config the loop refuses. `reason`: unknown_method."""
 
 
 TRAIN_ERRORS = (ConfigError, DataError, CheckpointError)
@@ -387,14 +386,21 @@ def _write_logs(tb, metrics, record: dict) -> None:
 
 
 class _progress:
-    """A Rich progress line on rank 0: loss terms, mixture, labels, collapse, speed, data wait."""
+    """Rank 0's progress: loss terms, mixture, labels, collapse, speed, data wait. A Rich bar on a terminal;
+    elsewhere (a log file, CI, SLURM) whole plain lines at a bounded rate (`prep.progress`), which a live
+    display would cut to 80 columns."""
 
     SHOWN = ("loss", "loss_pairs", "loss_neg", "gmm1_mu0", "gmm1_mu1", "s_below_half", "emb_std", "lr",
              "pairs_per_s", "data_wait", "gpu_mem_gb")  # fmt: skip
 
     def __init__(self, cfg, enabled: bool, start: int):
-        self.bar = None
+        self.bar = self.lines = None
         if enabled and cfg.progress:
+            from rich.console import Console
+
+            if not Console().is_interactive:
+                self.lines, self.method, self.total = LineThrottle(cfg.steps, start=start), cfg.method, cfg.steps
+                return
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -403,9 +409,11 @@ class _progress:
             self.task = self.bar.add_task(cfg.method, total=cfg.steps, completed=start, stats="")
 
     def update(self, step: int, record: dict) -> None:
+        stats = " ".join(f"{k}={record[k]:.3g}" for k in self.SHOWN if k in record)
         if self.bar is not None:
-            stats = " ".join(f"{k}={record[k]:.3g}" for k in self.SHOWN if k in record)
             self.bar.update(self.task, completed=step, stats=stats)
+        elif self.lines is not None and self.lines.due(step):
+            print(f"{self.method}: step {step}/{self.total} {stats}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

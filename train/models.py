@@ -15,15 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prep.errors import ContralateralError
+
 ENCODER_FILE = "encoder.safetensors"
 LAST_CHECKPOINT = "last.pt"
 
 
-class EncoderError(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+class EncoderError(ContralateralError):
+    """An encoder that cannot be made or loaded. `reason`: unknown_backbone, bad_encoder_path, no_encoder, no_encoder_json."""
 
 
 def create_backbone(name: str) -> nn.Module:

@@ -18,10 +18,11 @@ _DEFAULTS = PrepConfig()
 
 
 def build_shards(
-    root: Path = typer.Option(..., "--root", help="Archive root (VinDr layout: the CSVs + images/; the PhysioNet "
-                              "zip's top folder is found too)."),
-    dataset: str = typer.Option("vindr", "--dataset", help=f"Dataset adapter: {' | '.join(sorted(ADAPTERS))} "
-                                "(docs/USAGE.md: one section per archive)."),
+    root: Path = typer.Option(..., "--root", help="Archive root, as the archive is downloaded (docs/USAGE.md has "
+                              "one section per --dataset; VinDr: the CSVs + images/, or the PhysioNet zip's top "
+                              "folder)."),
+    dataset: str = typer.Option("vindr", "--dataset", help="Dataset adapter: " + " | ".join(sorted(ADAPTERS))
+                                + " (docs/USAGE.md: what each reads)."),
     assume_spacing_mm: Optional[float] = typer.Option(
         None, "--assume-spacing-mm", help="Pixel spacing (mm) for images whose header states none (CBIS-DDSM "
         "never does). Never guessed: without this flag they are rejected as no_pixel_spacing. Recorded in "

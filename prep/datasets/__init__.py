@@ -7,9 +7,9 @@ can leave through them.
 Registry: `vindr` (VinDr-Mammo CSVs + `images/<study>/<image>.dicom`), `dicom-dir` (any folder of DICOMs;
 laterality and view from the tags, pseudonymised ids, split from a hash of the study, pairs within a study or
 a patient), `cbis-ddsm` (the TCIA download: NBIA tree + metadata.csv + case-description CSVs; the one adapter
-that reads pixels, of its ROI masks, to box their findings), `cmmd` (TCIA tree + clinical table), `inbreast`
-(AllDICOMs + INbreast.csv + AllXML), `rsna-2022` (train_images + train.csv), `optimam` (OMI-DB through the
-`omidb` package). Label vocabulary shared by all: `prep.datasets.labels`.
+that reads pixels, of its ROI masks, to box their findings), `cmmd` (TCIA tree + clinical table),
+`inbreast` (AllDICOMs + INbreast.csv + AllXML), `rsna-2022` (train_images + train.csv), `optimam` (OMI-DB through
+the `omidb` package). Label vocabulary shared by all: `prep.datasets.labels`.
 """
 
 from __future__ import annotations

@@ -9,17 +9,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prep.decode import UnsupportedImage, check_supported, header_facts, read_header
+from prep.errors import ContralateralError
 
 SPLITS = ("training", "test")
 
 
-class DatasetError(Exception):
+class DatasetError(ContralateralError):
     """An archive the adapter cannot use. `reason`: unknown_dataset, not_found, bad_layout, bad_csv, bad_option."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass
@@ -35,8 +31,8 @@ class ImageRecord:
     laterality: str  # L | R, from the dataset's labels (tags for dicom-dir)
     view: str  # CC | MLO
     split: str
-    # category, birads, xmin, ymin, xmax, ymax (clipped; all None for a finding given without a location, a
-    # breast-level label: `prep.datasets.labels`), optional pathology (malignant | benign | benign_without_callback)
+    # category, birads, xmin, ymin, xmax, ymax (clipped; all None for a finding given without a location),
+    # optional pathology (malignant | benign | benign_without_callback); vocabulary: `prep.datasets.labels`
     findings: list[dict] = field(default_factory=list)
     breast_birads: str | None = None
     breast_density: str | None = None

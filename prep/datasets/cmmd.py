@@ -9,8 +9,9 @@ header is read here (`prep.decode.header_facts`).
 Clinical table `CMMD_clinicaldata_revision.xlsx` (or a CSV export of it, `,` or `;`), columns
 `ID1, LeftRight, Age, number, abnormality, classification, subtype`, one row per breast with a lesion. A breast
 without a row is a normal breast (the contralateral breast of most patients): it is kept, without findings.
-Labels: abnormality mass / calcification / both -> findings "Mass" / "Calcification" (both: the two), and
-classification Benign / Malignant -> a finding "Benign" / "Malignant"; none has a box (CMMD gives no regions).
+Labels: abnormality mass / calcification / both -> findings "Mass" / "Suspicious Calcification" (every CMMD
+lesion was biopsied; both: the two), each with the classification Benign / Malignant as its `pathology`; none has
+a box (CMMD gives no regions).
 
 Ids: the patient folder (`D1-0001`) is the study (one exam per patient), images `<patient>_<series>_<file>` from
 the folder names; all are the archive's own pseudonymous ids. No split: `split_from_hash(patient)`.
@@ -32,7 +33,8 @@ from prep.decode import UnsupportedImage, header_facts, read_header
 CLINICAL_COLUMNS = ("ID1", "LeftRight", "abnormality", "classification")
 CLINICAL_NAMES = ("CMMD_clinicaldata_revision.xlsx", "CMMD_clinicaldata_revision.csv")
 PATIENT_DIR = re.compile(r"^D\d-\d{4}$")
-ABNORMALITY = {"mass": ("Mass",), "calcification": ("Calcification",), "both": ("Mass", "Calcification")}
+ABNORMALITY = {"mass": ("Mass",), "calcification": ("Suspicious Calcification",),
+               "both": ("Mass", "Suspicious Calcification")}
 CLASSIFICATION = {"benign": BENIGN, "malignant": MALIGNANT}
 
 
@@ -64,7 +66,7 @@ def read_clinical_table(path: Path) -> pd.DataFrame:
 
 
 def clinical_findings(frame: pd.DataFrame, where: str) -> dict[tuple[str, str], list[dict]]:
-    """(patient, side) -> findings of that breast (lesion types, then the pathology), none with a box."""
+    """(patient, side) -> findings of that breast (its lesion types, with the pathology), none with a box."""
     out: dict[tuple[str, str], list[dict]] = {}
     for row in frame.itertuples(index=False):
         patient, side = str(row.ID1).strip(), str(row.LeftRight).strip().upper()
@@ -79,9 +81,8 @@ def clinical_findings(frame: pd.DataFrame, where: str) -> dict[tuple[str, str], 
                                f"classification {row.classification!r} not in {sorted(ABNORMALITY)} / "
                                f"{sorted(CLASSIFICATION)}")
         labels = out.setdefault((patient, side), [])
-        for category in (*ABNORMALITY[abnormality], CLASSIFICATION[classification]):
-            if all(f["category"] != category for f in labels):
-                labels.append(finding(category))
+        for category in ABNORMALITY[abnormality]:
+            labels.append(finding(category, pathology=CLASSIFICATION[classification]))
     return out
 
 

@@ -3,12 +3,15 @@
 The manifest speaks VinDr-Mammo's vocabulary (the first archive):
 - `breast_birads`: "BI-RADS <n>", n in 0-6, with the 4A/4B/4C subcategories kept where an archive gives them;
 - `breast_density`: "DENSITY <A-D>" (the older ACR 1-4 scale maps 1 -> A ... 4 -> D);
-- `findings`: one dict per category of an image (category, birads, xmin, ymin, xmax, ymax), unioned per image as
-  VinDr's rows are. Lesion types use VinDr's names where the meaning is the same ("Mass", "Architectural
+- `findings`: one dict per category of an image (category, birads, xmin, ymin, xmax, ymax, pathology), unioned as
+  VinDr's rows are per image. Lesion types use VinDr's names where the meaning is the same ("Mass", "Architectural
   Distortion", "Focal Asymmetry", "Suspicious Calcification"), the archive's own otherwise ("Calcification").
 - Archives that label a breast rather than a region (CMMD, RSNA, OPTIMAM's outcomes) give findings without a box
   (the four coordinates None, `prep.pairs.located_findings` leaves them out): they label the image in images.parquet and
-  never a patch. A biopsy or surgery outcome is such a finding of category `MALIGNANT` or `BENIGN`.
+  never a patch.
+- A biopsy or surgery outcome is the finding's `pathology` (`MALIGNANT`, `BENIGN`; CBIS-DDSM also
+  `benign_without_callback`); an outcome the archive gives without a lesion type is a finding of category
+  `UNSPECIFIED`.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import re
 
 from prep.datasets.base import DatasetError
 
-MALIGNANT = "Malignant"
-BENIGN = "Benign"
+MALIGNANT = "malignant"
+BENIGN = "benign"
+UNSPECIFIED = "Unspecified"  # a breast's outcome without the type of its lesion (RSNA's cancer/biopsy flags)
 
 _BIRADS = re.compile(r"^(?:bi-?rads\s*)?([0-6])([abc])?(?:\.0)?$", re.IGNORECASE)
 _DENSITY_LETTERS = {"1": "A", "2": "B", "3": "C", "4": "D", "a": "A", "b": "B", "c": "C", "d": "D"}
@@ -51,11 +55,12 @@ def density_label(value: object, where: str) -> str | None:
     return f"DENSITY {_DENSITY_LETTERS[text]}"
 
 
-def finding(category: str, birads: str | None = None,
-            box: tuple[float, float, float, float] | None = None) -> dict:
+def finding(category: str, birads: str | None = None, box: tuple[float, float, float, float] | None = None,
+            pathology: str | None = None) -> dict:
     """A findings entry; `box` (xmin, ymin, xmax, ymax) in original pixels, or None for a breast-level label."""
     xmin, ymin, xmax, ymax = (float(v) for v in box) if box is not None else (None, None, None, None)
-    return {"category": category, "birads": birads, "xmin": xmin, "ymin": ymin, "xmax": xmax, "ymax": ymax}
+    return {"category": category, "birads": birads, "xmin": xmin, "ymin": ymin, "xmax": xmax, "ymax": ymax,
+            "pathology": pathology}
 
 
 def point_box(xs: list[float], ys: list[float], min_side_px: float) -> tuple[float, float, float, float]:

@@ -11,8 +11,8 @@ DICOM JSON). `omidb.DB` gives Client -> Episode -> Study -> Series -> Image -> M
   `for_processing`; the planner does not count them as duplicates of the twin.
 - Marks -> findings with boxes: `boundingBox(x1, y1, x2, y2)` normalised with min/max (x1 > x2 occurs) and clipped to
   the image; categories from the mark's flags (`MARK_CATEGORIES`), no BI-RADS (OMI-DB has none). The outcome of the
-  episode for each breast (surgery and biopsy side opinions: malignant wins over benign) is a finding "Malignant" /
-  "Benign" without a box on that breast's images.
+  episode for each breast (surgery and biopsy side opinions: malignant wins over benign) is the `pathology` of that
+  breast's marks; an image of that breast without a mark gets a finding "Unspecified" without a box instead.
 - omidb drops a study that it cannot link to an NBSS episode (and any study without a `data/<client>/<StudyUID>/`
   folder); a client whose JSON fails to parse is skipped by omidb. Nothing is lost silently here: every DICOM under
   `images/` that omidb did not yield becomes a record rejected as `no_episode` (or `client_unparsed`).
@@ -28,7 +28,7 @@ import hashlib
 from pathlib import Path
 
 from prep.datasets.base import DatasetError, ImageRecord, read_header_checked, register_adapter, split_from_hash
-from prep.datasets.labels import BENIGN, MALIGNANT, finding
+from prep.datasets.labels import BENIGN, MALIGNANT, UNSPECIFIED, finding
 from prep.datasets.vindr import clip_box
 from prep.decode import UnsupportedImage, header_facts, read_header
 
@@ -49,7 +49,7 @@ def short_id(uid: str, n: int = 16) -> str:
     return hashlib.sha256(str(uid).encode()).hexdigest()[:n]
 
 
-def mark_findings(marks, width: int | None, height: int | None) -> list[dict]:
+def mark_findings(marks, width: int | None, height: int | None, pathology: str | None = None) -> list[dict]:
     """One finding per category of each mark, its box normalised (min/max) and clipped to the image."""
     out = []
     for mark in marks:
@@ -60,12 +60,12 @@ def mark_findings(marks, width: int | None, height: int | None) -> list[dict]:
             if box is None:
                 continue
         categories = [name for attr, name in MARK_CATEGORIES if getattr(mark, attr, None)] or [UNSPECIFIED_MARK]
-        out += [finding(category, None, box) for category in categories]
+        out += [finding(category, None, box, pathology) for category in categories]
     return out
 
 
 def episode_outcomes(episode) -> dict[str, str]:
-    """"L"/"R" -> MALIGNANT or BENIGN from the episode's surgery and biopsy side opinions."""
+    """"L"/"R" -> MALIGNANT or BENIGN (pathology) from the episode's surgery and biopsy side opinions."""
     from omidb.events import SideOpinion
 
     out: dict[str, str] = {}
@@ -157,9 +157,10 @@ class OptimamAdapter:
         if tags.get("presentation_intent") == "FOR PROCESSING":
             # decided from the tags now, so the planner never pairs or counts it; the header check agrees
             record.header_error, record.header_detail = "for_processing", "PresentationIntentType is FOR PROCESSING"
-        record.findings = mark_findings(image.marks, record.width, record.height)
-        if record.laterality in outcomes:
-            record.findings.append(finding(outcomes[record.laterality]))
+        outcome = outcomes.get(record.laterality)
+        record.findings = mark_findings(image.marks, record.width, record.height, outcome)
+        if outcome and not record.findings:
+            record.findings.append(finding(UNSPECIFIED, pathology=outcome))
         return read_header_checked(record) if self.read_headers else record
 
     def _dropped(self, client_id: str, path: Path, reason: str) -> ImageRecord:

@@ -6,8 +6,8 @@
   a missing view leaves its partner `missing_partner`, a second image of one side and view rejects that view's
   images as `duplicate_view`, a view other than CC/MLO (AT, ML, LM, LMO) is rejected as `unknown_view`.
 - Labels: BIRADS (0-2, often empty) -> breast_birads "BI-RADS n"; density (A-D, often empty) -> breast_density
-  "DENSITY A"; cancer = 1 -> a finding "Malignant", else biopsy = 1 -> a finding "Benign" (biopsied, no cancer);
-  no boxes (RSNA gives none). `invasive`, `implant`, `age` and `difficult_negative_case` are not carried.
+  "DENSITY A"; cancer = 1 -> a finding "Unspecified" (RSNA names no lesion type) of pathology "malignant", else
+  biopsy = 1 -> one of pathology "benign" (biopsied, no cancer); no boxes (RSNA gives none). `invasive`, `implant`, `age` and `difficult_negative_case` are not carried.
 - Pixels: JPEG 2000 / JPEG Lossless, SIGMOID VOI, MONOCHROME1 all occur; `prep.decode` handles them.
 
 Ids are the competition's numeric ids (pseudonymous). No split in train.csv: `split_from_hash(patient_id)`.
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 from prep.datasets.base import DatasetError, ImageRecord, read_header_checked, register_adapter, split_from_hash
-from prep.datasets.labels import BENIGN, MALIGNANT, birads_label, density_label, finding
+from prep.datasets.labels import BENIGN, MALIGNANT, UNSPECIFIED, birads_label, density_label, finding
 
 CSV_NAME = "train.csv"
 CSV_COLUMNS = ("patient_id", "image_id", "laterality", "view", "cancer", "biopsy", "BIRADS", "density")
@@ -74,8 +74,8 @@ class RsnaAdapter:
         records = []
         for row in read_train_csv(self.root / CSV_NAME).itertuples(index=False):
             where = f"{CSV_NAME} image {row.image_id}"
-            findings = ([finding(MALIGNANT)] if _flag(row.cancer, where)
-                        else [finding(BENIGN)] if _flag(row.biopsy, where) else [])
+            outcome = MALIGNANT if _flag(row.cancer, where) else BENIGN if _flag(row.biopsy, where) else None
+            findings = [finding(UNSPECIFIED, pathology=outcome)] if outcome else []
             rel_path = f"train_images/{row.patient_id}/{row.image_id}.dcm"
             record = ImageRecord(
                 dataset=self.name, study_id=str(row.patient_id), series_id=str(row.patient_id),

@@ -23,6 +23,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
 
+from prep.errors import ContralateralError
 from prep.io import write_bytes_atomic
 from prep.synth.dicom_writer import PLANTED_PATIENT_ID, to_dicom_dataset
 from prep.synth.study import CATEGORIES, DEVICES, SIZES, SynthStudy, make_study
@@ -64,13 +65,8 @@ Released under the same license as the generating code (Apache-2.0).
 """
 
 
-class SynthError(Exception):
+class SynthError(ContralateralError):
     """A refused or failed `prep synth` run; `reason` is a short machine-readable code."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass
