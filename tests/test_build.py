@@ -135,6 +135,41 @@ def test_kill_9_half_way_then_rerun_gives_the_same_bytes(synth_archive, referenc
     assert verify_build(tmp_path / "shards", tmp_path / "manifests").ok
 
 
+def test_a_rerun_of_a_finished_build_trusts_its_markers_and_starts_no_cluster(synth_archive, reference, tmp_path,
+                                                                              monkeypatch):
+    """No file is re-hashed (a same-size change goes unnoticed by the rerun) and no cluster starts;
+    `prep verify` is what re-hashes."""
+    from pipelines import cluster
+
+    ref_out, _ = reference
+    shutil.copytree(ref_out, tmp_path, dirs_exist_ok=True)
+    changed = sorted((tmp_path / "shards").rglob("*.tar"))[0]
+    data = bytearray(changed.read_bytes())
+    data[-1] ^= 0xFF  # in the tar's end padding: same size, still readable, another sha256
+    changed.write_bytes(bytes(data))
+    started = []
+    monkeypatch.setattr(cluster, "start_dask", lambda *args: started.append(args) or None)
+    summary = build_shards("vindr", synth_archive, options=OPTIONS, out=tmp_path / "shards",
+                           manifests=tmp_path / "manifests", build=BUILD, workers=2)
+    assert summary["groups_run"] == 0 and summary["groups_skipped"] == len(list(
+        (ref_out / "manifests" / "parts").glob("*.done.json")))
+    assert started == []
+    problems = verify_build(tmp_path / "shards", tmp_path / "manifests").problems
+    assert problems == [f"{changed.relative_to(tmp_path / 'shards').as_posix()}: sha256 differs from shards.parquet"]
+
+
+def test_a_finished_group_whose_file_was_cut_is_redone(synth_archive, reference, tmp_path):
+    ref_out, _ = reference
+    shutil.copytree(ref_out, tmp_path, dirs_exist_ok=True)
+    cut = sorted((tmp_path / "shards").rglob("*.tar"))[1]
+    cut.write_bytes(cut.read_bytes()[:-512])
+    summary = build_shards("vindr", synth_archive, options=OPTIONS, out=tmp_path / "shards",
+                           manifests=tmp_path / "manifests", build=BUILD, workers=0)
+    assert summary["groups_run"] == 1
+    assert tar_digests(tmp_path / "shards") == tar_digests(ref_out / "shards")
+    assert verify_build(tmp_path / "shards", tmp_path / "manifests").ok
+
+
 def test_changed_config_is_refused_and_dry_run_writes_nothing(synth_archive, reference, tmp_path):
     out, _ = reference
     before = tar_digests(out / "shards")
