@@ -1,7 +1,7 @@
 """The build's Dask session: started in a background thread while the client plans, closed in order.
 
 An embedded LocalCluster (processes, one thread each) unless an existing scheduler is named. Starting it
-takes about a second (the workers are fresh interpreters); planning reads every header, so the two overlap:
+takes a while (the workers are fresh interpreters) and planning reads every header, so the two overlap:
 the client plans while `DaskSession` starts, and hands header reads to the workers once they are up
 (`pipelines.plan.read_headers`).
 
@@ -9,13 +9,13 @@ Shutdown order (`stop_dask`), for an embedded cluster:
 1. each worker stops its heartbeat and waits for the one in flight (`stop_heartbeat`). A closing worker
    aborts its pooled comms, and a heartbeat caught in flight then logs "Failed to communicate with
    scheduler during heartbeat ... Stream is closed" with a traceback (dask/distributed#7105). Heartbeats
-   leave every 0.5 s and wait for the scheduler (in this process); on a loaded machine the wait is long
-   enough that a close lands inside it in a few per cent of builds;
+   leave every 0.5 s and wait for the scheduler's answer; the busier the machine, the longer that wait
+   and the likelier a close lands inside it (docs/PERFORMANCE.md "Build shutdown");
 2. the client (its futures are released; every task has finished by then);
 3. the workers, each given `WORKER_EXIT_GRACE_S` to exit (`close_workers`). A nanny closed by the
    cluster waits 4 s, then kills its worker with "Worker process still alive after 4.0 seconds, killing":
-   an idle worker's exit (closing its comms and executor, then interpreter teardown) is well under a
-   second on an idle machine but passes 4 s on an oversubscribed one. Workers exit faster the less they
+   an idle worker's exit (closing its comms and executor, then interpreter teardown) is quick on an idle
+   machine but can pass 4 s on an oversubscribed one. Workers exit faster the less they
    import (the shard writer does not import webdataset, which imports torch: `pipelines.shards`);
 4. the cluster (its scheduler).
 Workers of an external scheduler are not ours: only the client is closed.
