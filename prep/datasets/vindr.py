@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 
 from prep.datasets.base import DatasetError, ImageRecord, read_header_checked, register_adapter
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 BREAST_CSV = "breast-level_annotations.csv"
 FINDING_CSV = "finding_annotations.csv"
 BREAST_COLUMNS = ("study_id", "series_id", "image_id", "laterality", "view_position", "height", "width",
