@@ -12,9 +12,6 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import pandas as pd
-
 from prep.datasets.base import DatasetError, ImageRecord, read_header_checked, register_adapter
 
 if TYPE_CHECKING:
