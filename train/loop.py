@@ -38,7 +38,7 @@ from train.checkpoint import (
     save_run_checkpoint,
     set_rng_state,
 )
-from train.config import PretrainConfig
+from train.config import ConfigError, PretrainConfig
 from train.data import (
     DataError,
     StreamConfig,
@@ -51,13 +51,6 @@ from train.data import (
 )
 from train.methods import get_method
 from train.models import ENCODER_FILE, save_encoder
-
-
-class ConfigError(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 TRAIN_ERRORS = (ConfigError, DataError, CheckpointError)
@@ -115,26 +108,6 @@ def _as_float(logs: dict) -> dict[str, float]:
     return {k: float(v) for k, v in logs.items()}
 
 
-def _validate(cfg: PretrainConfig, world: int) -> None:
-    checks = [
-        (cfg.steps >= 1, "bad_steps", f"--steps must be >= 1, got {cfg.steps}"),
-        (cfg.batch_size % world == 0, "bad_batch", f"--batch-size {cfg.batch_size} (global) must divide by {world} ranks"),
-        (cfg.batch_size // world >= 2, "bad_batch", "need >= 2 pairs per rank (negatives come from the batch)"),
-        (cfg.label_source in ("peer", "self"), "bad_option", f"--label-source {cfg.label_source!r}: peer|self"),
-        (cfg.neg_pairs in ("shuffled", "none"), "bad_option", f"--neg-pairs {cfg.neg_pairs!r}: shuffled|none"),
-        (cfg.gmm_scope in ("bank", "batch", "epoch"), "bad_option", f"--gmm-scope {cfg.gmm_scope!r}: bank|batch|epoch"),
-        (cfg.precision in ("auto", "bf16", "fp16", "fp32"), "bad_option", f"--precision {cfg.precision!r}"),
-        (cfg.ckpt_every >= 1 and cfg.keep >= 1, "bad_option", "--ckpt-every and --keep must be >= 1"),
-    ]  # fmt: skip
-    for ok, reason, detail in checks:
-        if not ok:
-            raise ConfigError(reason, detail)
-    try:
-        get_method(cfg.method)
-    except KeyError as exc:
-        raise ConfigError("unknown_method", str(exc.args[0])) from None
-
-
 def pretrain(cfg: PretrainConfig) -> dict:
     """Train (or resume) the run `cfg.out`; returns a summary dict. The CLI is a thin wrapper."""
     info = distributed.setup(cfg.device)
@@ -148,7 +121,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
     # 1. processes and device
-    _validate(cfg, info.world_size)
+    cfg.validate(info.world_size)
     device = info.device
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
