@@ -168,6 +168,7 @@ class SoftLabeler:
         self.mixture: Mixture | None = None
         self.rejected_fits = 0
         self.seen = 0  # distances observed in total (the epoch scope's bank is emptied, this is not)
+        self._stats: dict[str, torch.Tensor] | None = None  # of the current mixture, made on first use
 
     @property
     def ready(self) -> bool:
@@ -212,8 +213,10 @@ class SoftLabeler:
         fitted = em_fit(data, init, self.em_iterations, self.var_floor)
         if is_degenerate(fitted, self.min_separation):
             self.rejected_fits += 1
+            self._stats = None
             return False
         self.mixture = fitted
+        self._stats = None
         return True
 
     def labels(self, d: torch.Tensor) -> torch.Tensor | None:
@@ -221,20 +224,20 @@ class SoftLabeler:
             return None
         return posterior_similar(d.detach(), self.mixture)
 
-    def stats(self, prefix: str) -> dict[str, float]:
-        """The mixture's parameters and the share of the bank it labels dissimilar (s < 0.5)."""
+    def stats(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The mixture's parameters and the share of the bank it labels dissimilar (s < 0.5), as 0-dim
+        tensors computed at the last accepted fit (no device sync per step)."""
         if self.mixture is None:
             return {}
-        m = self.mixture
-        held = self.bank.contents()
-        below = float((posterior_similar(held, m) < 0.5).double().mean()) if held.numel() else float("nan")
-        return {
-            f"{prefix}mu0": float(m.means[0]), f"{prefix}mu1": float(m.means[1]),
-            f"{prefix}var0": float(m.variances[0]), f"{prefix}var1": float(m.variances[1]),
-            f"{prefix}w0": float(m.weights[0]), f"{prefix}w1": float(m.weights[1]),
-            f"{prefix}bank_s_below_half": below, f"{prefix}bank_held": float(self.bank.held),
-            f"{prefix}rejected_fits": float(self.rejected_fits),
-        }  # fmt: skip
+        if self._stats is None:
+            m, held = self.mixture, self.bank.contents()
+            below = (posterior_similar(held, m) < 0.5).double().mean() if held.numel() else torch.tensor(float("nan"))
+            self._stats = {
+                "mu0": m.means[0], "mu1": m.means[1], "var0": m.variances[0], "var1": m.variances[1],
+                "w0": m.weights[0], "w1": m.weights[1], "bank_s_below_half": below,
+                "bank_held": torch.tensor(float(self.bank.held)), "rejected_fits": torch.tensor(float(self.rejected_fits)),
+            }  # fmt: skip
+        return {prefix + k: v for k, v in self._stats.items()}
 
     def state_dict(self) -> dict:
         return {
@@ -260,3 +263,4 @@ class SoftLabeler:
         self.seen = int(state.get("seen", saved.count))
         self.mixture = None if state["mixture"] is None else Mixture.from_tensor(state["mixture"])
         self.rejected_fits = int(state["rejected_fits"])
+        self._stats = None

@@ -49,6 +49,7 @@ from train.data import (
     select,
     unit_range,
 )
+from train.diagnostics import LabelProbe, load_validation_pairs
 from train.methods import get_method
 from train.models import ENCODER_FILE, save_encoder
 
@@ -198,16 +199,27 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from, map_location=device)
         check_compatible(ckpt, run_hash, hashed, cfg.force)
-        method.load_state_dict(ckpt["method"])
-        method.load_extra_state(ckpt["extra"])
-        if optimizer:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        rngs = ckpt["rng_by_rank"]
-        set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
-        step = int(ckpt["step"])
-        say(f"resumed {resume_from} at step {step}")
+        try:
+            method.load_state_dict(ckpt["method"])
+            method.load_extra_state(ckpt["extra"])
+            if optimizer:
+                optimizer.load_state_dict(ckpt["optimizer"])
+                scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            rngs = ckpt["rng_by_rank"]
+            set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
+            step = int(ckpt["step"])
+        except (KeyError, RuntimeError, ValueError) as exc:  # a forced resume across a different model
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                "incompatible_checkpoint",
+                f"{resume_from} does not fit this run's model or optimiser ({first_line}); use another --out "
+                "or --resume never",
+            ) from None
+        if step >= cfg.steps:
+            say(f"{resume_from} is at step {step}, --steps {cfg.steps}: nothing to train (raise --steps and add --force to continue)")
+        else:
+            say(f"resumed {resume_from} at step {step}")
 
     if info.is_main and not cfg.smoke:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -237,6 +249,11 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
         return _smoke(cfg, selection, stream, per_rank_batch, device, run_step, amp_dtype, say)
 
     # 5. loop over data epochs
+    clip_groups = method.clip_groups() if hasattr(method, "clip_groups") else [list(method.parameters())]
+    probe = None
+    if cfg.val_where and info.is_main and hasattr(method, "label_scores"):
+        probe = LabelProbe(load_validation_pairs(cfg.manifest, cfg.val_where, cfg.shards, crop_px, cfg.val_max_pairs), device)
+        say(f"label diagnostic on {probe.pairs.describe()} (evaluation only)")
     stop = {"signal": None}
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal="SIGTERM"))
     tb, metrics = _open_logs(run_dir, step) if info.is_main else (None, None)
@@ -252,7 +269,7 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
             batches = itertools.islice(iter(loader), step - epoch * cfg.ckpt_every, None)
             while step < epoch_end:
                 t0 = time.monotonic()
-                ipsi, contra = next(batches)
+                ipsi, contra, _groups = next(batches)
                 window["wait"] += time.monotonic() - t0
                 ipsi = unit_range(ipsi.to(device, non_blocking=True))
                 contra = unit_range(contra.to(device, non_blocking=True))
@@ -262,16 +279,20 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
                 scaler.scale(loss).backward()
                 if cfg.grad_clip > 0:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.grad_clip)
+                    for group in clip_groups:  # each network of a two-network method on its own
+                        torch.nn.utils.clip_grad_norm_(group, cfg.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
                 step += 1
                 window["steps"] += 1
 
-                if step % cfg.log_every == 0 or step == cfg.steps:
+                refitted = float(logs.get("gmm_refits", 0)) > 0  # a python float: no device sync
+                if step % cfg.log_every == 0 or step == cfg.steps or refitted:
                     global_batch = per_rank_batch * info.world_size
                     record = _log(cfg, step, loss, logs, scheduler, window, global_batch, device, info)
+                    if probe is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+                        record.update(probe.run(method))
                     if info.is_main:
                         _write_logs(tb, metrics, record)
                     progress.update(step, record)
@@ -388,7 +409,7 @@ class _progress:
 def _smoke(cfg, selection, stream, per_rank_batch, device, run_step, amp_dtype, say) -> dict:
     """One batch through the whole step (forward, loss, backward); prints what a user checks first."""
     loader = make_loader(selection, stream, per_rank_batch, 1, cfg.seed, 0)
-    ipsi_u16, contra_u16 = next(iter(loader))
+    ipsi_u16, contra_u16, _groups = next(iter(loader))
     for name, batch in (("ipsi", ipsi_u16), ("contra", contra_u16)):
         wide = batch.to(torch.int32)  # torch has no min/max kernels for uint16
         say(f"batch {name}: {tuple(batch.shape)} {batch.dtype} range [{int(wide.min())}, {int(wide.max())}]")
