@@ -84,6 +84,13 @@ def lr_lambda(steps: int, warmup: int):
     return factor
 
 
+def clip_gradients(groups: list[list[nn.Parameter]], max_norm: float) -> None:
+    """Clip the gradient norm of each group on its own: a two-network method's networks each get the
+    clip a one-network method gets (a joint norm over both would clip each more tightly)."""
+    for group in groups:
+        torch.nn.utils.clip_grad_norm_(group, max_norm)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on biases and norm parameters."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
@@ -279,8 +286,7 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
                 scaler.scale(loss).backward()
                 if cfg.grad_clip > 0:
                     scaler.unscale_(optimizer)
-                    for group in clip_groups:  # each network of a two-network method on its own
-                        torch.nn.utils.clip_grad_norm_(group, cfg.grad_clip)
+                    clip_gradients(clip_groups, cfg.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
