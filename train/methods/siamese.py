@@ -9,6 +9,12 @@ siamese-soft, per step on B pairs (ipsi x, registered contra x'):
       + w_neg [L(d_neg^1, 0) + L(d_neg^2, 0)]         (--neg-pairs shuffled: ipsi vs the next pair's contra)
   with L(d, s) = mean[s d^2 + (1 - s) max(0, m - d)^2]; s = 1 during the label warm-up.
 siamese-hard: one network, s = 1 for every true pair, the same negatives.
+
+Our choices (docs/ARCHITECTURE.md "Soft labels"): s is the mixture posterior clamped to be monotone in d
+(1 below the similar mean, 0 above the dissimilar one); the bank holds --gmm-bank distances whatever
+--steps is; labels start after --label-warmup once the bank holds --gmm-min-fill distances, and the
+mixture is refitted every --gmm-refit-every steps. The loader orders each batch so the rolled negative
+of a pair comes from another study-view. Each network's gradient is clipped on its own (`clip_groups`).
 """
 
 from __future__ import annotations
@@ -107,7 +113,8 @@ class SiameseSoft(nn.Module):
             labeler.observe(distributed.gather_detached(d))
         use_labels = self._labels_in_use(step)
         if use_labels:
-            refits += sum(int(labeler.maybe_refit(step)) for labeler in self.labelers)
+            # the schedule counts completed steps, as the loop's logs do, so refits land on --log-every steps
+            refits += sum(int(labeler.maybe_refit(step + 1)) for labeler in self.labelers)
         own = [labeler.labels(d) if use_labels else None for labeler, d in zip(self.labelers, dists)]
         own = [s if s is not None else torch.ones_like(d) for s, d in zip(own, dists)] or [torch.ones_like(dists[0])]
         if len(self.nets) == 2 and cfg.label_source == "peer":
