@@ -152,6 +152,9 @@ class PretrainConfig:
             (self.batch_size // world_size >= 2, "bad_batch", "need >= 2 pairs per rank (negatives come from the batch)"),
             (self.ld_mix_low <= self.ld_mix_high, "bad_option", f"--ld-mix-low {self.ld_mix_low} > --ld-mix-high {self.ld_mix_high}"),
             (self.gmm_min_fill <= self.gmm_bank, "bad_option", f"--gmm-min-fill {self.gmm_min_fill} exceeds --gmm-bank {self.gmm_bank}"),
+            (self.gmm_scope != "epoch" or self.ckpt_every * self.batch_size >= self.gmm_min_fill, "bad_option",
+             f"--gmm-scope epoch fits on one data epoch: --ckpt-every {self.ckpt_every} x --batch-size {self.batch_size} "
+             f"holds fewer than --gmm-min-fill {self.gmm_min_fill} distances"),
             (not self.val_where or self.manifest, "bad_option", "--val-where selects from --manifest: give --manifest samples.parquet"),
             (self.resume in ("auto", "never") or bool(self.resume), "bad_option", "--resume: auto | never | PATH"),
         ]  # fmt: skip

@@ -200,6 +200,8 @@ class SoftLabeler:
     def maybe_refit(self, step: int, force: bool = False) -> bool:
         """Refit when due; returns True if new parameters were accepted. The epoch scope refits at
         `end_epoch`, here only for its very first fit."""
+        if self.mixture is None and self.scope != "batch" and self.bank.held < self.min_fill:
+            return False  # a first fit never runs on a few batches (e.g. just after an epoch boundary)
         if self.scope == "epoch":
             due = force or self.mixture is None
         else:

@@ -389,7 +389,7 @@ def _write_logs(tb, metrics, record: dict) -> None:
 class _progress:
     """A Rich progress line on rank 0: loss terms, mixture, labels, collapse, speed, data wait."""
 
-    SHOWN = ("loss", "loss_pairs", "loss_neg", "gmm1_mu0", "gmm1_mu1", "s_below_half", "emb_std", "lr",
+    SHOWN = ("loss", "loss_pairs", "loss_neg", "gmm1_mu0", "gmm1_mu1", "s_below_half", "val_auc_1ms1", "emb_std", "lr",
              "pairs_per_s", "data_wait", "gpu_mem_gb")  # fmt: skip
 
     def __init__(self, cfg, enabled: bool, start: int):
