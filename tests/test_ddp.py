@@ -21,7 +21,7 @@ def test_two_process_gloo_run_finishes_with_identical_step_counts(tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "train", "pretrain", "--shards", str(data["shards"]), "--out", str(out),
         "--backbone", "test_resnet", "--embed-dim", "16", "--head-hidden", "32", "--crop-px", "16",
-        "--batch-size", "8", "--steps", "6", "--label-warmup", "2", "--gmm-refit-every", "2",
+        "--batch-size", "8", "--steps", "6", "--label-warmup", "2", "--gmm-refit-every", "2", "--gmm-min-fill", "16",
         "--num-workers", "0", "--ckpt-every", "3", "--log-every", "2", "--device", "cpu", "--no-progress",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

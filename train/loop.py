@@ -217,7 +217,8 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
             set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
             step = int(ckpt["step"])
         except (KeyError, RuntimeError, ValueError) as exc:  # a forced resume across a different model
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+            first_line = " ".join(lines[:2])
             raise CheckpointError(
                 "incompatible_checkpoint",
                 f"{resume_from} does not fit this run's model or optimiser ({first_line}); use another --out "
