@@ -12,6 +12,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from train.methods import METHODS  # the registry module is torch-free
+
 
 class ConfigError(Exception):
     """A config the trainer cannot run; `reason` is a stable code."""
@@ -54,7 +56,7 @@ class PretrainConfig:
     crop_px: int | None = knob(None, "Random crop size in px, same window for both pair members [default: 7/8 of the patch, multiple of 8].", "Data", min=8)
     max_shift_px: int | None = knob(None, "Largest crop offset from the patch centre in px [default: anywhere inside the patch].", "Data", min=0)
     flip: bool = knob(True, "Random up-down and left-right flips, same for both pair members.", "Data")
-    shuffle_buffer: int = knob(1000, "Shuffle buffer per worker, in encoded samples (~0.2 MB each at 256 px); filled completely before the first batch, so a batch mixes many study-views.", "Data", min=1)
+    shuffle_buffer: int = knob(1000, "Shuffle buffer per worker, in encoded samples (~0.2 MB each at 256 px); filled completely before the first batch, so a batch mixes many studies.", "Data", min=1)
     num_workers: int = knob(2, "Loader worker processes per rank (shards must be >= ranks x workers).", "Data", min=0)
     prefetch_factor: int = knob(4, "Batches prefetched per worker.", "Data", min=1, runtime=True)
     pin_memory: bool | None = knob(None, "Pinned host memory for batches [default: on with CUDA].", "Data", runtime=True)
@@ -68,7 +70,7 @@ class PretrainConfig:
     label_source: str = knob("peer", "peer: each network learns from the other's soft labels; self: from its own.", "Siamese", choices=("peer", "self"))
     single_net: bool = knob(False, "Ablation: one network labelling itself.", "Siamese", flag="--single-net/--two-nets")
     agreement: float = knob(0.0, "Weight lambda of the agreement term mean (d1 - d2)^2.", "Siamese", min=0.0)
-    neg_pairs: str = knob("shuffled", "shuffled: ipsi vs the next pair's contra (a different study-view: the loader orders each batch so) as label-0 pairs; none: off.", "Siamese", choices=("shuffled", "none"))
+    neg_pairs: str = knob("shuffled", "shuffled: ipsi vs the next pair's contra (another study: the loader orders each batch so) as label-0 pairs; none: off.", "Siamese", choices=("shuffled", "none"))
     neg_weight: float = knob(1.0, "Weight of the shuffled-negative term.", "Siamese", min=0.0)
     label_warmup: float = knob(0.1, "Steps with s = 1 before soft labels: < 1 is a fraction of --steps, >= 1 a step count; soft labels also wait until the bank holds --gmm-min-fill distances.", "Siamese", min=0.0)
     gmm_scope: str = knob("bank", "Distances the mixture is fitted on: bank (FIFO of --gmm-bank) | batch | epoch (refit on each whole data epoch of --ckpt-every steps).", "Siamese", choices=SCOPES)
@@ -144,8 +146,6 @@ class PretrainConfig:
                 raise ConfigError("bad_option", f"{flag} must be >= {meta['min']}, got {value}")
             if meta["max"] is not None and value > meta["max"]:
                 raise ConfigError("bad_option", f"{flag} must be <= {meta['max']}, got {value}")
-        from train.methods import METHODS  # the registry module is torch-free
-
         checks = [
             (self.method in METHODS, "unknown_method", f"--method {self.method!r}: choose one of {'|'.join(sorted(METHODS))}"),
             (self.batch_size % world_size == 0, "bad_batch", f"--batch-size {self.batch_size} (global) must divide by {world_size} ranks"),

@@ -3,7 +3,7 @@
 Pipeline per rank and worker (see docs/ARCHITECTURE.md "Shards and manifests"):
     ResampledShards -> split_by_node -> split_by_worker -> tar -> select (sampling, manifest keys)
     -> json reduced to ALLOWED_FIELDS -> shuffle (encoded) -> decode_pair (uint16) -> pair geometry
-    -> batch of uint16 tensors, ordered so that neighbours (the rolled negatives) are other study-views.
+    -> batch of uint16 tensors, ordered so that neighbours (the rolled negatives) come from other studies.
 Pixels stay uint16 until the device; `to_model_input` is the one intensity normalisation.
 With `deterministic=True` the stream is a function of (seed, data epoch, rank, worker) only.
 """
@@ -165,14 +165,15 @@ def _select_and_strip(src: Iterator[dict], keys: frozenset[str] | None, include_
             continue
         kept = {k: v for k, v in sample.items() if k.startswith(("ipsi.", "contra.", "__"))}
         kept["json"] = json.dumps(allowed_meta(meta)).encode()
-        kept["__group__"] = study_view_group(meta, sample["__key__"])
+        kept["__group__"] = study_group(meta, sample["__key__"])
         yield kept
 
 
-def study_view_group(meta: dict, key: str) -> int:
-    """A stable integer for the sample's (study, view): not a label, only used to keep a batch's shuffled
-    negatives off pairs of the same study-view. Falls back to the key's `{dataset}_{study}_{view}` part."""
-    name = f"{meta['study_id']}/{meta['view']}" if meta.get("study_id") and meta.get("view") else key.rsplit("_", 2)[0]
+def study_group(meta: dict, key: str) -> int:
+    """A stable integer for the sample's study: not a label, only used to keep a batch's shuffled
+    negatives off pairs of the same study (its other view included). Falls back to the key's
+    `{dataset}_{study}` part (`prep.codec.sample_key`)."""
+    name = str(meta["study_id"]) if meta.get("study_id") else key.rsplit("_", 3)[0]
     return zlib.crc32(name.encode())
 
 
@@ -195,7 +196,7 @@ def interleave_groups(groups: list[int]) -> list[int]:
     """An order of the batch in which neighbours (cyclically) come from different groups wherever the
     group sizes allow: items sorted by group (largest first, then first arrival), laid out on the even
     positions, then the odd ones. Methods form negatives by rolling the batch by one, so each negative
-    then pairs two study-views (the order within a group keeps the shuffle's)."""
+    then pairs two studies (the order within a group keeps the shuffle's)."""
     n = len(groups)
     counts: dict[int, int] = {}
     first: dict[int, int] = {}
@@ -211,7 +212,7 @@ def interleave_groups(groups: list[int]) -> list[int]:
 
 
 def _collate(batch: list[tuple[np.ndarray, np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack a batch in `interleave_groups` order; the third tensor holds each pair's study-view group."""
+    """Stack a batch in `interleave_groups` order; the third tensor holds each pair's study group."""
     batch = [batch[i] for i in interleave_groups([b[2] for b in batch])]
     ipsi = torch.from_numpy(np.stack([b[0] for b in batch]))
     contra = torch.from_numpy(np.stack([b[1] for b in batch]))
@@ -239,8 +240,8 @@ def make_loader(
     selection: Selection, cfg: StreamConfig, batch_size: int, n_batches: int, seed: int, data_epoch: int
 ) -> wds.WebLoader:
     """Loader yielding exactly `n_batches` (ipsi, contra, group) batches: uint16 pairs of shape
-    (B, 1, crop, crop), ordered so that neighbours come from different study-views (`interleave_groups`),
-    and each pair's int64 study-view group (for checks; the loop passes only the pixels on)."""
+    (B, 1, crop, crop), ordered so that neighbours come from different studies (`interleave_groups`),
+    and each pair's int64 study group (for checks; the loop passes only the pixels on)."""
     epoch_seed = stream_seed(seed, data_epoch) if cfg.deterministic else None
     dataset = wds.DataPipeline(
         wds.ResampledShards(selection.urls, seed=epoch_seed or 0, deterministic=cfg.deterministic),
@@ -249,7 +250,7 @@ def make_loader(
         wds.tarfile_to_samples(handler=wds.reraise_exception),
         wds.pipelinefilter(_select_and_strip)(selection.keys, cfg.include_finding),
         # a full buffer before the first batch: the loader restarts every data epoch, and a barely filled
-        # buffer would hand out runs of one shard, i.e. of a few study-views
+        # buffer would hand out runs of one shard, i.e. of a few studies
         wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, seed=epoch_seed),
         wds.pipelinefilter(_decode_and_crop)(epoch_seed, cfg.crop_px, cfg.max_shift_px, cfg.flip),
         wds.batched(batch_size, collation_fn=_collate, partial=False),

@@ -219,6 +219,7 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
         except (KeyError, RuntimeError, ValueError) as exc:  # a forced resume across a different model
             lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
             first_line = " ".join(lines[:2])
+            first_line = first_line if len(first_line) <= 240 else first_line[:240] + " ..."
             raise CheckpointError(
                 "incompatible_checkpoint",
                 f"{resume_from} does not fit this run's model or optimiser ({first_line}); use another --out "

@@ -14,7 +14,7 @@ Our choices (docs/ARCHITECTURE.md "Soft labels"): s is the mixture posterior cla
 (1 below the similar mean, 0 above the dissimilar one); the bank holds --gmm-bank distances whatever
 --steps is; labels start after --label-warmup once the bank holds --gmm-min-fill distances, and the
 mixture is refitted every --gmm-refit-every steps. The loader orders each batch so the rolled negative
-of a pair comes from another study-view. Each network's gradient is clipped on its own (`clip_groups`).
+of a pair comes from another study. Each network's gradient is clipped on its own (`clip_groups`).
 """
 
 from __future__ import annotations
