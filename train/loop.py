@@ -8,6 +8,8 @@
       5. loop over data epochs    (a data epoch = --ckpt-every steps; its stream is seeded by (seed, epoch),
                                    so a resumed run skips the consumed batches and sees the same ones)
       6. checkpoint, export       (last.pt, step-N.pt, encoder.safetensors + encoder.json)
+    Logged: every --log-every steps and at every mixture refit; with --val-where, the label diagnostic
+    (train.diagnostics, evaluation only) every --val-every steps.
 """
 
 from __future__ import annotations
@@ -205,8 +207,8 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
     resume_from = None if cfg.smoke else resolve_resume(cfg.resume, run_dir)
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from, map_location=device)
-        check_compatible(ckpt, run_hash, hashed, cfg.force)
         try:
+            check_compatible(ckpt, run_hash, hashed, cfg.force)
             method.load_state_dict(ckpt["method"])
             method.load_extra_state(ckpt["extra"])
             if optimizer:
@@ -216,7 +218,7 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
             rngs = ckpt["rng_by_rank"]
             set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
             step = int(ckpt["step"])
-        except (KeyError, RuntimeError, ValueError) as exc:  # a forced resume across a different model
+        except (KeyError, RuntimeError, ValueError) as exc:  # a foreign checkpoint, or a forced resume across models
             lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
             first_line = " ".join(lines[:2])
             first_line = first_line if len(first_line) <= 240 else first_line[:240] + " ..."
