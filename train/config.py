@@ -79,6 +79,7 @@ class PretrainConfig:
     gmm_refit_every: int = knob(10, "Refit the mixture every N steps (bank scope).", "Siamese", min=1)
     gmm_em_iters: int = knob(10, "EM iterations per refit (warm-started, float64).", "Siamese", min=1)
     gmm_var_floor: float = knob(1e-4, "Variance floor of each component (distance units squared).", "Siamese", min=0.0)
+    gmm_max_dissimilar: float = knob(1.0, "Upper bound on the dissimilar (higher-mean) component's weight: a prior that asymmetric pairs are rare (1: free, the paper's plain EM).", "Siamese", min=0.0, max=1.0)
     gmm_min_sep: float = knob(1e-2, "Collapse guard: a fit whose means are closer than this is rejected (distance units).", "Siamese", min=0.0)
     # label diagnostic (evaluation only: never feeds training)
     val_where: str | None = knob(None, "Label diagnostic: pandas query over --manifest for labelled validation pairs, e.g. \"split == 'test'\" (never the training selection); logs the AUC of 1 - s and of d for lesion pairs. Off when unset.", "Label diagnostic", runtime=True)

@@ -75,8 +75,14 @@ def initial_mixture(x: torch.Tensor, var_floor: float) -> Mixture:
     return Mixture(q.clone(), torch.stack([var, var]), torch.tensor([0.9, 0.1], dtype=torch.float64, device=x.device))
 
 
-def em_fit(x: torch.Tensor, init: Mixture, iterations: int, var_floor: float) -> Mixture:
-    """`iterations` EM steps for a 1-D, 2-component mixture, warm-started from `init`; float64."""
+def em_fit(x: torch.Tensor, init: Mixture, iterations: int, var_floor: float, max_dissimilar: float = 1.0) -> Mixture:
+    """`iterations` EM steps for a 1-D, 2-component mixture, warm-started from `init`; float64.
+
+    `max_dissimilar` < 1 bounds the weight of the higher-mean component (the constrained M step: the
+    weight's likelihood is concave, so its optimum under the bound is the bound). It encodes the prior that
+    asymmetric pairs are rare, and stops the self-confirming drift in which pairs labelled dissimilar are
+    pushed apart and so enlarge the dissimilar component at the next refit.
+    """
     x = x.to(torch.float64).reshape(-1)
     mix = Mixture(*(t.to(device=x.device, dtype=torch.float64) for t in (init.means, init.variances, init.weights)))
     for _ in range(iterations):
@@ -84,7 +90,12 @@ def em_fit(x: torch.Tensor, init: Mixture, iterations: int, var_floor: float) ->
         mass = resp.sum(0).clamp_min(1e-12)  # M step
         means = (resp * x[:, None]).sum(0) / mass
         variances = ((resp * (x[:, None] - means) ** 2).sum(0) / mass).clamp_min(var_floor)
-        mix = Mixture(means, variances, mass / mass.sum())
+        weights = mass / mass.sum()
+        if max_dissimilar < 1.0:
+            high = torch.argmax(means)
+            capped = torch.clamp(weights[high], max=max_dissimilar)
+            weights = torch.where(torch.arange(2, device=x.device) == high, capped, 1.0 - capped)
+        mix = Mixture(means, variances, weights)
     return mix.ordered()
 
 
@@ -155,6 +166,7 @@ class SoftLabeler:
         var_floor: float,
         min_separation: float,
         min_fill: int,
+        max_dissimilar: float = 1.0,
     ):
         if scope not in SCOPES:
             raise ValueError(f"gmm scope {scope!r} not in {SCOPES}")
@@ -164,6 +176,7 @@ class SoftLabeler:
         self.var_floor = var_floor
         self.min_separation = min_separation
         self.min_fill = max(4, min(min_fill, capacity))
+        self.max_dissimilar = max_dissimilar
         self.bank = DistanceBank(capacity)
         self.mixture: Mixture | None = None
         self.rejected_fits = 0
@@ -212,7 +225,7 @@ class SoftLabeler:
         if data.numel() < 4:
             return False
         init = self.mixture if self.mixture is not None else initial_mixture(data, self.var_floor)
-        fitted = em_fit(data, init, self.em_iterations, self.var_floor)
+        fitted = em_fit(data, init, self.em_iterations, self.var_floor, self.max_dissimilar)
         if is_degenerate(fitted, self.min_separation):
             self.rejected_fits += 1
             self._stats = None

@@ -59,7 +59,7 @@ class SiameseSoft(nn.Module):
         self.labelers = [
             SoftLabeler(
                 cfg.gmm_bank, cfg.gmm_scope, cfg.gmm_refit_every, cfg.gmm_em_iters, cfg.gmm_var_floor,
-                cfg.gmm_min_sep, cfg.gmm_min_fill,
+                cfg.gmm_min_sep, cfg.gmm_min_fill, cfg.gmm_max_dissimilar,
             )
             for _ in range(0 if self.hard_labels else n_nets)
         ]  # fmt: skip
