@@ -100,7 +100,7 @@ def read_trainer_loader(shard_dir: Path, n_pairs: int, patch_px: int, batch_size
     selection = Selection(urls=resolve_shards(shard_dir), keys=None, n_samples=None)
     stream = StreamConfig(crop_px=default_crop(patch_px), num_workers=0)
     n = 0
-    for ipsi, _contra in make_loader(selection, stream, batch_size, n_pairs // batch_size, seed=0, data_epoch=0):
+    for ipsi, _contra, _groups in make_loader(selection, stream, batch_size, n_pairs // batch_size, seed=0, data_epoch=0):
         n += int(ipsi.shape[0])
     return n
 

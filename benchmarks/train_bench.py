@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 class InMemoryLoader:
     """Stands in for `make_loader`'s WebLoader: `n_batches` of the given (already decoded) batches, cycled."""
 
-    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]], n_batches: int):
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n_batches: int):
         self.batches = batches
         self.n_batches = n_batches
 
@@ -52,13 +52,13 @@ class InMemoryLoader:
         return itertools.islice(itertools.cycle(self.batches), self.n_batches)
 
 
-def memory_batches(cfg: PretrainConfig, n: int, pin: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def memory_batches(cfg: PretrainConfig, n: int, pin: bool) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """`n` batches from the trainer's loader, exactly as the loop would request them."""
     selection = select(cfg.shards, cfg.manifest, cfg.where, cfg.include_finding)
     stream = StreamConfig(crop_px=cfg.crop_px, num_workers=0, include_finding=cfg.include_finding,
                           shuffle_buffer=cfg.shuffle_buffer)
     batches = list(make_loader(selection, stream, cfg.batch_size, n, cfg.seed, 0))
-    return [(a.pin_memory(), b.pin_memory()) for a, b in batches] if pin else batches
+    return [(a.pin_memory(), b.pin_memory(), g) for a, b, g in batches] if pin else batches
 
 
 def step_seconds(run_dir: Path, batch_size: int) -> tuple[float, float]:

@@ -32,11 +32,11 @@ def _to_uint16(x: np.ndarray) -> np.ndarray:
     return np.round(np.clip(x, 0, 1) * 65535).astype(np.uint16)
 
 
-def _row(idx: int, key: str, patch_px: int, finding: bool, labels: np.random.Generator | None) -> dict:
+def _row(idx: int, key: str, patch_px: int, finding: bool, labels: np.random.Generator | None, per_study: int) -> dict:
     abnormal = bool(labels.random() < 0.5) if labels is not None else finding
     row = {name: None for name, _ in SAMPLE_FIELDS if name not in ("shard", "offset")}
     row.update(
-        key=key, dataset="fixture", split=SPLIT, study_id=f"s{idx // 4:04d}", view=("CC", "MLO")[idx % 2],
+        key=key, dataset="fixture", split=SPLIT, study_id=f"s{idx // per_study:04d}", view=("CC", "MLO")[idx % 2],
         ipsi_lat=("L", "R")[(idx // 2) % 2], ipsi_image_id=f"i{idx}", contra_image_id=f"c{idx}",
         patch_px=patch_px, mm_per_px=0.4, ipsi_cx=32.0, ipsi_cy=32.0, contra_cx=32.0, contra_cy=32.0,
         ipsi_cx_orig=100.0, ipsi_cy_orig=100.0, contra_cx_orig=100.0, contra_cy_orig=100.0,
@@ -63,8 +63,10 @@ def write_shards(
     seed: int = 0,
     finding_every: int = 6,
     label_seed: int | None = None,
+    per_study: int = 4,
 ) -> dict:
-    """Write `root/shards/training/*.tar` and `root/manifests/samples.parquet`; returns their paths."""
+    """Write `root/shards/training/*.tar` and `root/manifests/samples.parquet`; returns their paths.
+    Consecutive samples share a study (`per_study` of them, views alternating), as in a real build."""
     rng = np.random.default_rng(seed)
     labels = None if label_seed is None else np.random.default_rng(label_seed)
     shards_dir, manifest = Path(root) / "shards", Path(root) / "manifests" / "samples.parquet"
@@ -80,7 +82,7 @@ def write_shards(
             if finding:
                 cv2.circle(ipsi, (patch_px // 2, patch_px // 2), patch_px // 6, 1.0, -1)
             key = sample_key("fixture", f"s{idx:05d}", ("CC", "MLO")[idx % 2], ("L", "R")[(idx // 2) % 2], idx)
-            row = _row(idx, key, patch_px, finding, labels)
+            row = _row(idx, key, patch_px, finding, labels, per_study)
             samples.append(encode_sample(row, _to_uint16(ipsi), _to_uint16(contra), codec))
             rows.append({**row, "shard": rel, "offset": offset})
         write_tar(shards_dir / rel, samples)

@@ -20,7 +20,7 @@ def test_two_process_gloo_run_finishes_with_identical_step_counts(tmp_path, tiny
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "train", "pretrain", "--shards", str(data["shards"]), "--out", str(out),
-        *tiny_trainer.flags(batch_size=8, steps=6, label_warmup=2, gmm_refit_every=2, ckpt_every=3, log_every=2,
+        *tiny_trainer.flags(batch_size=8, steps=6, label_warmup=2, gmm_refit_every=2, gmm_min_fill=16, ckpt_every=3, log_every=2,
                             device="cpu"),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

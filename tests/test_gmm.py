@@ -7,11 +7,17 @@ import math
 import pytest
 import torch
 
+from train.config import DEFAULTS
 from train.gmm import DistanceBank, Mixture, SoftLabeler, em_fit, initial_mixture, posterior_similar
 
 
 def _mix(means, variances, weights):
     return Mixture(*(torch.tensor(v, dtype=torch.float64) for v in (means, variances, weights)))
+
+
+def _labeler(capacity, scope="bank", refit_every=DEFAULTS.gmm_refit_every, min_separation=DEFAULTS.gmm_min_sep,
+             min_fill=4):
+    return SoftLabeler(capacity, scope, refit_every, DEFAULTS.gmm_em_iters, DEFAULTS.gmm_var_floor, min_separation, min_fill)
 
 
 def _normal_pdf(x, mu, var):
@@ -52,7 +58,7 @@ def test_bank_is_a_fifo_of_the_last_values():
 
 
 def test_labeler_refits_on_schedule_and_keeps_params_on_collapse():
-    lab = SoftLabeler(capacity=1000, refit_every=50, em_iterations=10, min_separation=0.05)
+    lab = _labeler(1000, refit_every=50, min_separation=0.05)
     g = torch.Generator().manual_seed(1)
     lab.observe(torch.cat([0.3 + 0.05 * torch.randn(900, generator=g), 0.9 + 0.05 * torch.randn(100, generator=g)]))
     assert lab.maybe_refit(step=7)  # first fit happens as soon as there is none
@@ -64,17 +70,75 @@ def test_labeler_refits_on_schedule_and_keeps_params_on_collapse():
 
 
 def test_labeler_state_round_trip_gives_identical_labels():
-    lab = SoftLabeler(capacity=64, scope="bank")
+    lab = _labeler(64)
     lab.observe(torch.linspace(0, 1, 64) ** 2)
     lab.maybe_refit(step=0, force=True)
-    twin = SoftLabeler(capacity=64, scope="bank")
+    twin = _labeler(64)
     twin.load_state_dict(lab.state_dict())
     d = torch.linspace(0, 1, 7)
     assert torch.equal(lab.labels(d), twin.labels(d)) and twin.bank.count == lab.bank.count
 
 
 def test_batch_scope_fits_only_the_current_batch():
-    lab = SoftLabeler(capacity=100, scope="batch")
+    lab = _labeler(100, scope="batch")
     lab.observe(torch.linspace(5, 6, 50))
     lab.observe(torch.linspace(0, 1, 20))
     assert lab.bank.contents().max().item() <= 1.0
+
+
+def test_posterior_is_monotone_with_unequal_variances():
+    # the raw posterior of this mixture gives s(0.0) = 0.17 and s(0.3) = 0.98: near-identical pairs pushed apart
+    mix = _mix([0.5, 0.8], [0.01, 0.04], [0.9, 0.1])
+    d = torch.linspace(0.0, 2.0, 2001, dtype=torch.float64)
+    s = posterior_similar(d, mix)
+    assert s[0].item() == 1.0 and s[-1].item() == 0.0
+    assert bool((s[1:] <= s[:-1]).all())  # non-increasing in d
+    assert posterior_similar(torch.tensor([0.3, 0.5, 0.8, 1.2]), mix).tolist() == [1.0, 1.0, 0.0, 0.0]
+    # between the means it is the mixture posterior itself
+    x = 0.65
+    lo, hi = 0.9 * _normal_pdf(x, 0.5, 0.01), 0.1 * _normal_pdf(x, 0.8, 0.04)
+    assert posterior_similar(torch.tensor([x], dtype=torch.float64), mix).item() == pytest.approx(lo / (lo + hi))
+
+
+def test_bank_of_another_capacity_keeps_the_newest_distances_on_load():
+    lab = _labeler(64)
+    lab.observe(torch.arange(100, dtype=torch.float64))  # ring wrapped: holds 36..99
+    lab.maybe_refit(step=0, force=True)
+    smaller, larger = _labeler(16), _labeler(256)
+    smaller.load_state_dict(lab.state_dict())
+    larger.load_state_dict(lab.state_dict())
+    assert sorted(smaller.bank.contents().tolist()) == list(range(84, 100))
+    assert sorted(larger.bank.contents().tolist()) == list(range(36, 100))
+    assert torch.equal(smaller.mixture.as_tensor(), lab.mixture.as_tensor()) and smaller.seen == 100
+
+
+def test_labeler_is_ready_only_after_min_fill_distances():
+    lab = _labeler(65536, min_fill=100)
+    lab.observe(torch.rand(64))
+    assert not lab.ready
+    lab.observe(torch.rand(64))
+    assert lab.ready and not lab.bank.full  # a first fit does not wait for a full 65,536 bank
+
+
+def test_epoch_scope_fits_each_finished_epoch_and_starts_over():
+    lab = _labeler(1000, scope="epoch")
+    g = torch.Generator().manual_seed(2)
+    epoch1 = torch.cat([0.3 + 0.05 * torch.randn(450, generator=g), 0.9 + 0.05 * torch.randn(50, generator=g)])
+    for chunk in epoch1.split(50):
+        lab.observe(chunk)
+    assert lab.end_epoch(fit=True)  # the refit sees the whole epoch, then the bank is emptied
+    assert lab.bank.held == 0 and lab.mixture.means.tolist() == pytest.approx([0.3, 0.9], abs=0.03)
+    lab.observe(torch.full((8,), 2.0))
+    assert not lab.maybe_refit(step=10)  # within an epoch the labels keep the last epoch's fit
+    stats = lab.stats("gmm1_")
+    assert {"gmm1_mu0", "gmm1_var1", "gmm1_w0", "gmm1_bank_s_below_half"} <= set(stats)
+
+
+def test_bounded_dissimilar_weight_holds_and_keeps_the_split():
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([0.3 + 0.05 * torch.randn(1800, generator=g), 0.9 + 0.1 * torch.randn(1200, generator=g)])
+    free = em_fit(x, initial_mixture(x, 1e-6), iterations=40, var_floor=1e-6)
+    bounded = em_fit(x, initial_mixture(x, 1e-6), iterations=40, var_floor=1e-6, max_dissimilar=0.1)
+    assert free.weights[1].item() == pytest.approx(0.4, abs=0.02)
+    assert bounded.weights[1].item() == pytest.approx(0.1) and bounded.weights.sum().item() == pytest.approx(1.0)
+    assert bounded.means[0].item() < 0.5 < bounded.means[1].item()

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from train.config import DEFAULTS, PretrainConfig
 from train.methods import ld
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -130,9 +129,7 @@ def test_undoing_the_flip_restores_cell_correspondence():
 
 
 def _cfg(**kw):
-    base = dict(backbone="test_resnet", steps=10, seed=0, crop_px=32)
-    base.update(kw)
-    return SimpleNamespace(**base)
+    return PretrainConfig(**{"backbone": "test_resnet", "steps": 10, "seed": 0, "crop_px": 32, "method": "ld", **kw})
 
 
 def test_ld_warmup_then_all_terms_and_gradients_reach_the_backbone():
@@ -214,7 +211,7 @@ def test_ld_options_given_on_the_command_line_reach_the_method_and_the_checkpoin
 
     saved = json.loads((run / "config.json").read_text())["config"]
     assert {k: saved[k] for k in chosen} == chosen
-    assert saved["ld_pd_temperature"] == ld.LD_DEFAULTS["ld_pd_temperature"] == 0.1  # the rest keep the paper's
+    assert saved["ld_pd_temperature"] == DEFAULTS.ld_pd_temperature == 0.1  # the rest keep the paper's
     ckpt = load_checkpoint(run / "last.pt", map_location="cpu")
     assert {k: json.loads(ckpt["config_json"])[k] for k in chosen} == chosen
     assert ckpt["method"]["net.embed.weight"].shape[0] == 8 and ckpt["method"]["net.cluster.weight"].shape[0] == 3

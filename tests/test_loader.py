@@ -14,6 +14,7 @@ from train.data import (
     DataError,
     StreamConfig,
     check_shard_count,
+    interleave_groups,
     make_loader,
     peek_meta,
     select,
@@ -49,7 +50,7 @@ def test_pair_geometry_crops_and_flips_both_members_identically():
 
 
 def test_stream_keeps_uint16_and_shapes(fixture):
-    ipsi, contra = _batches(select(str(fixture["shards"])), 1)[0]
+    ipsi, contra, groups = _batches(select(str(fixture["shards"])), 1)[0]
     assert ipsi.dtype == torch.uint16 and ipsi.shape == (4, 1, 24, 24) and contra.shape == ipsi.shape
     assert int(ipsi.to(torch.int32).max()) > 255  # 16-bit values survive decoding
 
@@ -96,3 +97,25 @@ def test_fail_fast_on_too_few_shards_and_no_shards(tmp_path):
     with pytest.raises(DataError) as err:
         select(str(tmp_path))
     assert err.value.reason == "no_shards"
+
+
+def test_interleave_puts_other_groups_next_to_each_other():
+    groups = [7, 7, 7, 3, 3, 5, 7, 3]  # 4 + 3 + 1: a cyclic order without equal neighbours exists
+    order = interleave_groups(groups)
+    assert sorted(order) == list(range(8))
+    ordered = [groups[i] for i in order]
+    assert all(ordered[i] != ordered[i - 1] for i in range(8))  # i - 1 wraps: the roll-by-one negative
+
+
+def test_rolled_negatives_rarely_come_from_the_same_study(tmp_path):
+    # shards ordered by study and view, 12 pairs per study, a buffer of 8 studies (the defaults' ratio is
+    # larger: 1000 samples over tens of patches per study): a stream in shard order pairs a patch with its
+    # own study's neighbour 11 times in 12
+    fx = write_shards(tmp_path, n_shards=4, per_shard=24, patch_px=32, per_study=12, finding_every=0)
+    cfg = StreamConfig(crop_px=24, num_workers=0, shuffle_buffer=96, deterministic=True)
+    same = total = 0
+    for epoch in range(3):  # the loader is rebuilt every data epoch
+        for _ipsi, _contra, groups in make_loader(select(str(fx["shards"])), cfg, 8, 6, seed=0, data_epoch=epoch):
+            same += int((groups == torch.roll(groups, 1)).sum())
+            total += len(groups)
+    assert same / total < 0.05, f"{same} of {total} rolled negatives share a study"

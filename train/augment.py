@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from train.normalisation import standardise
+
 
 def pair_geometry(
     ipsi: np.ndarray,
@@ -93,11 +95,6 @@ def random_resized_flip(
     return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False).to(x.dtype)
 
 
-# defaults of the intensity flags (`--aug-gamma`, `--aug-noise`); a config without them gets these
-AUG_GAMMA = 1.25
-AUG_NOISE = 0.02
-
-
 def augment(x01: torch.Tensor, cfg, step: int = 0, gen: torch.Generator | None = None) -> torch.Tensor:
     """Intensity augmentation for training, then the model-input standardisation.
 
@@ -106,8 +103,5 @@ def augment(x01: torch.Tensor, cfg, step: int = 0, gen: torch.Generator | None =
     `cfg.aug_noise`, independently per image. `step` is part of the method-facing signature; the draws
     come from `gen` or the device's global RNG, which checkpoints save and restore.
     """
-    from train.data import standardise
-
-    gamma_max = float(getattr(cfg, "aug_gamma", AUG_GAMMA))
-    log_gamma = math.log(gamma_max) if gamma_max > 1 else 0.0
-    return standardise(intensity(x01, gen, log_gamma, float(getattr(cfg, "aug_noise", AUG_NOISE))))
+    log_gamma = math.log(cfg.aug_gamma) if cfg.aug_gamma > 1 else 0.0
+    return standardise(intensity(x01, gen, log_gamma, cfg.aug_noise))

@@ -3,7 +3,7 @@
 Pipeline per rank and worker (see docs/ARCHITECTURE.md "Shards and manifests"):
     ResampledShards -> split_by_node -> split_by_worker -> tar -> select (sampling, manifest keys)
     -> json reduced to ALLOWED_FIELDS -> shuffle (encoded) -> decode_pair (uint16) -> pair geometry
-    -> batch of uint16 tensors.
+    -> batch of uint16 tensors, ordered so that neighbours (the rolled negatives) come from other studies.
 Pixels stay uint16 until the device; `to_model_input` is the one intensity normalisation.
 With `deterministic=True` the stream is a function of (seed, data epoch, rank, worker) only.
 """
@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -26,10 +27,8 @@ import webdataset as wds
 from prep.codec import decode_json, decode_pair
 from prep.errors import ContralateralError
 from train.augment import pair_geometry
+from train.normalisation import NORM_MEAN, NORM_STD, normalisation, standardise, to_model_input, unit_range  # noqa: F401  (the loader's public names)
 
-# x / 65535 then (x - mean) / std: fixed constants, written into encoder.json
-NORM_MEAN = 0.5
-NORM_STD = 0.25
 # the only sample-json fields that survive selection; labels never get past this point
 ALLOWED_FIELDS = ("patch_px", "mm_per_px")
 LABEL_FIELDS = (
@@ -46,25 +45,6 @@ LABEL_FIELDS = (
 
 class DataError(ContralateralError):
     """A data problem the user must fix; `reason` is a stable code."""
-
-
-def normalisation() -> dict:
-    """The normalisation `to_model_input` applies, as recorded in encoder.json."""
-    return {"scale": 1 / 65535, "mean": NORM_MEAN, "std": NORM_STD, "input_dtype": "uint16"}
-
-
-def unit_range(x_uint16: torch.Tensor) -> torch.Tensor:
-    """uint16 pixels -> float32 in [0, 1] (intensity augmentation works in this range)."""
-    return x_uint16.to(torch.float32) / 65535.0
-
-
-def standardise(x01: torch.Tensor) -> torch.Tensor:
-    return (x01 - NORM_MEAN) / NORM_STD
-
-
-def to_model_input(x_uint16: torch.Tensor) -> torch.Tensor:
-    """The one intensity normalisation: uint16 -> x/65535 -> (x - mean) / std, float32."""
-    return standardise(unit_range(x_uint16))
 
 
 # ---------------------------------------------------------------- shard lists and manifest selection
@@ -181,7 +161,16 @@ def _select_and_strip(src: Iterator[dict], keys: frozenset[str] | None, include_
             continue
         kept = {k: v for k, v in sample.items() if k.startswith(("ipsi.", "contra.", "__"))}
         kept["json"] = json.dumps(allowed_meta(meta)).encode()
+        kept["__group__"] = study_group(meta, sample["__key__"])
         yield kept
+
+
+def study_group(meta: dict, key: str) -> int:
+    """A stable integer for the sample's study: not a label, only used to keep a batch's shuffled
+    negatives off pairs of the same study (its other view included). Falls back to the key's
+    `{dataset}_{study}` part (`prep.codec.sample_key`)."""
+    name = str(meta["study_id"]) if meta.get("study_id") else key.rsplit("_", 3)[0]
+    return zlib.crc32(name.encode())
 
 
 def _decode_and_crop(src: Iterator[dict], seed: int | None, crop_px: int, max_shift_px: int | None, flip: bool):
@@ -190,7 +179,7 @@ def _decode_and_crop(src: Iterator[dict], seed: int | None, crop_px: int, max_sh
     for sample in src:
         ipsi, contra = decode_pair(sample)
         ipsi, contra = pair_geometry(ipsi, contra, rng, crop_px, max_shift_px, flip)
-        yield ipsi[None], contra[None]
+        yield ipsi[None], contra[None], sample["__group__"]
 
 
 def _ignore_sigterm(worker_id: int) -> None:
@@ -199,10 +188,31 @@ def _ignore_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _collate(batch: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+def interleave_groups(groups: list[int]) -> list[int]:
+    """An order of the batch in which neighbours (cyclically) come from different groups wherever the
+    group sizes allow: items sorted by group (largest first, then first arrival), laid out on the even
+    positions, then the odd ones. Methods form negatives by rolling the batch by one, so each negative
+    then pairs two studies (the order within a group keeps the shuffle's)."""
+    n = len(groups)
+    counts: dict[int, int] = {}
+    first: dict[int, int] = {}
+    for i, g in enumerate(groups):
+        counts[g] = counts.get(g, 0) + 1
+        first.setdefault(g, i)
+    ranked = sorted(range(n), key=lambda i: (-counts[groups[i]], first[groups[i]], i))
+    slots = list(range(0, n, 2)) + list(range(1, n, 2))
+    order = [0] * n
+    for slot, item in zip(slots, ranked):
+        order[slot] = item
+    return order
+
+
+def _collate(batch: list[tuple[np.ndarray, np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack a batch in `interleave_groups` order; the third tensor holds each pair's study group."""
+    batch = [batch[i] for i in interleave_groups([b[2] for b in batch])]
     ipsi = torch.from_numpy(np.stack([b[0] for b in batch]))
     contra = torch.from_numpy(np.stack([b[1] for b in batch]))
-    return ipsi, contra
+    return ipsi, contra, torch.tensor([b[2] for b in batch], dtype=torch.int64)
 
 
 @dataclass(frozen=True)
@@ -225,7 +235,9 @@ def stream_seed(seed: int, data_epoch: int) -> int:
 def make_loader(
     selection: Selection, cfg: StreamConfig, batch_size: int, n_batches: int, seed: int, data_epoch: int
 ) -> wds.WebLoader:
-    """Loader yielding exactly `n_batches` (ipsi, contra) uint16 batches of shape (B, 1, crop, crop)."""
+    """Loader yielding exactly `n_batches` (ipsi, contra, group) batches: uint16 pairs of shape
+    (B, 1, crop, crop), ordered so that neighbours come from different studies (`interleave_groups`),
+    and each pair's int64 study group (for checks; the loop passes only the pixels on)."""
     epoch_seed = stream_seed(seed, data_epoch) if cfg.deterministic else None
     dataset = wds.DataPipeline(
         wds.ResampledShards(selection.urls, seed=epoch_seed or 0, deterministic=cfg.deterministic),
@@ -233,7 +245,9 @@ def make_loader(
         wds.split_by_worker,
         wds.tarfile_to_samples(handler=wds.reraise_exception),
         wds.pipelinefilter(_select_and_strip)(selection.keys, cfg.include_finding),
-        wds.shuffle(cfg.shuffle_buffer, initial=min(100, cfg.shuffle_buffer), seed=epoch_seed),
+        # a full buffer before the first batch: the loader restarts every data epoch, and a barely filled
+        # buffer would hand out runs of one shard, i.e. of a few studies
+        wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, seed=epoch_seed),
         wds.pipelinefilter(_decode_and_crop)(epoch_seed, cfg.crop_px, cfg.max_shift_px, cfg.flip),
         wds.batched(batch_size, collation_fn=_collate, partial=False),
     )

@@ -8,6 +8,8 @@
       5. loop over data epochs    (a data epoch = --ckpt-every steps; its stream is seeded by (seed, epoch),
                                    so a resumed run skips the consumed batches and sees the same ones)
       6. checkpoint, export       (last.pt, step-N.pt, encoder.safetensors + encoder.json)
+    Logged: every --log-every steps and at every mixture refit; with --val-where, the label diagnostic
+    (train.diagnostics, evaluation only) every --val-every steps.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from train.checkpoint import (
     save_run_checkpoint,
     set_rng_state,
 )
-from train.config import PretrainConfig
+from train.config import ConfigError, PretrainConfig
 from train.data import (
     DataError,
     StreamConfig,
@@ -51,12 +53,9 @@ from train.data import (
     select,
     unit_range,
 )
+from train.diagnostics import LabelProbe, load_validation_pairs
 from train.methods import get_method
 from train.models import ENCODER_FILE, save_encoder
-
-
-class ConfigError(ContralateralError):
-    """A training config the loop refuses. `reason`: unknown_method."""
 
 
 TRAIN_ERRORS = (ConfigError, DataError, CheckpointError)
@@ -89,6 +88,13 @@ def lr_lambda(steps: int, warmup: int):
     return factor
 
 
+def clip_gradients(groups: list[list[nn.Parameter]], max_norm: float) -> None:
+    """Clip the gradient norm of each group on its own: a two-network method's networks each get the
+    clip a one-network method gets (a joint norm over both would clip each more tightly)."""
+    for group in groups:
+        torch.nn.utils.clip_grad_norm_(group, max_norm)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on biases and norm parameters."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
@@ -114,26 +120,6 @@ def _as_float(logs: dict) -> dict[str, float]:
     return {k: float(v) for k, v in logs.items()}
 
 
-def _validate(cfg: PretrainConfig, world: int) -> None:
-    checks = [
-        (cfg.steps >= 1, "bad_steps", f"--steps must be >= 1, got {cfg.steps}"),
-        (cfg.batch_size % world == 0, "bad_batch", f"--batch-size {cfg.batch_size} (global) must divide by {world} ranks"),
-        (cfg.batch_size // world >= 2, "bad_batch", "need >= 2 pairs per rank (negatives come from the batch)"),
-        (cfg.label_source in ("peer", "self"), "bad_option", f"--label-source {cfg.label_source!r}: peer|self"),
-        (cfg.neg_pairs in ("shuffled", "none"), "bad_option", f"--neg-pairs {cfg.neg_pairs!r}: shuffled|none"),
-        (cfg.gmm_scope in ("bank", "batch", "epoch"), "bad_option", f"--gmm-scope {cfg.gmm_scope!r}: bank|batch|epoch"),
-        (cfg.precision in ("auto", "bf16", "fp16", "fp32"), "bad_option", f"--precision {cfg.precision!r}"),
-        (cfg.ckpt_every >= 1 and cfg.keep >= 1, "bad_option", "--ckpt-every and --keep must be >= 1"),
-    ]  # fmt: skip
-    for ok, reason, detail in checks:
-        if not ok:
-            raise ConfigError(reason, detail)
-    try:
-        get_method(cfg.method)
-    except KeyError as exc:
-        raise ConfigError("unknown_method", str(exc.args[0])) from None
-
-
 def pretrain(cfg: PretrainConfig) -> dict:
     """Train (or resume) the run `cfg.out`; returns a summary dict. The CLI is a thin wrapper."""
     info = distributed.setup(cfg.device)
@@ -147,7 +133,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
     # 1. processes and device
-    _validate(cfg, info.world_size)
+    cfg.validate(info.world_size)
     device = info.device
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -223,17 +209,30 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
     resume_from = None if cfg.smoke else resolve_resume(cfg.resume, run_dir)
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from, map_location=device)
-        check_compatible(ckpt, run_hash, hashed, cfg.force)
-        method.load_state_dict(ckpt["method"])
-        method.load_extra_state(ckpt["extra"])
-        if optimizer:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        rngs = ckpt["rng_by_rank"]
-        set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
-        step = int(ckpt["step"])
-        say(f"resumed {resume_from} at step {step}")
+        try:
+            check_compatible(ckpt, run_hash, hashed, cfg.force)
+            method.load_state_dict(ckpt["method"])
+            method.load_extra_state(ckpt["extra"])
+            if optimizer:
+                optimizer.load_state_dict(ckpt["optimizer"])
+                scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            rngs = ckpt["rng_by_rank"]
+            set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
+            step = int(ckpt["step"])
+        except (KeyError, RuntimeError, ValueError) as exc:  # a foreign checkpoint, or a forced resume across models
+            lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+            first_line = " ".join(lines[:2])
+            first_line = first_line if len(first_line) <= 240 else first_line[:240] + " ..."
+            raise CheckpointError(
+                "incompatible_checkpoint",
+                f"{resume_from} does not fit this run's model or optimiser ({first_line}); use another --out "
+                "or --resume never",
+            ) from None
+        if step >= cfg.steps:
+            say(f"{resume_from} is at step {step}, --steps {cfg.steps}: nothing to train (raise --steps and add --force to continue)")
+        else:
+            say(f"resumed {resume_from} at step {step}")
 
     if info.is_main and not cfg.smoke:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -263,6 +262,11 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
         return _smoke(cfg, selection, stream, per_rank_batch, device, run_step, amp_dtype, say)
 
     # 5. loop over data epochs
+    clip_groups = method.clip_groups() if hasattr(method, "clip_groups") else [list(method.parameters())]
+    probe = None
+    if cfg.val_where and info.is_main and hasattr(method, "label_scores"):
+        probe = LabelProbe(load_validation_pairs(cfg.manifest, cfg.val_where, cfg.shards, crop_px, cfg.val_max_pairs), device)
+        say(f"label diagnostic on {probe.pairs.describe()} (evaluation only)")
     stop = {"signal": None}
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal="SIGTERM"))
     tb, metrics = _open_logs(run_dir, step) if info.is_main else (None, None)
@@ -278,7 +282,7 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
             batches = itertools.islice(iter(loader), step - epoch * cfg.ckpt_every, None)
             while step < epoch_end:
                 t0 = time.monotonic()
-                ipsi, contra = next(batches)
+                ipsi, contra, _groups = next(batches)
                 window["wait"] += time.monotonic() - t0
                 ipsi = unit_range(ipsi.to(device, non_blocking=True))
                 contra = unit_range(contra.to(device, non_blocking=True))
@@ -288,16 +292,19 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
                 scaler.scale(loss).backward()
                 if cfg.grad_clip > 0:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.grad_clip)
+                    clip_gradients(clip_groups, cfg.grad_clip)
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
                 step += 1
                 window["steps"] += 1
 
-                if step % cfg.log_every == 0 or step == cfg.steps:
+                refitted = float(logs.get("gmm_refits", 0)) > 0  # a python float: no device sync
+                if step % cfg.log_every == 0 or step == cfg.steps or refitted:
                     global_batch = per_rank_batch * info.world_size
                     record = _log(cfg, step, loss, logs, scheduler, window, global_batch, device, info)
+                    if probe is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+                        record.update(probe.run(method))
                     if info.is_main:
                         _write_logs(tb, metrics, record)
                     progress.update(step, record)
@@ -390,7 +397,7 @@ class _progress:
     elsewhere (a log file, CI, SLURM) whole plain lines at a bounded rate (`prep.progress`), which a live
     display would cut to 80 columns."""
 
-    SHOWN = ("loss", "loss_pairs", "loss_neg", "gmm1_mu0", "gmm1_mu1", "s_below_half", "emb_std", "lr",
+    SHOWN = ("loss", "loss_pairs", "loss_neg", "gmm1_mu0", "gmm1_mu1", "s_below_half", "val_auc_1ms1", "emb_std", "lr",
              "pairs_per_s", "data_wait", "gpu_mem_gb")  # fmt: skip
 
     def __init__(self, cfg, enabled: bool, start: int):
@@ -423,7 +430,7 @@ class _progress:
 def _smoke(cfg, selection, stream, per_rank_batch, device, run_step, amp_dtype, say) -> dict:
     """One batch through the whole step (forward, loss, backward); prints what a user checks first."""
     loader = make_loader(selection, stream, per_rank_batch, 1, cfg.seed, 0)
-    ipsi_u16, contra_u16 = next(iter(loader))
+    ipsi_u16, contra_u16, _groups = next(iter(loader))
     for name, batch in (("ipsi", ipsi_u16), ("contra", contra_u16)):
         wide = batch.to(torch.int32)  # torch has no min/max kernels for uint16
         say(f"batch {name}: {tuple(batch.shape)} {batch.dtype} range [{int(wide.min())}, {int(wide.max())}]")

@@ -18,11 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.config import DEFAULTS as CONFIG_DEFAULTS
-
-# LD options are the `ld_*` fields of `PretrainConfig` (one place for their defaults, PAPER.md section 2);
-# a config without them (e.g. a bare namespace in a test) gets these.
-LD_DEFAULTS = {k: v for k, v in CONFIG_DEFAULTS.to_dict().items() if k.startswith("ld_")}
+from train.augment import augment
+from train.config import PretrainConfig
 
 
 # ---------------------------------------------------------------- loss terms (pure functions)
@@ -151,19 +148,18 @@ class LocalDiscrimination(nn.Module):
     name = "ld"
     uses_pairs = False
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: PretrainConfig):
         super().__init__()
         self.cfg = cfg
-        self.opts = {k: getattr(cfg, k, v) for k, v in LD_DEFAULTS.items()}
-        self.net = LDNet(cfg.backbone, self.opts["ld_embed_dim"], self.opts["ld_clusters"], self.opts["ld_decoder_width"])
-        self.total_steps = max(1, int(getattr(cfg, "steps", 1)))
-        self.warmup_steps = int(self.opts["ld_warmup_frac"] * self.total_steps)
+        # the `ld_*` fields of PretrainConfig (their defaults are the paper's, PAPER.md section 2)
+        self.opts = {k: v for k, v in cfg.to_dict().items() if k.startswith("ld_")}
+        self.net = LDNet(cfg.backbone, cfg.ld_embed_dim, cfg.ld_clusters, cfg.ld_decoder_width)
+        self.total_steps = cfg.steps
+        self.warmup_steps = int(cfg.ld_warmup_frac * self.total_steps)
 
     def _view(self, x01: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The shared intensity augmentation, plus a random horizontal flip that is undone on the embeddings.
         Draws come from the device's global RNG, which the loop's checkpoints save and restore."""
-        from train.augment import augment
-
         x = augment(x01, self.cfg, step)
         flip = torch.rand(x.shape[0], device=x.device) < 0.5
         return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x), flip

@@ -9,6 +9,12 @@ siamese-soft, per step on B pairs (ipsi x, registered contra x'):
       + w_neg [L(d_neg^1, 0) + L(d_neg^2, 0)]         (--neg-pairs shuffled: ipsi vs the next pair's contra)
   with L(d, s) = mean[s d^2 + (1 - s) max(0, m - d)^2]; s = 1 during the label warm-up.
 siamese-hard: one network, s = 1 for every true pair, the same negatives.
+
+Our choices (docs/ARCHITECTURE.md "Soft labels"): s is the mixture posterior clamped to be monotone in d
+(1 below the similar mean, 0 above the dissimilar one); the bank holds --gmm-bank distances whatever
+--steps is; labels start after --label-warmup once the bank holds --gmm-min-fill distances, and the
+mixture is refitted every --gmm-refit-every steps. The loader orders each batch so the rolled negative
+of a pair comes from another study. Each network's gradient is clipped on its own (`clip_groups`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from train.augment import augment
 from train.gmm import SoftLabeler
 from train.losses import agreement, pair_distance, soft_contrastive
 from train.models import EmbeddingNet
+from train.normalisation import standardise
 
 LABEL_HIST_BINS = 4
 
@@ -31,12 +38,6 @@ def label_warmup_steps(cfg) -> int:
     """W: `--label-warmup` is a fraction of `--steps` (< 1) or a step count (>= 1)."""
     w = cfg.label_warmup
     return int(math.ceil(w * cfg.steps)) if w < 1 else int(w)
-
-
-def bank_capacity(cfg) -> int:
-    """The bank holds min(--gmm-bank, W x global batch) distances, so it is full when the warm-up ends
-    even in short runs (a 65,536 bank at batch 64 would otherwise need 1,024 steps to fill)."""
-    return max(cfg.batch_size, min(cfg.gmm_bank, max(label_warmup_steps(cfg), 1) * cfg.batch_size))
 
 
 def embedding_std(z: torch.Tensor) -> torch.Tensor:
@@ -57,20 +58,40 @@ class SiameseSoft(nn.Module):
         self.warmup_steps = label_warmup_steps(cfg)
         self.labelers = [
             SoftLabeler(
-                bank_capacity(cfg), cfg.gmm_scope, cfg.gmm_refit_every, cfg.gmm_em_iters, cfg.gmm_var_floor,
-                cfg.gmm_min_sep,
+                cfg.gmm_bank, cfg.gmm_scope, cfg.gmm_refit_every, cfg.gmm_em_iters, cfg.gmm_var_floor,
+                cfg.gmm_min_sep, cfg.gmm_min_fill, cfg.gmm_max_dissimilar,
             )
             for _ in range(0 if self.hard_labels else n_nets)
         ]  # fmt: skip
-        self.epoch_steps = max(1, cfg.ckpt_every)
+        self.epoch_steps = cfg.ckpt_every
 
     def encoder(self) -> nn.Module:
         return self.nets[0].backbone
 
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """Parameters clipped together: each network on its own, so two networks get the clip one does."""
+        return [list(net.parameters()) for net in self.nets]
+
     def _labels_in_use(self, step: int) -> bool:
+        """After the warm-up of W steps, once every bank holds enough distances for a first fit."""
         if self.hard_labels or step < self.warmup_steps:
             return False
-        return self.cfg.gmm_scope != "bank" or all(lab.bank.full for lab in self.labelers)
+        return all(lab.mixture is not None or lab.ready for lab in self.labelers)
+
+    @torch.no_grad()
+    def label_scores(self, ipsi: torch.Tensor, contra: torch.Tensor) -> dict[str, torch.Tensor]:
+        """For the label diagnostic (never training): each network's pair distance `d{k}` and, once a
+        mixture exists, its soft label `s{k}`, on un-augmented [0, 1] images; call in eval mode."""
+        n = ipsi.shape[0]
+        x = standardise(torch.cat([ipsi, contra]))
+        out = {}
+        for k, net in enumerate(self.nets, start=1):
+            z = net(x).float()
+            d = pair_distance(z[:n], z[n:])
+            out[f"d{k}"] = d
+            if k <= len(self.labelers) and (s := self.labelers[k - 1].labels(d)) is not None:
+                out[f"s{k}"] = s
+        return out
 
     def training_step(self, ipsi: torch.Tensor, contra: torch.Tensor, step: int):
         cfg = self.cfg
@@ -84,15 +105,16 @@ class SiameseSoft(nn.Module):
             neg_dists.append(pair_distance(z_ipsi, torch.roll(z_contra, 1, dims=0)))
             stds.append(embedding_std(z))
 
-        if step > 0 and step % self.epoch_steps == 0:
-            for labeler in self.labelers:
-                labeler.new_epoch()
+        refits = 0
+        if step > 0 and step % self.epoch_steps == 0:  # `epoch` scope: fit on the finished data epoch
+            fit = self._labels_in_use(step)
+            refits += sum(int(labeler.end_epoch(fit)) for labeler in self.labelers)
         for labeler, d in zip(self.labelers, dists):
             labeler.observe(distributed.gather_detached(d))
-        refits = 0
         use_labels = self._labels_in_use(step)
         if use_labels:
-            refits = sum(int(labeler.maybe_refit(step)) for labeler in self.labelers)
+            # the schedule counts completed steps, as the loop's logs do, so refits land on --log-every steps
+            refits += sum(int(labeler.maybe_refit(step + 1)) for labeler in self.labelers)
         own = [labeler.labels(d) if use_labels else None for labeler, d in zip(self.labelers, dists)]
         own = [s if s is not None else torch.ones_like(d) for s, d in zip(own, dists)] or [torch.ones_like(dists[0])]
         if len(self.nets) == 2 and cfg.label_source == "peer":
