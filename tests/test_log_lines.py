@@ -11,7 +11,7 @@ from pipelines.progress import print_summary
 from train.loop import _progress
 
 RECORD = {"step": 0, "loss": 0.6684, "loss_pairs": 0.41, "loss_neg": 0.25, "gmm1_mu0": 0.12, "gmm1_mu1": 0.83,
-          "s_below_half": 0.37, "emb_std": 0.051, "lr": 3e-4, "pairs_per_s": 812.0, "data_wait": 0.01,
+          "s_below_half": 0.37, "val_auc_1ms1": 0.61, "emb_std": 0.051, "lr": 3e-4, "pairs_per_s": 812.0, "data_wait": 0.01,
           "gpu_mem_gb": 11.5}
 
 
