@@ -125,8 +125,9 @@ def macro_auc(y: np.ndarray, proba: np.ndarray, classes: np.ndarray) -> float | 
 
 
 def weighted_balanced_accuracies(y: np.ndarray, pred: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Mean per-class recall under each row-weight vector (classes absent from a resample are left out):
-    a classifier that always answers the majority class scores 0.5 on two classes."""
+    """Mean per-class recall under each row-weight vector (classes absent from a resample are left out; a
+    resample holding one class only is NaN): a classifier that always answers the majority class scores 0.5
+    on two classes."""
     y, pred = np.asarray(y, dtype=object), np.asarray(pred, dtype=object)
     weights = np.atleast_2d(np.asarray(weights, dtype=float))
     recalls = []
@@ -138,8 +139,11 @@ def weighted_balanced_accuracies(y: np.ndarray, pred: np.ndarray, weights: np.nd
             recalls.append(np.where(total > 0, hit / total, np.nan))
     if not recalls:
         return np.full(len(weights), np.nan)
+    recalls = np.stack(recalls)
+    present = np.isfinite(recalls).sum(0)
     with np.errstate(invalid="ignore"):
-        return np.nanmean(np.stack(recalls), axis=0)
+        # one class alone says nothing about balance (its recall would pass for the balanced accuracy)
+        return np.where(present >= min(2, len(recalls)), np.nanmean(recalls, axis=0), np.nan)
 
 
 def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
@@ -212,7 +216,7 @@ def paired_auc_test(y, scores_a: list[np.ndarray], scores_b: list[np.ndarray], g
     df = float("inf") if var_seed == 0 else (n_seeds - 1) * (var / var_seed) ** 2
     half = float(stats.t.ppf(0.5 + boot.level / 2, df)) * np.sqrt(var)
     p = float(2 * stats.t.sf(abs(delta) / np.sqrt(var), df))
-    return {**out, "scope": "seeds and studies", "ci": [delta - half, delta + half], "p": p, "df": df,
+    return {**out, "scope": "seeds and studies", "ci": [float(delta - half), float(delta + half)], "p": p, "df": df,
             "sd_test": float(np.sqrt(var_test)), "sd_seed": float(np.sqrt(var_seed))}
 
 
