@@ -10,7 +10,7 @@ with `train.metrics.paired_auc_test`: the mean over shared seeds of the AUC diff
 study-level resamples (test sampling) plus the spread over seeds (training randomness). All tests form
 one family, Holm-corrected; a pair is called different only where the corrected p < 0.05. With one seed
 there is no test across seeds: the verdict says so, and reports the study-level paired bootstrap of that
-seed, labelled as such.
+seed (normal approximation with the bootstrap standard error), labelled as such.
 """
 
 from __future__ import annotations
@@ -390,8 +390,8 @@ def compare_evaluations(paths: list[str | Path], out: str | Path, boot: Bootstra
            "## Paired comparisons (Holm-corrected)", "",
            f"Each line compares the first method with the second on the same test pairs: Δ = mean over seeds of "
            f"AUC(first) - AUC(second), with its 95 % CI, from study-level resamples ({boot.n_boot}) plus the "
-           f"spread over seeds; p-values are Holm-corrected over all {len(tests)} tests; 'better' / 'worse' only "
-           f"where the corrected p < {ALPHA}.", "",
+           f"spread over seeds (one seed: the study resamples alone); the CIs are per test, the p-values "
+           f"Holm-corrected over all {len(tests)} tests; 'better' / 'worse' only where the corrected p < {ALPHA}.", "",
            *pair_verdicts(tests), *primary_summary(tests), "",
            "## Highest means (description, not a claim)", "", *best_means(table), ""]
     if notes:

@@ -185,9 +185,10 @@ def paired_auc_test(y, scores_a: list[np.ndarray], scores_b: list[np.ndarray], g
     The statistic is the mean over seeds of the per-seed difference. Its variance has two parts: the
     test-study part, from study-level resamples applied jointly to every seed and both methods (so shared
     studies cancel), and the training part, the spread of the per-seed differences / n_seeds. The test is
-    a t-test on their sum with Welch-Satterthwaite degrees of freedom. With one seed there is no training
-    part to estimate: the result is the study-level paired bootstrap of that seed alone (`scope`
-    says so), with a percentile CI and the CI-inversion p-value."""
+    a t-test on their sum with Welch-Satterthwaite degrees of freedom (normal where the training part is
+    0). With one seed there is no training part to estimate: the result is the study-level paired
+    bootstrap of that seed alone, and `scope` says so. The CI is per test (not adjusted for multiplicity).
+    """
     if len(scores_a) != len(scores_b) or not scores_a:
         raise ValueError("paired_auc_test needs the same number (>= 1) of seeds for both methods")
     y = np.asarray(y, dtype=bool)
@@ -201,22 +202,19 @@ def paired_auc_test(y, scores_a: list[np.ndarray], scores_b: list[np.ndarray], g
     delta = float(per_seed.mean())
     n_seeds = len(per_seed)
     out = {"delta": delta, "per_seed": per_seed.tolist(), "n_seeds": n_seeds, **counts_beside(y, groups)}
+    scope = "seeds and studies" if n_seeds > 1 else "studies (one seed)"
     if len(boot_delta) < 20:
-        return {**out, "scope": "none", "ci": None, "p": None}
-    if n_seeds == 1:
-        tail = min((boot_delta <= 0).mean(), (boot_delta >= 0).mean())
-        p = float(min(1.0, max(2 * tail, 1.0 / len(boot_delta))))
-        return {**out, "scope": "studies (one seed)", "ci": percentile_ci(boot_delta, boot.level), "p": p}
+        return {**out, "scope": scope, "ci": None, "p": None, "df": None}
     var_test = float(boot_delta.var(ddof=1))
-    var_seed = float(per_seed.var(ddof=1) / n_seeds)
+    var_seed = float(per_seed.var(ddof=1) / n_seeds) if n_seeds > 1 else 0.0
     var = var_test + var_seed
     if var == 0:
-        return {**out, "scope": "seeds and studies", "ci": [delta, delta], "p": 1.0 if delta == 0 else 0.0,
-                "df": None}
+        return {**out, "scope": scope, "ci": [delta, delta], "p": 1.0 if delta == 0 else 0.0, "df": None,
+                "sd_test": 0.0, "sd_seed": 0.0}
     df = float("inf") if var_seed == 0 else (n_seeds - 1) * (var / var_seed) ** 2
-    half = float(stats.t.ppf(0.5 + boot.level / 2, df)) * np.sqrt(var)
+    half = float(stats.t.ppf(0.5 + boot.level / 2, df) * np.sqrt(var))
     p = float(2 * stats.t.sf(abs(delta) / np.sqrt(var), df))
-    return {**out, "scope": "seeds and studies", "ci": [float(delta - half), float(delta + half)], "p": p, "df": df,
+    return {**out, "scope": scope, "ci": [delta - half, delta + half], "p": p, "df": df,
             "sd_test": float(np.sqrt(var_test)), "sd_seed": float(np.sqrt(var_seed))}
 
 
