@@ -4,7 +4,7 @@
         --seeds 0 1 2 --methods random siamese-soft siamese-hard simclr ld --steps 500
 
 Layout under --out: runs/<method>/seed<k>/ (train pretrain), evals/<method>/seed<k>/ (train evaluate),
-compare/compare.md + compare.csv, study.json (the settings). Finished runs (encoder.safetensors) and
+compare/compare.md + compare.csv + paired.csv (Holm-corrected paired tests), study.json (the settings). Finished runs (encoder.safetensors) and
 evaluations (metrics.json) are skipped, so an interrupted study resumes; an unfinished run continues from
 its last.pt. Pretraining reads the training split's label-agnostic samples only; evaluation reads every
 sample of the manifest once. Runs are deterministic, so a second study reproduces the table.
@@ -63,11 +63,13 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     """Pretrain + evaluate every (method, seed) not finished yet, then compare them all."""
     import torch
 
-    from pipelines.manifests import write_json_atomic
+    from prep.io import write_json_atomic
     from train.compare import compare_evaluations
     from train.evaluate import EvalConfig, evaluate_encoder
     from train.loop import pretrain
     from train.methods import METHODS
+    from train.metrics import Bootstrap
+    from train.models import ENCODER_FILE
 
     unknown = sorted(set(cfg.methods) - set(METHODS))
     if unknown:
@@ -81,7 +83,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
         for seed in cfg.seeds:
             run_dir = out / "runs" / method / f"seed{seed}"
             eval_dir = out / "evals" / method / f"seed{seed}"
-            if not (run_dir / "encoder.safetensors").is_file():
+            if not (run_dir / ENCODER_FILE).is_file():
                 say(f"pretrain {method} seed {seed} ({cfg.steps} steps)")
                 pretrain(pretrain_config(cfg, method, seed))
                 done["pretrained"] += 1
@@ -95,7 +97,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
                 device=device,
             )  # fmt: skip
             done["evaluated"] += 1
-    result = compare_evaluations([out / "evals"], out / "compare")
+    result = compare_evaluations([out / "evals"], out / "compare", Bootstrap(n_boot=cfg.n_boot))
     say(f"{result['n_evaluations']} evaluations compared -> {result['markdown']}")
     return {**done, "compare": str(result["markdown"])}
 
@@ -117,7 +119,7 @@ def main(
     lr: float = typer.Option(1e-3, "--lr", help="Learning rate, equal for every method. Default: 0.001."),
     num_workers: int = typer.Option(2, "--num-workers", min=0, help="Loader worker processes per run. Default: 2."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto. Default: auto."),
-    n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Bootstrap resamples per evaluation CI. Default: 1000."),
+    n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Study-level bootstrap resamples per evaluation CI and per paired test. Default: 1000."),
     root: Optional[Path] = typer.Option(None, "--root", help="Archive root for each evaluation's heat map. Default: none (skipped)."),
 ) -> None:
     """Run the comparison study; re-running resumes and skips finished runs and evaluations."""

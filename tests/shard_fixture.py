@@ -2,8 +2,10 @@
 schema), for trainer tests.
 
 Pairs are smooth random texture seen twice (contra = ipsi + a little noise): symmetric tissue. Every
-`finding_every`-th sample is a `finding` sample with a bright blob on the ipsi side only. Label fields
-follow the content, or are drawn from `label_seed` so two fixtures can differ in labels alone.
+`finding_every`-th sample is a `finding` sample with a bright blob on the ipsi side only; with
+`grid_lesion_every`, every such sample (offset by one) is a `grid` sample with the same blob, so grid-only
+detection has positives. Label fields follow the content, or are drawn from `label_seed` so two fixtures
+can differ in labels alone.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ def _to_uint16(x: np.ndarray) -> np.ndarray:
     return np.round(np.clip(x, 0, 1) * 65535).astype(np.uint16)
 
 
-def _row(idx: int, key: str, patch_px: int, finding: bool, labels: np.random.Generator | None, per_study: int) -> dict:
-    abnormal = bool(labels.random() < 0.5) if labels is not None else finding
+def _row(idx: int, key: str, patch_px: int, finding: bool, labels: np.random.Generator | None, per_study: int,
+         grid_lesion: bool = False) -> dict:
+    abnormal = bool(labels.random() < 0.5) if labels is not None else finding or grid_lesion
     row = {name: None for name, _ in SAMPLE_FIELDS if name not in ("shard", "offset")}
     row.update(
         key=key, dataset="fixture", split=SPLIT, study_id=f"s{idx // per_study:04d}", view=("CC", "MLO")[idx % 2],
@@ -46,7 +49,7 @@ def _row(idx: int, key: str, patch_px: int, finding: bool, labels: np.random.Gen
         lesion_overlap=float(labels.random()) if labels is not None else float(finding),
         finding_categories=["Mass"] if abnormal else [],
         finding_birads=[f"BI-RADS {int(labels.integers(1, 6)) if labels is not None else 4}"] if abnormal else [],
-        breast_birads_ipsi=f"BI-RADS {int(labels.integers(1, 6)) if labels is not None else (4 if finding else 1)}",
+        breast_birads_ipsi=f"BI-RADS {int(labels.integers(1, 6)) if labels is not None else (4 if abnormal else 1)}",
         breast_birads_contra=f"BI-RADS {int(labels.integers(1, 6)) if labels is not None else 1}",
         density="ABCD"[int(labels.integers(0, 4)) if labels is not None else idx % 4],
         seed=idx, sampling="finding" if finding else "grid",
@@ -64,6 +67,7 @@ def write_shards(
     finding_every: int = 6,
     label_seed: int | None = None,
     per_study: int = 4,
+    grid_lesion_every: int = 0,
 ) -> dict:
     """Write `root/shards/training/*.tar` and `root/manifests/samples.parquet`; returns their paths.
     Consecutive samples share a study (`per_study` of them, views alternating), as in a real build."""
@@ -77,12 +81,13 @@ def write_shards(
         for offset in range(per_shard):
             idx = shard * per_shard + offset
             finding = finding_every > 0 and idx % finding_every == 0
+            grid_lesion = grid_lesion_every > 0 and idx % grid_lesion_every == 1
             ipsi = _texture(rng, patch_px)
             contra = ipsi + rng.normal(0, 0.02, ipsi.shape).astype(np.float32)
-            if finding:
+            if finding or grid_lesion:
                 cv2.circle(ipsi, (patch_px // 2, patch_px // 2), patch_px // 6, 1.0, -1)
             key = sample_key("fixture", f"s{idx:05d}", ("CC", "MLO")[idx % 2], ("L", "R")[(idx // 2) % 2], idx)
-            row = _row(idx, key, patch_px, finding, labels, per_study)
+            row = _row(idx, key, patch_px, finding, labels, per_study, grid_lesion)
             samples.append(encode_sample(row, _to_uint16(ipsi), _to_uint16(contra), codec))
             rows.append({**row, "shard": rel, "offset": offset})
         write_tar(shards_dir / rel, samples)
@@ -91,11 +96,12 @@ def write_shards(
 
 
 def write_split_fixture(root: Path) -> dict:
-    """96 fixture pairs (every 4th has a blob on the ipsi side = abnormal); odd studies become the test split
-    through the manifest, which is where evaluation reads labels and splits from."""
+    """96 fixture pairs in 24 studies of 4: one finding-centred and one grid pair with a blob on the ipsi side
+    (= abnormal), two normal grid pairs; odd studies become the test split through the manifest, which is
+    where evaluation reads labels and splits from."""
     import pandas as pd
 
-    fx = write_shards(root, n_shards=4, per_shard=24, patch_px=32, finding_every=4)
+    fx = write_shards(root, n_shards=4, per_shard=24, patch_px=32, finding_every=4, grid_lesion_every=4)
     table = pd.read_parquet(fx["manifest"])
     table["split"] = np.where(table["study_id"].str[1:].astype(int) % 2 == 1, "test", "training")
     manifest = root / "manifests" / "samples_split.parquet"

@@ -12,12 +12,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ("prep", "train", "pipelines")  # each may import only itself and the ones before it
 
-# Cycles being removed on other branches; delete each entry once its branch is merged (the test below
-# fails on an entry that no longer matches a cycle, so a stale exemption cannot linger).
-KNOWN_CYCLES = {
-    frozenset({"train.evaluate", "train.report"}),  # branch `evaluation`
-}
-
 
 def module_files(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
     """Dotted module name -> file, for every module of `packages` under `root` (a package is its __init__)."""
@@ -117,9 +111,7 @@ def test_no_module_imports_a_layer_above_it():
 
 
 def test_no_import_cycle_between_modules():
-    cycles = set(import_cycles(import_graph(REPO, LAYERS)))
-    assert cycles - KNOWN_CYCLES == set(), "new import cycle(s)"
-    assert KNOWN_CYCLES - cycles == set(), "these cycles are gone: delete them from KNOWN_CYCLES"
+    assert import_cycles(import_graph(REPO, LAYERS)) == []
 
 
 def test_the_checks_catch_an_upward_import_and_a_cycle(tmp_path):

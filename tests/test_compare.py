@@ -1,42 +1,93 @@
-"""`train compare` and the study job: mean and 95 % t-intervals over >= 3 seeds, honest verdicts,
-resumable and reproducible studies."""
+"""`train compare` and the study job: t-intervals over seeds, pixel baselines beside every method, paired
+tests over seeds and test studies with Holm correction, an honest one-seed verdict, resumable and
+reproducible studies."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import zlib
 
+import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from train.cli import app
-from train.compare import aggregate, compare_evaluations, find_evaluations, t_interval, verdicts
-
+from train.compare import compare_evaluations, find_evaluations, paired_tests, t_interval
+from train.metrics import Bootstrap, auc
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+BOOT = Bootstrap(n_boot=300)
+N_STUDIES = 90
+N_LESION_STUDIES = 30  # studies 0, 3, ..., 87
 
-def _write_eval(root, method, seed, **summary):
+
+def _test_pairs() -> pd.DataFrame:
+    """Test split: 90 studies x 4 grid pairs, a lesion pair in every third study, plus one finding-centred
+    lesion pair per lesion study; a few training rows that every test must ignore."""
+    rows = []
+    for s in range(N_STUDIES):
+        for j in range(4):
+            rows.append({"key": f"t{s:03d}-{j}", "split": "test", "study_id": f"s{s:03d}", "sampling": "grid",
+                         "ipsi_abnormal": s % 3 == 0 and j == 0, "contra_abnormal": False})
+        if s % 3 == 0:
+            rows.append({"key": f"t{s:03d}-f", "split": "test", "study_id": f"s{s:03d}", "sampling": "finding",
+                         "ipsi_abnormal": True, "contra_abnormal": False})
+    rows += [{"key": f"r{i}", "split": "training", "study_id": f"r{i}", "sampling": "grid",
+              "ipsi_abnormal": i % 2 == 0, "contra_abnormal": False} for i in range(8)]
+    table = pd.DataFrame(rows)
+    rng = np.random.default_rng(99)  # the pixel baselines: the same for every evaluation
+    lesion = table["ipsi_abnormal"].to_numpy()
+    return table.assign(pixel_l2=rng.normal(size=len(table)) + 1.5 * lesion,
+                        mean_intensity_diff=rng.normal(size=len(table)))
+
+
+def _write_eval(root, method, seed, signal):
+    """An evaluation whose scores carry `signal` (lesion shift in noise sds) and whose summary is computed
+    from those scores, as `train evaluate` does."""
     out = root / "evals" / method / f"seed{seed}"
     out.mkdir(parents=True)
+    table = _test_pairs()
+    rng = np.random.default_rng(zlib.crc32(f"{method}/{seed}".encode()))
+    lesion = table["ipsi_abnormal"].to_numpy()
+    for column in ("distance", "probe_abnormal", "knn_abnormal"):
+        table[column] = rng.normal(size=len(table)) + signal * lesion
+    test = (table["split"] == "test").to_numpy()
+    table.loc[~test, ["probe_abnormal", "knn_abnormal"]] = np.nan
+    grid = test & (table["sampling"] == "grid").to_numpy()
+    table.to_parquet(out / "scores.parquet", index=False)
+    summary = {
+        "detection_auc_grid": auc(lesion[grid], table["distance"][grid]),
+        "detection_auc_grid_pixel_l2": auc(lesion[grid], table["pixel_l2"][grid]),
+        "detection_auc_grid_mean_intensity_diff": auc(lesion[grid], table["mean_intensity_diff"][grid]),
+        "probe_auc_100%": auc(lesion[test], table["probe_abnormal"][test]),
+    }
     metrics = {
         "summary": summary,
+        "summary_counts": {"detection_auc_grid": {"lesion_studies": N_LESION_STUDIES, "lesion_pairs": N_LESION_STUDIES}},
         "run": {"method": method, "seed": seed, "steps": 50, "batch_size": 16, "backbone": "test_resnet", "crop_px": 16},
         "data": {"source": "shards/x"},
-        "counts": {"test": {"pairs": 48, "ipsi_abnormal": 12, "lesion_pairs": 12, "finding_sampled": 12}},
+        "config": {"test_split": "test"},
+        "counts": {"test": {"pairs": 390, "ipsi_abnormal": 60, "lesion_pairs": 60, "finding_sampled": 30}},
     }
     (out / "metrics.json").write_text(json.dumps(metrics))
 
 
 @pytest.fixture
 def study_dir(tmp_path):
-    # siamese-soft clearly ahead of random on detection, level with simclr on the probe
-    for seed, (soft, rand, sim) in enumerate([(0.80, 0.50, 0.61), (0.82, 0.52, 0.66), (0.81, 0.49, 0.64)]):
-        _write_eval(tmp_path, "siamese-soft", seed, detection_auc=soft, **{"probe_auc_100%": 0.70 + seed / 100})
-        _write_eval(tmp_path, "random", seed, detection_auc=rand, **{"probe_auc_100%": 0.55 + seed / 100})
-        _write_eval(tmp_path, "simclr", seed, detection_auc=sim, **{"probe_auc_100%": 0.72 - seed / 50})
+    # siamese-soft finds lesions, random does not, simclr is as good as siamese-soft
+    for seed in range(3):
+        _write_eval(tmp_path, "siamese-soft", seed, signal=2.0)
+        _write_eval(tmp_path, "random", seed, signal=0.0)
+        _write_eval(tmp_path, "simclr", seed, signal=2.0)
     return tmp_path
+
+
+def _lines(md: str, prefix: str) -> list[str]:
+    return [line for line in md.splitlines() if line.startswith(prefix)]
 
 
 def test_t_interval_by_hand():
@@ -47,28 +98,62 @@ def test_t_interval_by_hand():
     assert t_interval([0.7])["ci"] is None
 
 
-def test_table_with_intervals_from_three_seeds(study_dir, tmp_path):
-    result = compare_evaluations([study_dir], tmp_path / "cmp")
+def test_table_with_intervals_baselines_and_counts(study_dir, tmp_path):
+    result = compare_evaluations([study_dir], tmp_path / "cmp", BOOT)
     assert result["n_evaluations"] == 9
     md = (tmp_path / "cmp" / "compare.md").read_text()
-    soft = next(line for line in md.splitlines() if line.startswith("| siamese-soft |"))
-    assert "0.810 [" in soft and "(n=3)" in soft
+    assert f"detection AUC, grid (backbone distance) ({N_LESION_STUDIES} lesion studies / {N_LESION_STUDIES} pairs)" in md
+    assert "(n=3)" in _lines(md, "| siamese-soft |")[0]
+    assert _lines(md, "| baseline: raw-pixel L2 |") and _lines(md, "| baseline: mean-intensity difference |")
     rows = list(csv.DictReader((tmp_path / "cmp" / "compare.csv").open()))
-    det = next(r for r in rows if r["method"] == "random" and r["metric"] == "detection_auc")
-    assert int(det["n"]) == 3 and float(det["ci_low"]) < 0.5033 < float(det["ci_high"]) and det["seeds"] == "0 1 2"
+    det = next(r for r in rows if r["method"] == "random" and r["metric"] == "detection_auc_grid")
+    values = [json.loads((study_dir / "evals" / "random" / f"seed{k}" / "metrics.json").read_text())["summary"]
+              ["detection_auc_grid"] for k in range(3)]
+    assert int(det["n"]) == 3 and det["seeds"] == "0 1 2"
+    assert [float(det["ci_low"]), float(det["ci_high"])] == pytest.approx(t_interval(values)["ci"])
     assert "steps: 50 for every run" in md and "seeds: random: [0, 1, 2]" in md
 
 
-def test_verdicts_claim_only_what_the_seeds_support(study_dir):
-    lines = verdicts(aggregate(find_evaluations([study_dir])))
-    text = "\n".join(lines)
-    assert "best mean siamese-soft 0.810, ahead of simclr" in text
-    vs_random = next(line for line in lines if "vs **random**" in line)
-    assert "beats it on detection AUC" in vs_random
-    vs_simclr = next(line for line in lines if "vs **simclr**" in line)
-    assert "not distinguishable on probe AUC, 100 % labels" in vs_simclr
-    overall = lines[-1]
-    assert "beats every baseline (random, simclr) on detection AUC (backbone distance) (" in overall
+def test_paired_verdicts_are_holm_corrected_over_seeds_and_studies(study_dir, tmp_path):
+    result = compare_evaluations([study_dir], tmp_path / "cmp", BOOT)
+    tests = result["tests"]
+    # 3 method pairs x 3 paired metrics (detection, probe, kNN) + 3 methods x 2 pixel baselines on detection
+    assert len(tests) == 9 + 6
+    assert all(t.p_holm >= t.result["p"] and len(t.seeds) == 3 for t in tests)
+    assert f"Holm-corrected over all {len(tests)} tests" in (tmp_path / "cmp" / "compare.md").read_text()
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    [vs_random] = _lines(md, "- **siamese-soft vs random**")
+    assert "(3 seeds, seeds and test studies): better on detection AUC, grid" in vs_random
+    [vs_simclr] = _lines(md, "- **siamese-soft vs simclr**")
+    assert "not distinguishable on" in vs_simclr and "better" not in vs_simclr and "worse" not in vs_simclr
+    [random_vs_pixel] = _lines(md, "- **random vs baseline: raw-pixel L2**")
+    assert "worse on detection AUC, grid" in random_vs_pixel  # no signal: raw pixels beat it
+    paired = list(csv.DictReader((tmp_path / "cmp" / "paired.csv").open()))
+    assert len(paired) == len(tests) and {r["scope"] for r in paired} == {"seeds and studies"}
+
+
+def test_one_seed_says_no_test_across_seeds_is_possible(tmp_path):
+    for method, signal in (("siamese-soft", 2.0), ("random", 0.0), ("simclr", 2.0)):
+        _write_eval(tmp_path, method, 0, signal)
+    compare_evaluations([tmp_path / "evals"], tmp_path / "cmp", BOOT)
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    verdicts = _lines(md, "- **siamese-soft vs")
+    assert len(verdicts) == 4  # random, simclr, two pixel baselines
+    for line in verdicts:
+        assert "no test across seeds is possible (one seed)" in line and "seed 0's test studies only" in line
+        assert "not distinguishable on" in line or "better on" in line
+    assert "one seed only, so no claim across seeds is made" in md
+    paired = list(csv.DictReader((tmp_path / "cmp" / "paired.csv").open()))
+    assert {r["scope"] for r in paired} == {"studies (one seed)"}
+
+
+def test_paired_tests_read_only_the_test_grid_pairs(study_dir):
+    tests, notes = paired_tests(find_evaluations([study_dir]), BOOT)
+    det = next(t for t in tests if t.metric == "detection_auc_grid")
+    assert det.result["n_pos"] == N_LESION_STUDIES and det.result["n_neg"] == 4 * N_STUDIES - N_LESION_STUDIES
+    assert det.result["n_pos_studies"] == N_LESION_STUDIES and not notes
+    probe = next(t for t in tests if t.metric == "probe_auc_100%")
+    assert probe.result["n_pos"] == 2 * N_LESION_STUDIES  # the probe is scored on every test pair
 
 
 def test_compare_command_without_evaluations_fails_with_a_reason(tmp_path):
@@ -98,9 +183,12 @@ def test_study_runs_resumes_and_reproduces_the_table(tmp_path, tiny_trainer):
     md = (tmp_path / "a" / "compare" / "compare.md").read_text()
     assert "| siamese-soft |" in md and "| random |" in md and "(n=3)" in md
     assert "steps: 2 for every run" in md and "batch_size: 8 for every run" in md
+    assert "- **siamese-soft vs random** (3 seeds, seeds and test studies)" in md
+    assert "| baseline: raw-pixel L2 |" in md
 
     again = run_study(study(tmp_path / "a"), say=lambda _: None)
     assert again["pretrained"] == 0 and again["evaluated"] == 0 and again["skipped"] == 6
 
     run_study(study(tmp_path / "b"), say=lambda _: None)
     assert (tmp_path / "b" / "compare" / "compare.csv").read_text() == table
+    assert (tmp_path / "b" / "compare" / "compare.md").read_text() == md.replace(str(tmp_path / "a"), str(tmp_path / "b"))

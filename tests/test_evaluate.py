@@ -9,17 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 from typer.testing import CliRunner
 
 from shard_fixture import write_split_fixture
 from train.cli import app
 from train.data import select
-from train.evaluate import (
-    EVAL_COLUMNS, EvalConfig, bootstrap_indices, compute_metrics, embed_pairs, iter_samples, manifest_labels,
-    resampled_aucs, stratified_fraction, summary,
-)
+from train.embed import EVAL_COLUMNS, embed_pairs, iter_samples, manifest_labels
+from train.evaluate import EvalConfig, compute_metrics, summary
+from train.probes import stratified_fraction
 
 FAST = EvalConfig(n_boot=200, batch_size=32)
 
@@ -78,19 +76,24 @@ def test_every_sample_is_read_exactly_once_with_its_manifest_labels(data, blob):
 def test_label_carrying_features_score_near_one(blob):
     _, result = blob
     m = result.metrics
-    assert m["counts"]["test"]["lesion_pairs"] == 12 and m["counts"]["training"]["ipsi_abnormal"] == 12
-    assert m["detection"]["backbone"]["auc"] > 0.95
+    test = m["counts"]["test"]
+    assert test["lesion_pairs"] == 24 and test["grid_lesion_pairs"] == 12 and test["grid_lesion_studies"] == 12
+    assert m["counts"]["training"]["ipsi_abnormal"] == 24
+    grid = m["detection"]["backbone"]["grid"]
+    assert grid["auc"] > 0.95 and grid["n_pos"] == 12 and grid["n_neg"] == 24 and grid["n_pos_studies"] == 12
+    assert m["detection"]["backbone"]["finding"]["n_pos"] == 12  # the finding-centred positives, kept apart
     assert m["probe_abnormal"]["100%"]["auc"] > 0.95
     lo, hi = m["probe_abnormal"]["100%"]["auc_ci"]
     assert lo <= m["probe_abnormal"]["100%"]["auc"] <= hi
-    assert m["knn"]["abnormal"]["accuracy"] > 0.9
+    assert m["probe_abnormal"]["100%"]["balanced_accuracy"] > 0.9
+    assert m["knn"]["abnormal"]["auc"] > 0.9 and m["knn"]["abnormal"]["balanced_accuracy"] > 0.9
     assert "skipped" in m["probe_abnormal"]["1%"]  # 1 % of 48 rows cannot hold 2 positives
     assert any("1%" in n and "skipped" in n for n in result.notes)
 
 
 def test_random_features_score_near_chance(data):
     m = compute_metrics(_embed(NoiseFeatures(), data), FAST).metrics
-    for auc in (m["detection"]["backbone"], m["probe_abnormal"]["100%"]):
+    for auc in (m["detection"]["backbone"]["grid"], m["probe_abnormal"]["100%"], m["knn"]["abnormal"]):
         assert abs(auc["auc"] - 0.5) < 0.25
         assert auc["auc_ci"][0] < 0.5 < auc["auc_ci"][1]
 
@@ -124,15 +127,6 @@ def test_probes_never_train_on_the_test_split(blob):
     assert not np.array_equal(changed["abnormal@100%"], before["abnormal@100%"])
 
 
-def test_vectorised_bootstrap_auc_matches_scikit_learn():
-    rng = np.random.default_rng(0)
-    y = rng.random(60) < 0.3
-    score = np.round(rng.random(60), 1) + 0.2 * y  # rounded: ties must count half, as in roc_auc_score
-    idx = bootstrap_indices(60, 25, seed=3)
-    expected = [roc_auc_score(y[i], score[i]) if 0 < y[i].sum() < 60 else np.nan for i in idx]
-    np.testing.assert_allclose(resampled_aucs(y, score, idx), expected)
-
-
 def test_label_fraction_subsample_is_stratified_and_seeded():
     y = np.array([True] * 20 + [False] * 180)
     a = stratified_fraction(y, 0.1, seed=0)
@@ -143,9 +137,14 @@ def test_label_fraction_subsample_is_stratified_and_seeded():
 
 
 def test_summary_flattens_headline_numbers(blob):
-    s = summary(blob[1].metrics)
-    assert s["detection_auc"] == blob[1].metrics["detection"]["backbone"]["auc"]
+    m = blob[1].metrics
+    s = summary(m)
+    assert s["detection_auc_grid"] == m["detection"]["backbone"]["grid"]["auc"]
+    assert s["detection_auc_finding"] == m["detection"]["backbone"]["finding"]["auc"]
+    # the pixel baselines sit in every table: bright blobs are found by raw pixels too
+    assert s["detection_auc_grid_pixel_l2"] > 0.95 and s["detection_auc_grid_mean_intensity_diff"] > 0.95
     assert s["probe_auc_1%"] is None and s["probe_auc_100%"] > 0.95
+    assert s["knn_auc_abnormal"] == m["knn"]["abnormal"]["auc"]
 
 
 @pytest.mark.slow
@@ -165,14 +164,21 @@ def test_evaluate_command_on_a_trained_run(data, tiny_trainer, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["data"]["n_samples"] == 96 and metrics["run"]["method"] == "siamese-soft"
     assert metrics["run"]["seed"] == 0 and metrics["run"]["steps"] == 3 and metrics["run"]["crop_px"] == 16
-    assert "auc" in metrics["detection"]["head"]  # siamese-soft has a projection head
-    assert 0.0 <= metrics["summary"]["detection_auc"] <= 1.0
+    assert "auc" in metrics["detection"]["head"]["grid"]  # siamese-soft has a projection head
+    assert 0.0 <= metrics["summary"]["detection_auc_grid"] <= 1.0
+    assert metrics["summary_counts"]["detection_auc_grid"] == {"lesion_studies": 12, "lesion_pairs": 12}
+    assert metrics["distance_mixture"]["scope"] == "test" and len(metrics["distance_mixture"]["means"]) == 2
     for png in ("roc.png", "distances.png", "top_pairs.png"):
         assert (out / png).stat().st_size > 10_000
         assert f"]({png})" in (out / "report.md").read_text()
     scores = pd.read_parquet(out / "scores.parquet")
-    assert set(scores.columns) <= set(EVAL_COLUMNS) | {"distance", "head_distance"}
+    assert set(scores.columns) <= set(EVAL_COLUMNS) | {"distance", "head_distance", "pixel_l2", "mean_intensity_diff",
+                                                       "probe_abnormal", "knn_abnormal"}
     assert len(scores) == 96 and np.isfinite(scores["head_distance"]).all()
+    test = scores["split"] == "test"
+    assert scores.loc[test, "probe_abnormal"].notna().all() and scores.loc[~test, "probe_abnormal"].isna().all()
+    report = (out / "report.md").read_text()
+    assert "raw-pixel L2 (baseline)" in report and "lesion studies / pairs / normals" in report
 
 
 def test_evaluate_command_reports_a_missing_encoder(data, tmp_path):
@@ -185,7 +191,7 @@ def test_evaluate_command_reports_a_missing_encoder(data, tmp_path):
 
 @pytest.mark.slow
 def test_whole_breast_heatmap_from_the_archive(synth_archive, tmp_path):
-    from train.evaluate import study_heatmap
+    from train.heatmap import study_heatmap
     from train.report import plot_heatmap
 
     meta = {"mm_per_px": 0.8, "patch_px": 32}

@@ -130,3 +130,28 @@ def check_compatible(checkpoint: dict, current_hash: str, current_config: dict, 
         f"the run dir holds a checkpoint of a different config ({detail}); use another --out, "
         "--resume never to start over, or --force to continue anyway",
     )
+
+
+# ---------------------------------------------------------------- reading a finished run dir
+
+CONFIG_FILE = "config.json"
+
+
+def run_dir_of(path: str | Path) -> Path | None:
+    """The training run a path belongs to (a run dir itself, or the folder of one of its files), or None."""
+    path = Path(path)
+    run = path if path.is_dir() else path.parent
+    return run if (run / CONFIG_FILE).is_file() or (run / LAST).is_file() else None
+
+
+def last_checkpoint(run: Path | None) -> Path | None:
+    """The run's newest checkpoint (`last.pt`), or None."""
+    return run / LAST if run is not None and (run / LAST).is_file() else None
+
+
+def run_config(run: Path | None) -> dict:
+    """The run's resolved config (`config.json` of `train pretrain`: options, then resolved values), or {}."""
+    if run is None or not (run / CONFIG_FILE).is_file():
+        return {}
+    saved = json.loads((run / CONFIG_FILE).read_text())
+    return {**saved.get("config", {}), **{k: v for k, v in saved.get("resolved", {}).items() if v is not None}}

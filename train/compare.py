@@ -1,8 +1,16 @@
-"""`train compare`: methods x metrics over seeds, from the `metrics.json` of each evaluation.
+"""`train compare`: methods x metrics over seeds, and paired tests of every method pair.
 
-Per (method, metric): mean and a 95 % t-interval over seeds (n shown; no interval for n = 1).
-The text states budgets, data and seeds, names the best method per metric and says whether
-siamese-soft beats each baseline -- only where a Welch t-test over seeds supports it.
+The table: per (method, metric), the mean and a 95 % t-interval over seeds (n shown; no interval for
+n = 1), with the pixel-space baselines (raw-pixel L2, mean-intensity difference) as rows of their own and,
+in each AUC column's header, the lesion studies / pairs it rests on.
+
+The claims: for the AUCs whose per-pair scores `train evaluate` keeps in scores.parquet, every pair of
+methods (and every method against the pixel baselines on detection) is compared on the same test pairs
+with `train.metrics.paired_auc_test`: the mean over shared seeds of the AUC difference, its variance from
+study-level resamples (test sampling) plus the spread over seeds (training randomness). All tests form
+one family, Holm-corrected; a pair is called different only where the corrected p < 0.05. With one seed
+there is no test across seeds: the verdict says so, and reports the study-level paired bootstrap of that
+seed (normal approximation with the bootstrap standard error), labelled as such.
 """
 
 from __future__ import annotations
@@ -13,28 +21,57 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+from scipy import stats
 
 from prep.errors import ContralateralError
 from prep.io import write_bytes_atomic
+from train.metrics import Bootstrap, holm, paired_auc_test
 
 PRIMARY = "siamese-soft"
 ALPHA = 0.05
 # the metrics the table shows, in this order, with the label a reader sees (all: higher is better)
 METRICS = {
-    "detection_auc": "detection AUC (backbone distance)",
-    "detection_auc_head": "detection AUC (head distance)",
+    "detection_auc_grid": "detection AUC, grid (backbone distance)",
+    "detection_auc_grid_head": "detection AUC, grid (head distance)",
+    "detection_auc_finding": "detection AUC, finding-centred (backbone distance)",
     "probe_auc_100%": "probe AUC, 100 % labels",
     "probe_auc_10%": "probe AUC, 10 % labels",
     "probe_auc_1%": "probe AUC, 1 % labels",
-    "probe_accuracy_100%": "probe accuracy, 100 % labels",
-    "knn_accuracy_abnormal": "kNN accuracy, abnormal",
-    "birads_accuracy": "BI-RADS accuracy",
+    "probe_balanced_accuracy_100%": "probe balanced accuracy, 100 % labels",
+    "knn_auc_abnormal": "kNN-vote AUC, abnormal",
+    "knn_balanced_accuracy_abnormal": "kNN balanced accuracy, abnormal",
+    "birads_balanced_accuracy": "BI-RADS balanced accuracy",
     "birads_macro_auc": "BI-RADS macro AUC",
-    "density_accuracy": "density accuracy",
+    "density_balanced_accuracy": "density balanced accuracy",
     "density_macro_auc": "density macro AUC",
+}
+# label-free pixel scores: name in the table -> summary suffix / scores.parquet column
+BASELINES = {"raw-pixel L2": "pixel_l2", "mean-intensity difference": "mean_intensity_diff"}
+# metrics whose baselines' values sit in the summary under another key
+BASELINE_METRICS = {"detection_auc_grid": "detection_auc_grid_{}", "detection_auc_grid_head": "detection_auc_grid_{}",
+                    "detection_auc_finding": "detection_auc_finding_{}"}
+
+
+@dataclass(frozen=True)
+class PairedMetric:
+    """An AUC `train compare` can test pairwise from scores.parquet."""
+
+    column: str  # the method's per-pair score
+    label: str  # "lesion" (either side abnormal) or "ipsi_abnormal"
+    grid_only: bool
+    baselines: bool  # compared against the pixel baselines too
+
+
+PAIRED = {
+    "detection_auc_grid": PairedMetric("distance", "lesion", grid_only=True, baselines=True),
+    "detection_auc_grid_head": PairedMetric("head_distance", "lesion", grid_only=True, baselines=True),
+    "probe_auc_100%": PairedMetric("probe_abnormal", "ipsi_abnormal", grid_only=False, baselines=False),
+    "knn_auc_abnormal": PairedMetric("knn_abnormal", "ipsi_abnormal", grid_only=False, baselines=False),
 }
 BUDGET_FIELDS = ("steps", "batch_size", "backbone", "crop_px")
 
@@ -53,6 +90,10 @@ class Evaluation:
     @property
     def summary(self) -> dict:
         return self.metrics.get("summary", {})
+
+    def scores(self) -> pd.DataFrame | None:
+        path = self.path / "scores.parquet"
+        return pd.read_parquet(path) if path.is_file() else None
 
 
 def find_evaluations(paths: list[str | Path]) -> list[Evaluation]:
@@ -76,13 +117,11 @@ def find_evaluations(paths: list[str | Path]) -> list[Evaluation]:
         evals.append(Evaluation(f.parent, method, run.get("seed"), metrics))
     if not evals:
         raise CompareError("no_evaluations", f"no `train evaluate` metrics.json under {[str(p) for p in paths]}")
-    return evals
+    return sorted(evals, key=lambda e: (e.method, e.seed is None, e.seed, str(e.path)))
 
 
 def t_interval(values: list[float], level: float = 0.95) -> dict:
     """Mean, sd and the Student-t interval of the mean over seeds."""
-    from scipy import stats
-
     x = np.asarray(values, dtype=float)
     n = len(x)
     mean = float(x.mean())
@@ -93,82 +132,207 @@ def t_interval(values: list[float], level: float = 0.95) -> dict:
     return {"n": n, "mean": mean, "sd": sd, "ci": [mean - half, mean + half]}
 
 
-def welch_p(a: list[float], b: list[float]) -> float | None:
-    """Two-sided Welch t-test p-value; None when either side has < 2 seeds or both are constant."""
-    from scipy import stats
-
-    if len(a) < 2 or len(b) < 2 or (np.std(a) == 0 and np.std(b) == 0):
-        return None
-    with warnings.catch_warnings():  # near-constant seeds: scipy warns about precision, the p-value stands
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+def baseline_row(name: str) -> str:
+    return f"baseline: {name}"
 
 
 def aggregate(evals: list[Evaluation]) -> dict[str, dict[str, dict]]:
-    """{method: {metric: t_interval + values + seeds}} over the evaluations that computed the metric."""
+    """{method: {metric: t_interval + values + seeds}} over the evaluations that computed the metric; the
+    pixel baselines get rows of their own (one value per evaluation: they do not depend on the encoder)."""
     table: dict[str, dict[str, dict]] = {}
     for method in sorted({e.method for e in evals}):
-        runs = sorted((e for e in evals if e.method == method), key=lambda e: (e.seed is None, e.seed))
+        runs = [e for e in evals if e.method == method]
         table[method] = {}
         for metric in METRICS:
             pairs = [(e.seed, e.summary.get(metric)) for e in runs if e.summary.get(metric) is not None]
             if pairs:
                 values = [float(v) for _, v in pairs]
                 table[method][metric] = {**t_interval(values), "values": values, "seeds": [s for s, _ in pairs]}
+    for name, suffix in BASELINES.items():
+        row = {}
+        for metric, pattern in BASELINE_METRICS.items():
+            values = [float(v) for e in evals if (v := e.summary.get(pattern.format(suffix))) is not None]
+            if values and metric != "detection_auc_grid_head":  # one pixel score: shown once, in the backbone column
+                row[metric] = {**t_interval(values), "values": values, "seeds": []}
+        if row:
+            table[baseline_row(name)] = row
     return table
 
 
-def _cell(stat: dict | None) -> str:
+def _cell(stat: dict | None, baseline: bool = False) -> str:
     if not stat:
         return "n/a"
+    if baseline:  # the same value in every evaluation of the same data
+        spread = max(stat["values"]) - min(stat["values"])
+        return f"{stat['mean']:.3f}" + (f" (differs across evaluations by {spread:.3f})" if spread > 1e-9 else "")
     text = f"{stat['mean']:.3f}"
     if stat["ci"]:
         text += f" [{stat['ci'][0]:.3f}, {stat['ci'][1]:.3f}]"
     return text + f" (n={stat['n']})"
 
 
-def verdicts(table: dict[str, dict[str, dict]]) -> list[str]:
-    """Plain sentences: the best method per metric, and siamese-soft against every baseline."""
-    lines = []
-    for metric, label in METRICS.items():
-        ranked = sorted(((m, s[metric]) for m, s in table.items() if metric in s), key=lambda ms: -ms[1]["mean"])
-        if len(ranked) < 2:
+def _header(metric: str, evals: list[Evaluation]) -> str:
+    counts = {json.dumps(e.metrics.get("summary_counts", {}).get(metric), sort_keys=True) for e in evals} - {"null"}
+    if len(counts) != 1:
+        return METRICS[metric]
+    c = json.loads(counts.pop())
+    return f"{METRICS[metric]} ({c['lesion_studies']} lesion studies / {c['lesion_pairs']} pairs)"
+
+
+# ---------------------------------------------------------------- paired tests
+
+
+@dataclass
+class PairTest:
+    a: str
+    b: str
+    metric: str
+    seeds: list
+    result: dict
+    p_holm: float | None = None
+
+    @property
+    def verdict(self) -> str:
+        if self.p_holm is None:
+            return "untested"
+        if self.p_holm >= ALPHA:
+            return "not distinguishable"
+        return "better" if self.result["delta"] > 0 else "worse"
+
+
+def _test_rows(table: pd.DataFrame, spec: PairedMetric, test_split: str) -> pd.DataFrame:
+    rows = table[table["split"].astype(str) == test_split]
+    if spec.grid_only:
+        rows = rows[rows["sampling"].astype(str) == "grid"]
+    return rows.set_index("key").sort_index()
+
+
+def _labels(rows: pd.DataFrame, kind: str) -> np.ndarray:
+    ipsi = rows["ipsi_abnormal"].fillna(False).astype(bool).to_numpy()
+    if kind == "ipsi_abnormal":
+        return ipsi
+    return ipsi | rows["contra_abnormal"].fillna(False).astype(bool).to_numpy()
+
+
+def paired_tests(evals: list[Evaluation], boot: Bootstrap) -> tuple[list[PairTest], list[str]]:
+    """Every method pair (and method vs pixel baseline on detection) on every paired metric; Holm over all."""
+    notes: list[str] = []
+    scores: dict[tuple[str, object], pd.DataFrame] = {}
+    for e in evals:
+        table = e.scores()
+        if table is None:
+            notes.append(f"{e.path}: no scores.parquet (an older `train evaluate`): left out of the paired tests")
+        else:
+            scores[(e.method, e.seed)] = table
+    if not scores:
+        return [], notes
+    test_split = evals[0].metrics.get("config", {}).get("test_split", "test")
+    reference = next(iter(scores.values()))
+    tests: list[PairTest] = []
+    for metric, spec in PAIRED.items():
+        ref_rows = _test_rows(reference, spec, test_split)
+        y = _labels(ref_rows, spec.label)
+        if not 0 < y.sum() < len(y):
+            notes.append(f"{METRICS[metric]}: the test rows hold one class only: not tested")
             continue
-        (best, b), (second, s) = ranked[0], ranked[1]
-        p = welch_p(b["values"], s["values"])
-        how = (f"ahead of {second} (Welch p={p:.3g})" if p is not None and p < ALPHA
-               else f"not distinguishable from {second} at these seeds" + (f" (p={p:.2g})" if p is not None else ""))
-        lines.append(f"- **{label}**: best mean {best} {b['mean']:.3f}, {how}.")
-    if PRIMARY not in table:
-        lines.append(f"- {PRIMARY} was not evaluated, so nothing is claimed about it.")
-        return lines
-    beaten_by_metric: dict[str, int] = {}
-    baselines = sorted(m for m in table if m != PRIMARY)
-    for baseline in baselines:
-        better, worse, tied = [], [], []
-        for metric, label in METRICS.items():
-            if metric not in table[PRIMARY] or metric not in table[baseline]:
+        groups = ref_rows["study_id"].astype(str).to_numpy()
+        # entity -> {seed: scores aligned to the reference rows}
+        entities: dict[str, dict] = {}
+        for (method, seed), table in scores.items():
+            rows = _test_rows(table, spec, test_split)
+            if spec.column not in rows.columns or rows[spec.column].isna().all():
                 continue
-            a, b = table[PRIMARY][metric], table[baseline][metric]
-            p = welch_p(a["values"], b["values"])
-            if p is not None and p < ALPHA:
-                (better if a["mean"] > b["mean"] else worse).append(f"{label} (p={p:.2g})")
-                beaten_by_metric[label] = beaten_by_metric.get(label, 0) + int(a["mean"] > b["mean"])
+            if not rows.index.equals(ref_rows.index):
+                notes.append(f"{method} seed {seed}: other test pairs than the first evaluation: not paired")
+                continue
+            entities.setdefault(method, {})[seed] = rows[spec.column].to_numpy(dtype=float)
+        methods = sorted(entities, key=lambda m: (m != PRIMARY, m))
+        pairs = list(combinations(methods, 2))
+        if spec.baselines:
+            for name, column in BASELINES.items():
+                pixel = _test_rows(reference, spec, test_split)[column].to_numpy(dtype=float)
+                entities[baseline_row(name)] = {None: pixel}
+                pairs += [(m, baseline_row(name)) for m in methods]
+        for a, b in pairs:
+            if b.startswith("baseline: "):
+                seeds = sorted(entities[a], key=str)
+                score_b = [entities[b][None]] * len(seeds)
             else:
-                tied.append(label)
+                seeds = sorted(set(entities[a]) & set(entities[b]), key=str)
+                score_b = [entities[b][s] for s in seeds]
+            if not seeds:
+                notes.append(f"{a} vs {b}: no seed evaluated for both: not paired")
+                continue
+            result = paired_auc_test(y, [entities[a][s] for s in seeds], score_b, groups, boot)
+            tests.append(PairTest(a, b, metric, seeds, result))
+    adjusted = holm([t.result["p"] for t in tests if t.result["p"] is not None])
+    it = iter(adjusted)
+    for t in tests:
+        if t.result["p"] is not None:
+            t.p_holm = next(it)
+    return tests, notes
+
+
+def _effect(t: PairTest) -> str:
+    r = t.result
+    ci = f" [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]" if r["ci"] else ""
+    p = f", Holm p={t.p_holm:.2g}" if t.p_holm is not None else ""
+    return f"{METRICS[t.metric]} (Δ {r['delta']:+.3f}{ci}{p})"
+
+
+def pair_verdicts(tests: list[PairTest]) -> list[str]:
+    """One line per method pair: where the first is better, worse, or not distinguishable."""
+    lines = []
+    by_pair: dict[tuple[str, str], list[PairTest]] = {}
+    for t in tests:
+        by_pair.setdefault((t.a, t.b), []).append(t)
+    for (a, b), group in by_pair.items():
+        n_seeds = max(len(t.seeds) for t in group)
+        better = [_effect(t) for t in group if t.verdict == "better"]
+        worse = [_effect(t) for t in group if t.verdict == "worse"]
+        tied = [_effect(t) for t in group if t.verdict in ("not distinguishable", "untested")]
         parts = []
         if better:
-            parts.append("beats it on " + ", ".join(better))
+            parts.append("better on " + "; ".join(better))
         if worse:
-            parts.append("is worse on " + ", ".join(worse))
+            parts.append("worse on " + "; ".join(worse))
         if tied:
-            parts.append("is not distinguishable on " + ", ".join(tied))
-        lines.append(f"- {PRIMARY} vs **{baseline}**: " + "; ".join(parts) + ".")
-    if baselines:
-        everywhere = [label for label, n in beaten_by_metric.items() if n == len(baselines)]
-        lines.append(f"- **Overall**: {PRIMARY} beats every baseline ({', '.join(baselines)}) on "
-                     + (", ".join(everywhere) if everywhere else "no metric") + " (uncorrected for multiple comparisons).")
+            parts.append("not distinguishable on " + "; ".join(tied))
+        if n_seeds == 1:
+            seed = group[0].seeds[0]
+            lines.append(f"- **{a} vs {b}**: no test across seeds is possible (one seed). Paired study-level "
+                         f"bootstrap on seed {seed}'s test studies only (says nothing about training variance): "
+                         + "; ".join(parts) + ".")
+        else:
+            lines.append(f"- **{a} vs {b}** ({n_seeds} seeds, seeds and test studies): " + "; ".join(parts) + ".")
     return lines
+
+
+def best_means(table: dict[str, dict[str, dict]]) -> list[str]:
+    """Plain description (no claim): the best mean per metric and its runner-up."""
+    lines = []
+    for metric, label in METRICS.items():
+        ranked = sorted(((m, s[metric]["mean"]) for m, s in table.items() if metric in s), key=lambda ms: -ms[1])
+        if len(ranked) >= 2:
+            lines.append(f"- {label}: highest mean {ranked[0][0]} {ranked[0][1]:.3f}, next {ranked[1][0]} "
+                         f"{ranked[1][1]:.3f}.")
+    return lines
+
+
+def primary_summary(tests: list[PairTest]) -> list[str]:
+    """Where siamese-soft beats every other method and baseline it was tested against (Holm-corrected)."""
+    mine = [t for t in tests if PRIMARY in (t.a, t.b)]
+    if not mine:
+        return [f"- {PRIMARY} was not tested against anything, so nothing is claimed about it."]
+    if all(len(t.seeds) < 2 for t in mine):
+        return [f"- **{PRIMARY}**: one seed only, so no claim across seeds is made."]
+    wins = []
+    for metric in PAIRED:
+        group = [t for t in mine if t.metric == metric]
+        if group and all(len(t.seeds) >= 2 and t.verdict == ("better" if t.a == PRIMARY else "worse") for t in group):
+            wins.append(METRICS[metric])
+    return [f"- **Overall**: {PRIMARY} beats every method and baseline it was tested against on "
+            + (", ".join(wins) if wins else "no metric") + f" (Holm-corrected over all {len(tests)} tests)."]
 
 
 def _describe_setup(evals: list[Evaluation]) -> list[str]:
@@ -192,28 +356,53 @@ def _describe_setup(evals: list[Evaluation]) -> list[str]:
     lines.append(f"- evaluation data: {', '.join(sorted(map(str, sources)))}"
                  + ("" if same else "  **(not the same for every run)**"))
     for split, c in sorted(evals[0].metrics.get("counts", {}).items()):
-        lines.append(f"  - {split}: {c['pairs']} pairs, {c['ipsi_abnormal']} ipsi-abnormal, "
-                     f"{c['lesion_pairs']} with a lesion on either side")
+        lines.append(f"  - {split}: {c['pairs']} pairs in {c.get('studies', '?')} studies, {c['ipsi_abnormal']} "
+                     f"ipsi-abnormal, {c['lesion_pairs']} with a lesion on either side ({c.get('lesion_studies', '?')} "
+                     f"studies), of which {c.get('grid_lesion_pairs', '?')} grid pairs "
+                     f"({c.get('grid_lesion_studies', '?')} studies)")
     return lines
 
 
-def compare_evaluations(paths: list[str | Path], out: str | Path) -> dict:
-    """Write compare.md and compare.csv (long format: method, metric, n, mean, sd, ci_low, ci_high, seeds)."""
+def compare_evaluations(paths: list[str | Path], out: str | Path, boot: Bootstrap = Bootstrap()) -> dict:
+    """Write compare.md, compare.csv (long format: method, metric, n, mean, sd, ci_low, ci_high, seeds) and
+    paired.csv (one row per test: a, b, metric, seeds, scope, delta, CI, p, Holm p, verdict, positives)."""
     evals = find_evaluations(paths)
     table = aggregate(evals)
+    with warnings.catch_warnings():  # a resample with one class is NaN by design, dropped from the CI
+        warnings.simplefilter("ignore", RuntimeWarning)
+        tests, notes = paired_tests(evals, boot)
     metrics = [m for m in METRICS if any(m in s for s in table.values())]
     md = [
         "# Method comparison", "",
-        "Mean over seeds with the 95 % t-interval of the mean [low, high] and the number of seeds n. "
-        "All metrics: higher is better; detection uses the test split, probes are fitted on the training split.", "",
-        "| method | " + " | ".join(METRICS[m] for m in metrics) + " |",
+        "Mean over seeds with the 95 % t-interval of the mean [low, high] and the number of seeds n; each AUC "
+        "column names the lesion studies / pairs of the test split it rests on. All metrics: higher is better; "
+        "detection uses the test split's grid pairs (finding-centred pairs apart), probes are fitted on the "
+        "training split. Pixel baselines use no model: a method claims something only where it beats them.", "",
+        "| method | " + " | ".join(_header(m, evals) for m in metrics) + " |",
         "|---|" + "---|" * len(metrics),
     ]
     for method, stats_ in table.items():
-        md.append(f"| {method} | " + " | ".join(_cell(stats_.get(m)) for m in metrics) + " |")
-    md += ["", "## Setup", "", *_describe_setup(evals), "", "## What the numbers say", "", *verdicts(table), "",
-           f"Differences are called only where a two-sided Welch t-test over seeds gives p < {ALPHA}; "
-           "with 3 seeds only large, consistent gaps qualify.", ""]
+        baseline = method.startswith("baseline: ")
+        md.append(f"| {method} | " + " | ".join(_cell(stats_.get(m), baseline) for m in metrics) + " |")
+    md += ["", "## Setup", "", *_describe_setup(evals), "",
+           "## Paired comparisons (Holm-corrected)", "",
+           f"Each line compares the first method with the second on the same test pairs: Δ = mean over seeds of "
+           f"AUC(first) - AUC(second), with its 95 % CI, from study-level resamples ({boot.n_boot}) plus the "
+           f"spread over seeds (one seed: the study resamples alone); the CIs are per test, the p-values "
+           f"Holm-corrected over all {len(tests)} tests; 'better' / 'worse' only where the corrected p < {ALPHA}.", "",
+           *pair_verdicts(tests), *primary_summary(tests), "",
+           "## Highest means (description, not a claim)", "", *best_means(table), ""]
+    if notes:
+        md += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    out = Path(out)
+    write_bytes_atomic(out / "compare.md", "\n".join(md).encode())
+    write_bytes_atomic(out / "compare.csv", _table_csv(table, metrics).encode())
+    write_bytes_atomic(out / "paired.csv", _tests_csv(tests).encode())
+    return {"table": table, "tests": tests, "n_evaluations": len(evals), "markdown": out / "compare.md",
+            "csv": out / "compare.csv", "paired_csv": out / "paired.csv"}
+
+
+def _table_csv(table: dict, metrics: list[str]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["method", "metric", "n", "mean", "sd", "ci_low", "ci_high", "seeds"])
@@ -224,7 +413,17 @@ def compare_evaluations(paths: list[str | Path], out: str | Path) -> dict:
                 ci = s["ci"] or [None, None]
                 writer.writerow([method, metric, s["n"], s["mean"], s["sd"], ci[0], ci[1],
                                  " ".join(str(x) for x in s["seeds"])])
-    out = Path(out)
-    write_bytes_atomic(out / "compare.md", "\n".join(md).encode())
-    write_bytes_atomic(out / "compare.csv", buf.getvalue().encode())
-    return {"table": table, "n_evaluations": len(evals), "markdown": out / "compare.md", "csv": out / "compare.csv"}
+    return buf.getvalue()
+
+
+def _tests_csv(tests: list[PairTest]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["a", "b", "metric", "seeds", "scope", "delta", "ci_low", "ci_high", "p", "p_holm", "verdict",
+                     "lesion_studies", "lesion_pairs", "normal_pairs"])
+    for t in tests:
+        r = t.result
+        ci = r["ci"] or [None, None]
+        writer.writerow([t.a, t.b, t.metric, " ".join(map(str, t.seeds)), r["scope"], r["delta"], ci[0], ci[1],
+                         r["p"], t.p_holm, t.verdict, r["n_pos_studies"], r["n_pos"], r["n_neg"]])
+    return buf.getvalue()

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from prep.errors import ContralateralError
+from train.checkpoint import LAST as LAST_CHECKPOINT
+from train.checkpoint import load_checkpoint
 
 ENCODER_FILE = "encoder.safetensors"
-LAST_CHECKPOINT = "last.pt"
 
 
 class EncoderError(ContralateralError):
@@ -108,8 +109,6 @@ def load_encoder(path_or_run: str | Path, device: torch.device | str = "cpu") ->
         meta = json.loads(meta_path.read_text())
         return _restore(meta, load_file(path), device), meta
     if path.suffix == ".pt":
-        from train.checkpoint import load_checkpoint
-
         ckpt = load_checkpoint(path)
         return _restore(ckpt["encoder_meta"], ckpt["encoder"], device), dict(ckpt["encoder_meta"])
     raise EncoderError("bad_encoder_path", f"{path}: expected a run dir, a .pt checkpoint or a .safetensors file")

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -19,7 +21,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from prep.io import write_bytes_atomic  # noqa: E402
-from train.evaluate import Embeddings, EvaluationResult, Heatmap, TopPair, lesion_labels  # noqa: E402
+from train.embed import TopPair  # noqa: E402
+
+if TYPE_CHECKING:  # drawing a heat map needs only its fields, not prep's image core
+    from train.heatmap import Heatmap
+
+
+@dataclass
+class ReportInputs:
+    """What the figures are drawn from (the numbers come from metrics.json)."""
+
+    curves: dict[str, tuple[np.ndarray, np.ndarray]]  # ROC name -> (y_true, score)
+    distance: np.ndarray  # pair distances of the histogram's rows
+    lesion: np.ndarray  # bool, same rows
+    top_pairs: list[TopPair] = field(default_factory=list)
+    heatmap: Heatmap | None = None
+
 
 NORMAL_COLOUR = "#4C72B0"
 LESION_COLOUR = "#DD5555"
@@ -50,23 +67,14 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title
     return save_figure(fig, path)
 
 
-def _mixture_density(distance: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
-    """The 1-D, 2-component mixture the trainer uses (train.gmm), fitted to all distances."""
-    import torch
-
-    from train.gmm import em_fit, initial_mixture
-
-    x = torch.as_tensor(distance, dtype=torch.float64)
-    var_floor = max(float(x.var()) * 1e-3, 1e-8)
-    mix = em_fit(x, initial_mixture(x, var_floor), iterations=200, var_floor=var_floor)
-    means, variances, weights = (t.numpy() for t in (mix.means, mix.variances, mix.weights))
-    comps = weights[:, None] * np.exp(-0.5 * (grid[None] - means[:, None]) ** 2 / variances[:, None]) / np.sqrt(
-        2 * math.pi * variances[:, None]
-    )
-    return comps[0], comps[1], {"means": means.tolist(), "sds": np.sqrt(variances).tolist(), "weights": weights.tolist()}
+def mixture_densities(params: dict, grid: np.ndarray) -> np.ndarray:
+    """(2, len(grid)) weighted Gaussian densities of a fitted mixture {means, sds, weights}."""
+    means, sds, weights = (np.asarray(params[k], dtype=float)[:, None] for k in ("means", "sds", "weights"))
+    return weights * np.exp(-0.5 * ((grid[None] - means) / sds) ** 2) / (np.sqrt(2 * math.pi) * sds)
 
 
-def plot_distance_histograms(distance: np.ndarray, lesion: np.ndarray, path: Path, title: str) -> tuple[Path, dict]:
+def plot_distance_histograms(distance: np.ndarray, lesion: np.ndarray, mixture: dict | None, path: Path,
+                             title: str) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     bins = np.histogram_bin_edges(distance, bins=int(np.clip(2 * np.sqrt(len(distance)), 10, 40)))
     ax.hist(distance[~lesion], bins=bins, density=True, alpha=0.55, color=NORMAL_COLOUR,
@@ -74,16 +82,17 @@ def plot_distance_histograms(distance: np.ndarray, lesion: np.ndarray, path: Pat
     if lesion.any():
         ax.hist(distance[lesion], bins=bins, density=True, alpha=0.55, color=LESION_COLOUR,
                 label=f"pairs with a lesion (n={int(lesion.sum())})")
-    grid = np.linspace(bins[0], bins[-1], 400)
-    similar, different, params = _mixture_density(distance, grid)
-    ax.plot(grid, similar, color="black", lw=1.8, label=f"mixture: 'similar' (w={params['weights'][0]:.2f})")
-    ax.plot(grid, different, color="black", lw=1.8, ls="--",
-            label=f"mixture: 'different' (w={params['weights'][1]:.2f})")
+    if mixture:
+        grid = np.linspace(bins[0], bins[-1], 400)
+        similar, different = mixture_densities(mixture, grid)
+        ax.plot(grid, similar, color="black", lw=1.8, label=f"mixture: 'similar' (w={mixture['weights'][0]:.2f})")
+        ax.plot(grid, different, color="black", lw=1.8, ls="--",
+                label=f"mixture: 'different' (w={mixture['weights'][1]:.2f})")
     ax.set(xlabel="pair distance ||z_ipsi - z_contra|| (L2-normalised backbone features)", ylabel="density",
            title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return save_figure(fig, path), params
+    return save_figure(fig, path)
 
 
 def _pair_label(pair: TopPair) -> str:
@@ -147,87 +156,118 @@ def _fmt(value, ci=None, digits=3) -> str:
     return text
 
 
-def render_markdown(metrics: dict, figures: dict[str, Path | None], notes: list[str]) -> str:
+def _auc_cell(d: dict) -> str:
+    return d.get("skipped") or _fmt(d.get("auc"), d.get("auc_ci"))
+
+
+def _positives(d: dict) -> str:
+    """The lesion studies and pairs an AUC rests on, and the normals it is ranked against."""
+    if "n_pos" not in d:
+        return ""
+    return f"{d.get('n_pos_studies', '?')} / {d['n_pos']} / {d.get('n_neg', 0)}"
+
+
+SCORE_LABELS = {
+    "backbone": "backbone distance",
+    "head": "head distance",
+    "pixel_l2": "raw-pixel L2 (baseline)",
+    "mean_intensity_diff": "mean-intensity difference (baseline)",
+}
+
+
+def render_markdown(metrics: dict, figures: dict[str, Path | None]) -> str:
     enc = metrics.get("encoder", {})
+    test_split = metrics["config"]["test_split"]
     lines = [
         f"# Evaluation: {enc.get('method', '?')} encoder ({enc.get('timm_name', '?')}, step {enc.get('step', '?')})",
         "",
         f"Encoder: `{metrics.get('encoder_path', '')}`; data: `{metrics.get('data', {}).get('source', '')}`; "
         f"{metrics.get('data', {}).get('n_samples', 0)} samples read once, frozen features, "
-        f"probes fitted on the `{metrics['config']['train_split']}` split only and tested on "
-        f"`{metrics['config']['test_split']}`. Intervals are bootstrap 95 % CIs over test rows.",
+        f"probes fitted on the `{metrics['config']['train_split']}` split only and tested on `{test_split}`. "
+        "Intervals are 95 % bootstrap CIs over test *studies* (a resample draws studies, with all their pairs). "
+        "Beside every AUC: lesion studies / lesion pairs / normal pairs it rests on.",
         "",
         "## Data",
         "",
-        "| split | pairs | ipsi abnormal | pairs with a lesion | finding-centred |",
-        "|---|---:|---:|---:|---:|",
+        "| split | studies | pairs | ipsi abnormal | pairs with a lesion (studies) | grid pairs with a lesion (studies) | finding-centred |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for split, c in sorted(metrics.get("counts", {}).items()):
-        lines.append(f"| {split} | {c['pairs']} | {c['ipsi_abnormal']} | {c['lesion_pairs']} | {c['finding_sampled']} |")
-    lines += ["", "## Unsupervised lesion detection (pair distance as the score)", "",
-              "| score | split | AUC [95 % CI] | lesion / normal pairs |", "|---|---|---|---|"]
+        lines.append(f"| {split} | {c.get('studies', '')} | {c['pairs']} | {c['ipsi_abnormal']} | "
+                     f"{c['lesion_pairs']} ({c.get('lesion_studies', '')}) | "
+                     f"{c.get('grid_lesion_pairs', '')} ({c.get('grid_lesion_studies', '')}) | {c['finding_sampled']} |")
+    lines += ["", f"## Unsupervised lesion detection (a label-free pair score, `{test_split}` split)", "",
+              "Grid: lesion vs normal pairs, both from the tissue-checked grid. Finding-centred: lesion-centred "
+              "pairs vs the same grid normals (they skip the tissue check, so position alone can move a score). "
+              "A learned distance claims something only where it beats the pixel baselines.", "",
+              "| score | grid AUC [95 % CI] | lesion studies / pairs / normals | finding-centred AUC [95 % CI] | lesion studies / pairs / normals |",
+              "|---|---|---|---|---|"]
     for name, d in metrics.get("detection", {}).items():
-        score, _, scope = name.partition("_")
-        scope = "all" if scope else metrics["config"]["test_split"]
-        result = d.get("skipped") or _fmt(d.get("auc"), d.get("auc_ci"))
-        lines.append(f"| {score} distance | {scope} | {result} | {d.get('n_pos', 0)} / {d.get('n_neg', 0)} |")
-    lines += ["", "## Linear probe: abnormal vs normal patch (ipsi features)", "",
-              "| training labels | n train (pos) | AUC [95 % CI] | accuracy [95 % CI] | majority class | C |",
-              "|---|---|---|---|---|---|"]
+        grid, finding = d.get("grid", {}), d.get("finding", {})
+        lines.append(f"| {SCORE_LABELS.get(name, name)} | {_auc_cell(grid)} | {_positives(grid)} | "
+                     f"{_auc_cell(finding)} | {_positives(finding)} |")
+    lines += ["", "## Linear probe: abnormal vs normal patch (ipsi features, class-balanced)", "",
+              "| training labels | n train (pos) | AUC [95 % CI] | lesion studies / pairs / normals | "
+              "balanced accuracy [95 % CI] | accuracy (majority class) | C |",
+              "|---|---|---|---|---|---|---|"]
     for fraction, p in metrics.get("probe_abnormal", {}).items():
         if "skipped" in p:
-            lines.append(f"| {fraction} | {p.get('n_train', 0)} | skipped: {p['skipped']} | | | |")
+            lines.append(f"| {fraction} | {p.get('n_train', 0)} | skipped: {p['skipped']} | | | | |")
             continue
         lines.append(
-            f"| {fraction} | {p['n_train']} ({p['n_train_pos']}) | {_fmt(p.get('auc'), p.get('auc_ci'))} | "
-            f"{_fmt(p['accuracy'], p['accuracy_ci'])} | {_fmt(p['majority_accuracy'])} | {p['C']:g} |"
+            f"| {fraction} | {p['n_train']} ({p['n_train_pos']}) | {_auc_cell(p)} | {_positives(p)} | "
+            f"{_fmt(p['balanced_accuracy'], p['balanced_accuracy_ci'])} | {_fmt(p['accuracy'])} "
+            f"({_fmt(p['majority_accuracy'])}) | {p['C']:g} |"
         )
-    lines += ["", "## BI-RADS and density (multinomial logistic regression), kNN (cosine)", "",
-              "| task | accuracy [95 % CI] | macro AUC | kNN accuracy | classes | n train / test |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "## BI-RADS and density (multinomial probes), kNN vote (cosine)", "",
+              "| task | probe balanced accuracy [95 % CI] | probe macro AUC | kNN balanced accuracy | kNN AUC | classes | n train / test |",
+              "|---|---|---|---|---|---|---|"]
     knn = metrics.get("knn", {})
     for task in ("abnormal", "birads", "density"):
         k = knn.get(task, {})
-        knn_text = f"{_fmt(k.get('accuracy'))} (k={k.get('k')})" if k else "n/a"
+        knn_bacc = f"{_fmt(k.get('balanced_accuracy'), k.get('balanced_accuracy_ci'))} (k={k.get('k')})" if k else "n/a"
         if task == "abnormal":
-            lines.append(f"| abnormal | see probe | see probe | {knn_text} | 2 | |")
+            knn_auc = f"{_auc_cell(k)} ({_positives(k)})" if k else "n/a"
+            lines.append(f"| abnormal | see probe | see probe | {knn_bacc} | {knn_auc} | 2 | |")
             continue
         m = metrics.get(task)
         if not m or "skipped" in m:
-            lines.append(f"| {task} | {m['skipped'] if m else 'no labels'} | | | | |")
+            lines.append(f"| {task} | {m['skipped'] if m else 'no labels'} | | | | | |")
             continue
-        lines.append(f"| {task} | {_fmt(m['accuracy'], m['accuracy_ci'])} | {_fmt(m['macro_auc'])} | {knn_text} | "
-                     f"{len(m['classes'])} | {m['n_train']} / {m['n_test']} |")
+        lines.append(f"| {task} | {_fmt(m['balanced_accuracy'], m['balanced_accuracy_ci'])} | {_fmt(m['macro_auc'])} | "
+                     f"{knn_bacc} | macro {_fmt(k.get('macro_auc'))} | {len(m['classes'])} | {m['n_train']} / {m['n_test']} |")
+    mixture = metrics.get("distance_mixture")
+    if mixture:
+        lines += ["", f"Backbone-distance mixture ({mixture.get('scope')} rows, the trainer's 2-component EM): "
+                  f"means {', '.join(f'{v:.3f}' for v in mixture['means'])}, "
+                  f"sds {', '.join(f'{v:.3f}' for v in mixture['sds'])}, "
+                  f"weights {', '.join(f'{v:.2f}' for v in mixture['weights'])}."]
     lines += ["", "## Figures", ""]
     for caption, fig in figures.items():
         if fig is not None:
             lines += [f"**{caption}**", "", f"![{caption}]({fig.name})", ""]
+    notes = metrics.get("notes", [])
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines)
 
 
-def write_report(out: Path, metrics: dict, result: EvaluationResult, emb: Embeddings,
-                 heatmap: Heatmap | None, notes: list[str]) -> Path:
-    """All figures + report.md into `out`; returns the report path. Adds the mixture fit to `metrics`."""
+def write_report(out: Path, metrics: dict, inputs: ReportInputs) -> Path:
+    """All figures + report.md into `out` (reads `metrics`, never changes it); returns the report path."""
     out = Path(out)
     name = metrics.get("encoder", {}).get("method", "encoder")
-    test = (emb.table["split"].astype(str) == metrics["config"]["test_split"]).to_numpy()
-    scope = test if test.any() else np.ones(len(test), bool)
+    mixture = metrics.get("distance_mixture")
+    scope = mixture.get("scope", "test") if mixture else "test"
     figures: dict[str, Path | None] = {
-        "ROC curves": plot_roc(result.curves, out / "roc.png", f"{name}: ROC on the test split"),
+        "ROC curves": plot_roc(inputs.curves, out / "roc.png", f"{name}: ROC on the test split"),
+        "Pair distances with the fitted 2-component mixture": plot_distance_histograms(
+            inputs.distance, inputs.lesion, mixture, out / "distances.png", f"{name}: pair distances ({scope} rows)"),
+        "Most distant pairs": plot_top_pairs(inputs.top_pairs, out / "top_pairs.png", f"{name}: most distant pairs"),
     }
-    hist, params = plot_distance_histograms(
-        emb.distance[scope], lesion_labels(emb.table)[scope], out / "distances.png",
-        f"{name}: pair distances ({'test split' if test.any() else 'all samples'})",
-    )
-    figures["Pair distances with the fitted 2-component mixture"] = hist
-    metrics["distance_mixture"] = params
-    figures["Most distant pairs"] = plot_top_pairs(emb.top_pairs, out / "top_pairs.png", f"{name}: most distant pairs")
-    if heatmap is not None:
+    if inputs.heatmap is not None:
+        hm = inputs.heatmap
         figures["Whole-breast pair distance"] = plot_heatmap(
-            heatmap, out / "heatmap.png", f"{name}: study {heatmap.study_id} {heatmap.view}, {heatmap.ipsi_lat} breast"
-        )
+            hm, out / "heatmap.png", f"{name}: study {hm.study_id} {hm.view}, {hm.ipsi_lat} breast")
     report = out / "report.md"
-    write_bytes_atomic(report, render_markdown(metrics, figures, notes).encode())
+    write_bytes_atomic(report, render_markdown(metrics, figures).encode())
     return report

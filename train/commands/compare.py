@@ -1,4 +1,4 @@
-"""`train compare`: one table of methods x metrics with 95 % CIs over seeds."""
+"""`train compare`: one table of methods x metrics over seeds, and Holm-corrected paired tests."""
 
 from __future__ import annotations
 
@@ -10,17 +10,21 @@ import typer
 
 def compare(
     paths: List[Path] = typer.Argument(..., help="Evaluation dirs, run dirs or a study dir: every `train evaluate` metrics.json found under them is used."),
-    out: Path = typer.Option(..., "--out", help="Output dir for compare.md and compare.csv."),
+    out: Path = typer.Option(..., "--out", help="Output dir for compare.md, compare.csv and paired.csv."),
+    n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Study-level bootstrap resamples per paired test. Default: 1000."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the study resamples. Default: 0."),
 ) -> None:
-    """Compare methods over seeds: mean and 95 % t-interval per metric, budgets, data, and which method is best."""
+    """Compare methods: mean and 95 % t-interval per metric over seeds, pixel baselines, and a verdict per
+    method pair from paired tests over seeds and test studies (Holm-corrected)."""
     from rich.console import Console
 
     from train.compare import CompareError, compare_evaluations
+    from train.metrics import Bootstrap
 
     console = Console(stderr=True)
     try:
-        result = compare_evaluations(paths, out)
+        result = compare_evaluations(paths, out, Bootstrap(n_boot=n_boot, seed=seed))
     except CompareError as exc:
         console.print(f"[red]train compare: {exc.reason}[/red]: {exc.detail}")
         raise typer.Exit(1) from None
-    console.print(f"{result['n_evaluations']} evaluations of {len(result['table'])} methods -> {result['markdown']}")
+    console.print(f"{result['n_evaluations']} evaluations, {len(result['tests'])} paired tests -> {result['markdown']}")

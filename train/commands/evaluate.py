@@ -20,14 +20,15 @@ def evaluate(
     train_split: str = typer.Option("training", "--train-split", help="Split the probes are fitted on. Default: training."),
     test_split: str = typer.Option("test", "--test-split", help="Split the probes and detection are scored on. Default: test."),
     label_fraction: List[float] = typer.Option([0.01, 0.1, 1.0], "--label-fraction", help="Fractions of the training labels for the abnormal probe (repeatable). Default: 0.01 0.1 1.0."),
-    n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Bootstrap resamples for the 95 % CIs. Default: 1000."),
+    n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Study-level bootstrap resamples for the 95 % CIs. Default: 1000."),
     knn_k: int = typer.Option(20, "--knn-k", min=1, help="Neighbours of the cosine kNN classifier. Default: 20."),
     seed: int = typer.Option(0, "--seed", help="Seed of the label subsamples, CV folds and bootstrap. Default: 0."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Pairs per forward pass. Default: 64."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (cuda when available). Default: auto."),
 ) -> None:
-    """Probe a frozen encoder: pair-distance lesion detection AUC, linear probe (1/10/100 % labels),
-    BI-RADS / density, kNN; writes metrics.json, report.md and figures."""
+    """Probe a frozen encoder: grid-only pair-distance lesion detection AUC beside pixel baselines, linear
+    probe (1/10/100 % labels), BI-RADS / density, kNN vote; study-level CIs; writes metrics.json,
+    scores.parquet, report.md and figures."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -64,6 +65,7 @@ def evaluate(
         return "n/a" if v is None else f"{v:.3f}"
 
     console.print(
-        f"detection AUC {fmt(s['detection_auc'])}, probe AUC {fmt(s.get('probe_auc_100%'))} (100 % labels), "
-        f"kNN accuracy {fmt(s['knn_accuracy_abnormal'])} -> {out / 'report.md'}"
+        f"grid detection AUC {fmt(s.get('detection_auc_grid'))} (raw-pixel L2 {fmt(s.get('detection_auc_grid_pixel_l2'))}), "
+        f"probe AUC {fmt(s.get('probe_auc_100%'))} (100 % labels), kNN AUC {fmt(s.get('knn_auc_abnormal'))} "
+        f"-> {out / 'report.md'}"
     )
