@@ -2,7 +2,7 @@
 
 The two breasts of a study are one body model per view seen through each side's own affine + elastic
 transform (`anatomy.SideTransform`). The model is bilateral by scale: the breast outline, gland envelope,
-density threshold and pectoral muscle are shared, texture coarser than ~20 mm is mostly shared and finer
+density threshold and pectoral muscle are shared, texture coarser than ~25 mm is mostly shared and finer
 texture is independent between the sides (`anatomy.bilateral_power_law_fields`); each side also has its own
 compression (skin fall-off length) and exposure; the R image is then mirrored for storage, as VinDr stores it (chest
 wall on the right edge). Findings live in the body frame of one side, so every image of that side
@@ -46,11 +46,11 @@ _MAX_GLAND_PATH = 0.7
 # bilateral model by scale (anatomy.bilateral_power_law_fields): structure coarser than ~_SHARED_WAVELENGTH_MM
 # is shared up to _MAX_SHARED of its variance (the rest is each side's own low-frequency density); finer
 # texture is independent between the breasts, as measured on real films (docs/REALISM.md)
-_SHARED_WAVELENGTH_MM = 20.0
-_MAX_SHARED = 0.9
+_SHARED_WAVELENGTH_MM = 25.0
+_MAX_SHARED = 0.8
 _COMPRESSION_JITTER = 0.15  # per-side skin fall-off length, relative: the two breasts are compressed differently
 _QUANTUM_NOISE = 0.01  # ~1.4 % of mid-grey; more noise would flatten the fine end of the 1/f^beta spectrum
-_EXPOSURE_JITTER = 0.015  # per-side overall signal level, relative
+_EXPOSURE_JITTER = 0.01  # per-side overall signal level, relative
 _MAX_ROTATION_DEG = 4.0  # per side, so the L<->R relative rotation stays within ~8 deg
 _MAX_SCALE = 0.04  # per side, so the relative scale stays within ~+-8 %
 _MAX_ELASTIC_MM = 2.0  # per side: what the best L/R affine cannot absorb (measured in docs/REALISM.md)
