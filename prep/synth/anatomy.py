@@ -484,8 +484,10 @@ def film_scan(image: np.ndarray, label: str, chest_wall_right: bool, spacing_mm:
         outer = int(round(rng.uniform(0.0, 1.5) / spacing_mm))
         level = rng.uniform(0.75, 0.95)
         if edge == "far":
-            band = (slice(None), slice(0, width + outer)) if chest_wall_right else (slice(None), slice(cols - width - outer, cols))
-            dark = (slice(None), slice(0, outer)) if chest_wall_right else (slice(None), slice(cols - outer, cols))
+            # the far side from the chest wall: x = 0 on a stored R image, x = cols on an L image
+            span = slice(0, width + outer) if chest_wall_right else slice(cols - width - outer, cols)
+            band = (slice(None), span)
+            dark = (slice(None), slice(0, outer) if chest_wall_right else slice(cols - outer, cols))
         elif edge == "bottom":
             band, dark = (slice(rows - width - outer, rows), slice(None)), (slice(rows - outer, rows), slice(None))
         else:

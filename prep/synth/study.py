@@ -361,7 +361,8 @@ def make_study(
         threshold = None
         first_canonical: dict[str, tuple[anatomy.SideTransform, np.ndarray]] = {}
         falloff = rng.uniform(8.0, 16.0)
-        side_falloff = {lat: falloff * (1 + rng.uniform(-_COMPRESSION_JITTER, _COMPRESSION_JITTER)) for lat in ("L", "R")}
+        jitter = _COMPRESSION_JITTER
+        side_falloff = {lat: falloff * (1 + rng.uniform(-jitter, jitter)) for lat in ("L", "R")}
         side_exposure = {lat: 1 + rng.uniform(-_EXPOSURE_JITTER, _EXPOSURE_JITTER) for lat in ("L", "R")}
         pectoral_level = rng.uniform(0.62, 0.72)
         for occurrence, (lat, _) in enumerate(view_images):
