@@ -36,6 +36,45 @@ def power_law_field(shape: tuple[int, int], beta: float, rng: np.random.Generato
     return field.astype(np.float32)
 
 
+def bilateral_power_law_fields(
+    shape: tuple[int, int], beta: float, spacing_mm: float, rng: np.random.Generator, *,
+    shared_wavelength_mm: float, max_shared: float, steepness: float = 4.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left and right texture fields (each 1/f^beta, zero mean, unit std) that share coarse structure only.
+
+    Real left and right breasts share their layout (where the dense tissue sits, the fat fall-off) but not
+    their fine texture: at spatial frequency f (cycles/mm) the two fields share the variance fraction
+    s(f) = max_shared / (1 + (f * shared_wavelength_mm)^steepness), i.e. about `max_shared` for structure
+    much coarser than `shared_wavelength_mm`, half of it at that wavelength, and nothing for fine texture.
+    Every frequency keeps its power in each field, so each side alone is an ordinary 1/f^beta field.
+    """
+    rows, cols = shape
+    fy = np.fft.fftfreq(rows)[:, None].astype(np.float32)
+    fx = np.fft.rfftfreq(cols)[None, :].astype(np.float32)
+    f = np.sqrt(fx * fx + fy * fy)
+    f[0, 0] = 1.0  # the DC term is zeroed below; avoid 0 ** -beta
+    amplitude = f ** np.float32(-beta / 2.0)
+    amplitude[0, 0] = 0.0
+    shared_fraction = max_shared / (1.0 + (f / np.float32(spacing_mm) * np.float32(shared_wavelength_mm)) ** steepness)
+    w_shared = amplitude * np.sqrt(shared_fraction)
+    w_own = amplitude * np.sqrt(1.0 - shared_fraction)
+    del f, amplitude, shared_fraction
+
+    def noise() -> np.ndarray:
+        spec = rng.standard_normal((rows, cols // 2 + 1), dtype=np.float32).astype(np.complex64)
+        spec.imag = rng.standard_normal((rows, cols // 2 + 1), dtype=np.float32)
+        return spec
+
+    common = noise() * w_shared
+    fields = []
+    for _ in range(2):
+        field = np.fft.irfft2(common + noise() * w_own, s=(rows, cols)).astype(np.float32)
+        field -= field.mean()
+        field /= field.std() + 1e-12
+        fields.append(field)
+    return fields[0], fields[1]
+
+
 def fit_power_law_beta(patches: np.ndarray, f_min: float = 1 / 64, f_max: float = 1 / 6) -> float:
     """Exponent beta of a least-squares fit log P = c - beta log f of the radially averaged power
     spectrum over f_min..f_max cycles/pixel. `patches` is one 2-D patch or a stack of equal-sized

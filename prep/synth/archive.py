@@ -27,7 +27,7 @@ from prep.io import write_bytes_atomic
 from prep.synth.dicom_writer import PLANTED_PATIENT_ID, to_dicom_dataset
 from prep.synth.study import CATEGORIES, DEVICES, SIZES, SynthStudy, make_study
 
-GENERATOR_VERSION = "1.1"  # 1.1: the box_outside trap alternates its edge by seed
+GENERATOR_VERSION = "2.0"  # 2.0: bilateral by scale (coarse shared, fine texture independent), per-side compression
 MIN_STUDIES_FOR_TRAPS = 8
 TRAP_KINDS = ("missing_view", "duplicate_view", "wrong_laterality_tag", "truncated_file", "box_outside",
               "for_processing")

@@ -1,8 +1,10 @@
 """One synthetic screening study in memory: four views, lesion masks, boxes and true L/R correspondences.
 
-The two breasts of a study are one body model per view (a shared texture field plus an independent
-part per side, 70/30 in variance) seen through each side's own affine + elastic transform
-(`anatomy.SideTransform`); the R image is then mirrored for storage, as VinDr stores it (chest
+The two breasts of a study are one body model per view seen through each side's own affine + elastic
+transform (`anatomy.SideTransform`). The model is bilateral by scale: the breast outline, gland envelope,
+density threshold and pectoral muscle are shared, texture coarser than ~12 mm is mostly shared and finer
+texture is independent between the sides (`anatomy.bilateral_power_law_fields`); each side also has its own
+compression (skin fall-off length) and exposure; the R image is then mirrored for storage, as VinDr stores it (chest
 wall on the right edge). Findings live in the body frame of one side, so every image of that side
 (including a re-acquired duplicate view) shows them.
 """
@@ -38,10 +40,16 @@ _FINDING_BIRADS = {
     "Architectural Distortion": (4, 5),
 }
 _FAT_LEVEL = 0.30
-_SHARED_VARIANCE = 0.7  # bilateral model: 70 % of texture variance shared by both breasts
+# bilateral model by scale (anatomy.bilateral_power_law_fields): structure coarser than ~_SHARED_WAVELENGTH_MM
+# is shared up to _MAX_SHARED of its variance (the rest is each side's own low-frequency density); finer
+# texture is independent between the breasts, as measured on real films (docs/REALISM.md)
+_SHARED_WAVELENGTH_MM = 12.0
+_MAX_SHARED = 0.85
+_COMPRESSION_JITTER = 0.15  # per-side skin fall-off length, relative: the two breasts are compressed differently
+_EXPOSURE_JITTER = 0.03  # per-side overall signal level, relative
 _MAX_ROTATION_DEG = 4.0  # per side, so the L<->R relative rotation stays within ~8 deg
 _MAX_SCALE = 0.04  # per side, so the relative scale stays within ~+-8 %
-_MAX_ELASTIC_MM = 1.5
+_MAX_ELASTIC_MM = 2.0  # per side; the best L/R affine then leaves ~0.7 mm median (docs/REALISM.md)
 _BODY_MARGIN_MM = 45.0
 
 
@@ -270,7 +278,7 @@ def make_study(
         raise ValueError(f"finding must be one of {CATEGORIES}, got {finding!r}")
     density = density or str(rng.choice(DENSITIES, p=[0.05, 0.2, 0.55, 0.2]))
     dense_fraction, dense_contrast = _DENSITY_TISSUE[density]
-    beta = float(rng.uniform(2.8, 3.2))
+    beta = float(rng.uniform(3.0, 3.4))
     burned_label = vendor == "SIEMENS" if burned_label is None else burned_label
     rendered: list[SynthImage] = []
     transforms: dict[tuple[str, str, int], anatomy.SideTransform] = {}
@@ -290,8 +298,8 @@ def make_study(
         margin_px = int(round(_BODY_MARGIN_MM / spacing))
         body_px = (rows_max + 2 * margin_px, cols_max + 2 * margin_px)
         origin = (-margin_px * spacing, -margin_px * spacing)
-        shared = anatomy.power_law_field(body_px, beta, rng)
-        own = {lat: anatomy.power_law_field(body_px, beta, rng) for lat in ("L", "R")}
+        fields = dict(zip(("L", "R"), anatomy.bilateral_power_law_fields(
+            body_px, beta, spacing, rng, shared_wavelength_mm=_SHARED_WAVELENGTH_MM, max_shared=_MAX_SHARED)))
         lesion = None
         if finding is not None:
             lesion = _sample_lesion(finding, finding_birads, shape, rng, at_chest_wall=box_outside)
@@ -305,6 +313,8 @@ def make_study(
         threshold = None
         first_canonical: dict[str, tuple[anatomy.SideTransform, np.ndarray]] = {}
         falloff = rng.uniform(6.0, 10.0)
+        side_falloff = {lat: falloff * (1 + rng.uniform(-_COMPRESSION_JITTER, _COMPRESSION_JITTER)) for lat in ("L", "R")}
+        side_exposure = {lat: 1 + rng.uniform(-_EXPOSURE_JITTER, _EXPOSURE_JITTER) for lat in ("L", "R")}
         pectoral_level = rng.uniform(0.62, 0.72)
         for occurrence, (lat, _) in enumerate(view_images):
             rows, cols, _ = geom[lat]
@@ -315,14 +325,13 @@ def make_study(
             qx, qy = transform.to_body(px, py)
             breast = anatomy.breast_inside(qx, qy, shape)
             pectoral = anatomy.pectoral_inside(qx, qy, shape) & breast
-            texture = (np.sqrt(_SHARED_VARIANCE) * anatomy.sample_body_field(shared, origin, spacing, qx, qy)
-                       + np.sqrt(1 - _SHARED_VARIANCE) * anatomy.sample_body_field(own[lat], origin, spacing, qx, qy))
+            texture = anatomy.sample_body_field(fields[lat], origin, spacing, qx, qy)
             envelope = 1.2 * anatomy.gland_envelope(qx, qy, shape)
             if threshold is None:
                 threshold = anatomy.tissue_threshold(texture, envelope, breast & ~pectoral, dense_fraction)
             dense = anatomy.dense_tissue(texture, envelope, threshold, softness=0.6)
             distance = anatomy.inside_distance_mm(breast, spacing)
-            thickness = anatomy.skin_falloff(distance, falloff)
+            thickness = side_exposure[lat] * anatomy.skin_falloff(distance, side_falloff[lat])
             gland = _FAT_LEVEL + dense_contrast * dense + 0.04 * texture
             muscle = pectoral_level + 0.04 * texture - 0.08 * (qy / (shape.pectoral_height_mm or 1.0))
             image = np.where(pectoral, muscle, gland) * thickness
