@@ -49,6 +49,7 @@ REASONS = (
     "bad_input",
     "ecc_failed",
     "low_ecc",
+    "off_peak",
     "low_dice",
     "rotation_out_of_bounds",
     "scale_out_of_bounds",
@@ -57,6 +58,12 @@ REASONS = (
 MIN_BREAST_AREA_MM2 = 500.0
 # blurred-mask ECC correlation below this means the outlines did not match
 MIN_ECC_MASK = 0.8
+# shared-pattern correlation (`_pattern_agreement`) below this means the fit found no common structure
+MIN_ECC_SHARED = 0.5
+# a fit must score at least as high as itself moved by each of these (rotation deg about the ipsi centroid,
+# shift mm): an affine off the agreement peak is wrong by about that much, whatever its absolute score
+PEAK_PROBES = ((0.0, (4.0, 0.0)), (0.0, (-4.0, 0.0)), (0.0, (0.0, 4.0)), (0.0, (0.0, -4.0)), (3.0, (0.0, 0.0)),
+               (-3.0, (0.0, 0.0)))
 # (iterations, eps) of the outline and final intensity ECC; (100, 1e-6) gave the same errors on 40 synthetic pairs
 # to 0.01 mm at 1.4x the time (benchmarks/registration_bench.py)
 _ECC_CRITERIA = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-5)
@@ -335,6 +342,33 @@ def _refine_intensity(ipsi: RegistrationGrid, contra: RegistrationGrid, start: n
     return best
 
 
+def _pattern_agreement(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_affine: np.ndarray) -> float:
+    """Correlation of the shared patterns (finest level) where the ipsi template sees the contra canvas: what the
+    fit maximised, so a fit that found no common structure scores low (NaN without a pyramid)."""
+    if not ipsi.levels or not contra.levels:
+        return float("nan")
+    level_i, level_c = ipsi.levels[0], contra.levels[0]
+    affine = _to_level(grid_affine, level_i, level_c)
+    shape = level_i.pattern.shape
+    seen = _warp_to_template(level_c.canvas_mask.astype(np.float32), affine, shape) > 0.99
+    valid = (seen & (level_i.template_mask > 0)).astype(np.uint8)
+    if valid.sum() < MIN_LEVEL_PX**2:
+        return float("nan")
+    return float(cv2.computeECC(level_i.pattern, _warp_to_template(level_c.pattern, affine, shape), valid))
+
+
+def _off_peak(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_affine: np.ndarray, score: float,
+              mm_per_px: float) -> bool:
+    """True when moving the fit by one of PEAK_PROBES makes the shared patterns agree better."""
+    centre = tuple(float(v) for v in _centroid(ipsi.mask))
+    for rotation, shift_mm in PEAK_PROBES:
+        probe = compose_affines(cv2.getRotationMatrix2D(centre, rotation, 1.0), grid_affine)
+        probe[:, 2] += np.asarray(shift_mm) / mm_per_px
+        if _pattern_agreement(ipsi, contra, probe) > score:
+            return True
+    return False
+
+
 def _judge(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_affine: np.ndarray, method: str,
            cfg: PrepConfig) -> Registration:
     """QC of a grid px affine (outline and intensity agreement, Dice, rotation, scale) and its canonical px form."""
@@ -344,11 +378,7 @@ def _judge(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_affine: np.nda
             ipsi.blurred_mask, _warp_to_template(contra.blurred_mask, grid_affine, ipsi.mask.shape)
         ))
     aligned_c = _warp_to_template(contra.mask, grid_affine, ipsi.mask.shape) > 0.5
-    overlap = ((ipsi.mask > 0.5) & aligned_c).astype(np.uint8)
-    ecc_intensity = (
-        float(cv2.computeECC(ipsi.image, _warp_to_template(contra.image, grid_affine, ipsi.image.shape), overlap))
-        if overlap.any() else float("nan")
-    )
+    ecc_intensity = _pattern_agreement(ipsi, contra, grid_affine)
     # back to canonical px: canonical ipsi -> grid ipsi -> grid contra -> canonical contra
     affine = compose_affines(ipsi.to_grid, grid_affine, invert_affine(contra.to_grid))
     rotation, scale = rotation_and_scale(affine)
@@ -361,8 +391,10 @@ def _judge(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_affine: np.nda
     reason = None
     if method == "moments":
         reason = "ecc_failed"  # neither ECC stage converged
-    elif not ecc_mask >= MIN_ECC_MASK:
+    elif not ecc_mask >= MIN_ECC_MASK or not ecc_intensity >= MIN_ECC_SHARED:
         reason = "low_ecc"
+    elif _off_peak(ipsi, contra, grid_affine, ecc_intensity, cfg.reg_mm_per_px):
+        reason = "off_peak"
     elif abs(rotation) > cfg.max_rotation_deg:
         reason = "rotation_out_of_bounds"
     elif np.linalg.det(affine[:, :2]) <= 0 or singular.min() < lo or singular.max() > hi:
@@ -374,6 +406,16 @@ def _judge(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_affine: np.nda
         area_ratio=contra.area_mm2 / ipsi.area_mm2, rotation_deg=float(rotation), scale=float(scale),
         reg_ok=reason is None, reason=reason,
     )
+
+
+def judge_affine(ipsi: RegistrationGrid, contra: RegistrationGrid, affine: np.ndarray, cfg: PrepConfig,
+                 method: str = "given") -> Registration:
+    """QC of any ipsi -> contra canonical px affine, exactly as a fitted one is judged (e.g. to check a stored one)."""
+    failed = _grid_problem(ipsi, contra)
+    if failed is not None:
+        return failed
+    grid_affine = compose_affines(invert_affine(ipsi.to_grid), np.asarray(affine, np.float64), contra.to_grid)
+    return _judge(ipsi, contra, grid_affine, method, cfg)
 
 
 def _grid_problem(ipsi: RegistrationGrid, contra: RegistrationGrid) -> Registration | None:
