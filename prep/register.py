@@ -86,6 +86,9 @@ MIN_LEVEL_PX = 16
 # and per cent of their own, beyond the ECC basin from the rigid outline fit
 START_ROTATIONS_DEG = (-5.0, 0.0, 5.0)
 START_SCALES = (0.94, 1.0, 1.06)
+# a fitted affine whose linear part stretches more than this (ratio of its singular values) is not a
+# compression difference but the fit sliding a breast cut by the canvas edges (seen on real MLO films)
+MAX_ANISOTROPY = 1.2
 
 
 @dataclass
@@ -319,6 +322,12 @@ def _fit_outline(ipsi: RegistrationGrid, contra: RegistrationGrid, cfg: PrepConf
     return start, "moments"
 
 
+def _plausible(affine: np.ndarray) -> bool:
+    """A linear part that could be two breasts' compression difference (see MAX_ANISOTROPY)."""
+    singular = np.linalg.svd(np.asarray(affine, np.float64)[:, :2], compute_uv=False)
+    return bool(np.linalg.det(affine[:, :2]) > 0 and singular[0] <= MAX_ANISOTROPY * singular[1])
+
+
 def _refine_intensity(ipsi: RegistrationGrid, contra: RegistrationGrid, start: np.ndarray, cfg: PrepConfig):
     """Stage C (module docstring): the grid px affine of the coarse-to-fine fit of the shared pattern, or None."""
     levels = min(len(ipsi.levels), len(contra.levels))
@@ -326,14 +335,16 @@ def _refine_intensity(ipsi: RegistrationGrid, contra: RegistrationGrid, start: n
         return None
     coarse_i, coarse_c = ipsi.levels[levels - 1], contra.levels[levels - 1]
     tried = (_ecc_affine(coarse_i, coarse_c, guess, _SEARCH_CRITERIA) for guess in _starts(ipsi, start))
-    tried = [t for t in tried if t is not None]
+    tried = [t for t in tried if t is not None and _plausible(t[1])]
     if not tried:
         return None
     coarse = best = max(tried, key=lambda t: t[0])[1]
+    # finer levels polish the coarse answer while they can: one that diverges or stretches the breast past
+    # MAX_ANISOTROPY has lost the shared pattern at its scale, and the coarser answer stands
     for level in range(levels - 2, -1, -1):
         fitted = _ecc_affine(ipsi.levels[level], contra.levels[level], best, _ECC_CRITERIA)
-        if fitted is None:
-            return None
+        if fitted is None or not _plausible(fitted[1]):
+            break
         best = fitted[1]
     # the finer levels polish the coarse answer; one that wanders off it has lost the shared pattern
     breast_pts = np.argwhere(ipsi.mask > 0.5)[:, ::-1].astype(np.float64)
