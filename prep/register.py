@@ -2,29 +2,35 @@
 
 Both breasts arrive in the canonical frame (chest wall left) at the same spacing, and everything
 runs on a small grid at `cfg.reg_mm_per_px` (cost independent of the canonical spacing), prepared once per
-image as a `RegistrationGrid` (`registration_grid`, or `grid_from_small` from segmentation's work grid):
+image as a `RegistrationGrid` (`registration_grid`, or `grid_from_small` from segmentation's work grid).
 
-  A. start: the translation between the mask centroids (the covariance axes were tried as a rotation
-     start and did worse: near-round outlines have no reliable axis),
-  B. ECC MOTION_EUCLIDEAN on Gaussian-blurred masks (rigid: the canvas cuts the breast at the chest
+Left and right breasts share their outline, fat fall-off, pectoral muscle and coarse density layout, not their
+fine texture, and each is compressed its own way (scale, shear). The fit therefore sees only the shared scales:
+the "shared pattern" (`_shared_pattern`) is the breast's intensity (zero outside the mask) band-passed between
+SHARED_BLUR_MM and LAYOUT_BLUR_MM, which keeps the skin line, the pectoral edge and the gland layout and drops
+both the independent texture and each side's own overall density.
+
+  A. start: the translation between the mask centroids,
+  B. outline: ECC MOTION_EUCLIDEAN on Gaussian-blurred masks (rigid: the canvas cuts the breast at the chest
      wall, so the outline alone constrains scale and shear poorly),
-  C. if `cfg.reg_refine_intensity`, on band-passed intensities (the shared tissue pattern fixes what the
-     outline cannot: scale, shear and sliding along an outline cut by the canvas), with the eroded overlap
-     of both breasts as ECC `inputMask` so skin line and canvas edges do not drag the fit:
-     C1. search on a grid twice as coarse: (rotation, scale) offsets about the ipsi centroid around the
-         outline fit, each with the translation from phase correlation; the outline fit and the
-         SEARCH_POLISH_TOP offsets with the highest correlation peaks are polished by a short affine ECC,
-         and the highest ECC score wins,
-     C2. ECC MOTION_AFFINE from the winner on the registration grid, kept only if no breast point moves
-         more than `cfg.reg_refine_max_shift_mm`.
+  C. if `cfg.reg_refine_intensity`, a full affine (anisotropic scale and shear: compression differences) on the
+     shared pattern, coarse to fine over PYRAMID_LEVELS (`_refine_intensity`), the ipsi breast grown by
+     OUTLINE_MARGIN_MM as template mask and the contra canvas as input mask, so pixels that leave the contra
+     canvas drop out instead of dragging the fit:
+     C1. at the coarsest level, affine ECC from (rotation, scale) offsets of the outline fit about the ipsi
+         centroid (the outline fit can slide tens of mm along a breast cut by the canvas); the best plausible
+         score wins (`_plausible`: no stretch beyond MAX_ANISOTROPY),
+     C2. each finer level polishes the answer while it stays plausible; the result is kept only if no breast
+         point moved more than `cfg.reg_refine_max_shift_mm` from the coarse answer.
 
 A pair is fitted once (L -> R); R -> L is its inverse (`inverse_registration`), judged again in its own frame.
-Measured on the synthetic archive (70 % shared texture, per-side affine + 1.5 mm elastic; the best affine
-possible gives 0.53 mm median point error), see benchmarks/registration_bench.py: 0.6 mm median, 1.4 mm p95 both
-ways (outline fit alone: 3.2 / 12 mm; the former stacked mask+intensity ECC: 1.6 / 4.7 mm), ~50 ms per pair.
-No non-rigid step: dense warps register unilateral lesions away,
-which would poison the labels. QC (Dice of the aligned masks, mask ECC score, rotation, scale)
-decides `reg_ok`; degenerate input gives `reg_ok=False` with a reason code instead of an exception.
+No non-rigid step: dense warps register unilateral lesions away, which would poison the labels.
+
+QC (`_judge`) decides `reg_ok`: outline agreement (blurred-mask ECC), shared-pattern agreement
+(`_pattern_agreement`, what stage C maximised), that the fit sits on the agreement peak (`_off_peak`: a wrong
+affine scores higher when moved towards the right one), Dice of the aligned masks, rotation and scale bounds.
+`judge_affine` applies the same QC to any given affine. Degenerate input gives `reg_ok=False` with a reason
+code instead of an exception. Accuracy, QC and speed: benchmarks/registration_bench.py, docs/PERFORMANCE.md.
 
 Pixel coordinates everywhere are (x, y) of pixel centres, the OpenCV convention.
 """
@@ -64,11 +70,9 @@ MIN_ECC_SHARED = 0.5
 # shift mm): an affine off the agreement peak is wrong by about that much, whatever its absolute score
 PEAK_PROBES = ((0.0, (4.0, 0.0)), (0.0, (-4.0, 0.0)), (0.0, (0.0, 4.0)), (0.0, (0.0, -4.0)), (3.0, (0.0, 0.0)),
                (-3.0, (0.0, 0.0)))
-# (iterations, eps) of the outline and final intensity ECC; (100, 1e-6) gave the same errors on 40 synthetic pairs
-# to 0.01 mm at 1.4x the time (benchmarks/registration_bench.py)
+# (iterations, eps) of the outline ECC and the finer levels of the affine fit
 _ECC_CRITERIA = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-5)
-# a search candidate near the answer converges in a few iterations; one far off wanders for all of them (35 ms at
-# 50): 15 gave the same errors on 80 synthetic pairs as 50 (10 did too)
+# the coarse starts: one near the answer converges in a few iterations; a far one would wander for all of them
 _SEARCH_CRITERIA = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 15, 1e-4)
 # what the fit sees: the breast's intensity blurred at this sigma (mm) (see `_shared_pattern`)
 SHARED_BLUR_MM = 2.4
