@@ -93,6 +93,9 @@ START_SCALES = (0.94, 1.0, 1.06)
 # a fitted affine whose linear part stretches more than this (ratio of its singular values) is not a
 # compression difference but the fit sliding a breast cut by the canvas edges (seen on real MLO films)
 MAX_ANISOTROPY = 1.2
+# ... each also slid this far (mm) along the chest wall: where the canvas cuts the breast at the chest wall and
+# the top edge (MLO), the rigid outline fit can slide along the cut by tens of mm
+START_SHIFTS_MM = (0.0, -12.0, 12.0)
 
 
 @dataclass
@@ -243,12 +246,16 @@ def _ecc_affine(ipsi: PyramidLevel, contra: PyramidLevel, start: np.ndarray, cri
 
 
 def _starts(ipsi: RegistrationGrid, start: np.ndarray) -> list[np.ndarray]:
-    """The outline fit and (rotation, scale) offsets of it about the ipsi centroid (grid px affines)."""
+    """(rotation, scale) offsets of the outline fit about the ipsi centroid, each also slid along the chest wall
+    by START_SHIFTS_MM (grid px affines)."""
     centre = tuple(float(v) for v in _centroid(ipsi.mask))
     out = []
-    for rotation in START_ROTATIONS_DEG:
-        for scale in START_SCALES:
-            out.append(compose_affines(cv2.getRotationMatrix2D(centre, rotation, scale), start))
+    for shift in START_SHIFTS_MM:
+        slid = start.copy()
+        slid[1, 2] += shift / ipsi.levels[0].mm_per_px
+        for rotation in START_ROTATIONS_DEG:
+            for scale in START_SCALES:
+                out.append(compose_affines(cv2.getRotationMatrix2D(centre, rotation, scale), slid))
     return out
 
 
