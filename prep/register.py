@@ -96,6 +96,8 @@ MAX_ANISOTROPY = 1.2
 # ... each also slid this far (mm) along the chest wall: where the canvas cuts the breast at the chest wall and
 # the top edge (MLO), the rigid outline fit can slide along the cut by tens of mm
 START_SHIFTS_MM = (0.0, -12.0, 12.0)
+# how many of those starts, ranked by how well their patterns already agree, get an ECC run
+START_POLISH_TOP = 4
 
 
 @dataclass
@@ -345,7 +347,10 @@ def _refine_intensity(ipsi: RegistrationGrid, contra: RegistrationGrid, start: n
     if levels == 0:
         return None
     coarse_i, coarse_c = ipsi.levels[levels - 1], contra.levels[levels - 1]
-    tried = (_ecc_affine(coarse_i, coarse_c, guess, _SEARCH_CRITERIA) for guess in _starts(ipsi, start))
+    # an ECC run per start is the costly part: only the starts whose patterns already agree best get one
+    ranked = sorted(_starts(ipsi, start), key=lambda guess: -np.nan_to_num(_level_agreement(coarse_i, coarse_c, guess),
+                                                                            nan=-1.0))
+    tried = (_ecc_affine(coarse_i, coarse_c, guess, _SEARCH_CRITERIA) for guess in ranked[:START_POLISH_TOP])
     tried = [t for t in tried if t is not None and _plausible(t[1])]
     if not tried:
         return None
@@ -364,12 +369,8 @@ def _refine_intensity(ipsi: RegistrationGrid, contra: RegistrationGrid, start: n
     return best
 
 
-def _pattern_agreement(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_affine: np.ndarray) -> float:
-    """Correlation of the shared patterns (finest level) where the ipsi template sees the contra canvas: what the
-    fit maximised, so a fit that found no common structure scores low (NaN without a pyramid)."""
-    if not ipsi.levels or not contra.levels:
-        return float("nan")
-    level_i, level_c = ipsi.levels[0], contra.levels[0]
+def _level_agreement(level_i: PyramidLevel, level_c: PyramidLevel, grid_affine: np.ndarray) -> float:
+    """Correlation of the shared patterns at one level where the ipsi template sees the contra canvas."""
     affine = _to_level(grid_affine, level_i, level_c)
     shape = level_i.pattern.shape
     seen = _warp_to_template(level_c.canvas_mask.astype(np.float32), affine, shape) > 0.99
@@ -377,6 +378,14 @@ def _pattern_agreement(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_af
     if valid.sum() < MIN_LEVEL_PX**2:
         return float("nan")
     return float(cv2.computeECC(level_i.pattern, _warp_to_template(level_c.pattern, affine, shape), valid))
+
+
+def _pattern_agreement(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_affine: np.ndarray) -> float:
+    """Shared-pattern correlation at the finest level: what the fit maximised, so a fit that found no common
+    structure scores low (NaN without a pyramid)."""
+    if not ipsi.levels or not contra.levels:
+        return float("nan")
+    return _level_agreement(ipsi.levels[0], contra.levels[0], grid_affine)
 
 
 def _off_peak(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_affine: np.ndarray, score: float,
