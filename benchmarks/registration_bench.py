@@ -86,12 +86,13 @@ def wrong_fit_verdicts(canon: dict, forward, cfg: PrepConfig) -> list[bool]:
 def synthetic(args, cfg: PrepConfig) -> None:
     errors, backs, floors, wall, cpu, failed, worst = [], [], [], [], [], [], (0.0, "")
     wrong_ok, mismatch_ok = [], []
-    seed = args.seed
-    while len(wall) + len(failed) < args.pairs:
+    seed, attempted = args.seed, 0
+    while attempted < args.pairs:
         study, other = make_study(seed, args.size), make_study(seed + 10_000, args.size)
         for view in ("CC", "MLO"):
-            if len(wall) + len(failed) >= args.pairs:
+            if attempted >= args.pairs:
                 break
+            attempted += 1
             canon = canonical_pair(study, view, str(seed), cfg)
             if any(c.info["status"] != "ok" for c in canon.values()):
                 failed.append((seed, view, "segmentation"))
