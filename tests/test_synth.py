@@ -328,15 +328,141 @@ def test_study_geometry_orientation_and_correspondences():
         assert np.corrcoef(vl, vr)[0, 1] > 0.6 > np.corrcoef(vl, shuffled)[0, 1] + 0.2
 
 
-def test_findings_are_visible_against_their_surroundings():
-    for seed, category in enumerate(("Mass", "Suspicious Calcification", "Focal Asymmetry",
-                                     "Architectural Distortion")):
-        study = make_study(100 + seed, "small", finding=category, finding_side="L", artefacts=False)
-        im = next(i for i in study.images if i.lesion_mask is not None)
-        ring = cv2.dilate(im.lesion_mask.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool)
-        ring &= ~im.lesion_mask & im.breast_mask
-        inside = np.percentile(im.image[im.lesion_mask], 90)
-        assert inside > np.median(im.image[ring]) + 0.08, category
+def _right_values_at_left_points(study, view, right_image, n=6000, seed=0):
+    """(left pixel values, right values at their true positions) for points deep inside the left breast."""
+    left = next(i for i in study.images if (i.laterality, i.view) == ("L", view))
+    right = next(i for i in study.images if (i.laterality, i.view) == ("R", view))
+    deep = anatomy.inside_distance_mm(left.breast_mask, left.spacing_mm) > 15
+    ys, xs = np.nonzero(deep)
+    pick = np.random.default_rng(seed).choice(xs.size, min(n, xs.size), replace=False)
+    xl, yl = xs[pick].astype(float), ys[pick].astype(float)
+    t_l, t_r = (study.transforms[min(k for k in study.transforms if k[:2] == (lat, view))] for lat in ("L", "R"))
+    px, py = t_r.from_body(*t_l.to_body(xl * left.spacing_mm, yl * left.spacing_mm))
+    x_stored = (right.image.shape[1] - 1) - px / right.spacing_mm  # R is stored mirrored
+    y_stored = py / right.spacing_mm
+    sampled = cv2.remap(right_image, x_stored.astype(np.float32)[None], y_stored.astype(np.float32)[None],
+                        cv2.INTER_LINEAR)[0]
+    return xl.astype(int), yl.astype(int), sampled
+
+
+def test_left_and_right_share_coarse_structure_not_fine_texture():
+    """Generator 2.0's bilateral model: at true correspondences the two breasts agree in coarse structure
+    (blurred over ~4 mm) but their fine texture (image minus its 0.8 mm blur) is independent. CC views: an
+    MLO's shared pectoral edge is anatomy both sides have, not texture."""
+    study = make_study(5, "small", artefacts=False)
+    spacing = study.images[0].spacing_mm
+    for view in ("CC",):
+        left = next(i for i in study.images if (i.laterality, i.view) == ("L", view)).image
+        right = next(i for i in study.images if (i.laterality, i.view) == ("R", view)).image
+
+        def coarse(im):
+            return cv2.GaussianBlur(im, (0, 0), 4.0 / spacing)
+
+        def fine(im):
+            return im - cv2.GaussianBlur(im, (0, 0), 0.8 / spacing)
+
+        xl, yl, rc = _right_values_at_left_points(study, view, coarse(right))
+        assert np.corrcoef(coarse(left)[yl, xl], rc)[0, 1] > 0.6, view
+        xl, yl, rf = _right_values_at_left_points(study, view, fine(right))
+        assert abs(np.corrcoef(fine(left)[yl, xl], rf)[0, 1]) < 0.05, view
+
+
+def test_bilateral_fields_keep_each_sides_power_law():
+    rng = np.random.default_rng(1)
+    left, right = anatomy.bilateral_power_law_fields((256, 256), 3.0, 0.1, rng, shared_wavelength_mm=12.0,
+                                                     max_shared=0.8)
+    for field in (left, right):
+        assert abs(anatomy.fit_power_law_beta(field) - 3.0) < 0.3
+    fine = [f - cv2.GaussianBlur(f, (0, 0), 8.0) for f in (left, right)]  # 0.8 mm at 0.1 mm/px
+    assert abs(np.corrcoef(fine[0].ravel(), fine[1].ravel())[0, 1]) < 0.05
+    coarse = [cv2.GaussianBlur(f, (0, 0), 60.0) for f in (left, right)]
+    assert np.corrcoef(coarse[0].ravel(), coarse[1].ravel())[0, 1] > 0.5
+
+
+def _ring(mask, breast, px=15):
+    ring = cv2.dilate(mask.astype(np.uint8), np.ones((px, px), np.uint8)).astype(bool)
+    return ring & ~mask & breast
+
+
+def test_lesions_have_real_kinds_masks_boxes_and_subtle_contrast():
+    kinds = {"Mass": set(), "Suspicious Calcification": set(), "Focal Asymmetry": set(),
+             "Architectural Distortion": set()}
+    for seed in range(12):
+        category = "Mass" if seed < 8 else list(kinds)[seed - 8]
+        study = make_study([41, seed], "small", finding=category, finding_side="R",
+                           images=(("R", "CC"), ("L", "CC")), artefacts=False)
+        right, left = study.images
+        assert left.lesion_mask is None and not left.findings and left.lesion_kind is None
+        mask = right.lesion_mask
+        assert mask is not None and mask.any() and not (mask & ~right.breast_mask).any()
+        (f,) = right.findings
+        ys, xs = np.nonzero(mask)
+        assert f["category"] == category and f["xmin"] <= xs.min() and xs.max() < f["xmax"]
+        assert f["ymin"] <= ys.min() and ys.max() < f["ymax"]
+        kinds[category].add(right.lesion_kind)
+        if category == "Mass":
+            # a few to a few tens of % over its surroundings: never a saturated blob
+            core = cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+            bg = np.median(right.image[_ring(mask, right.breast_mask)])
+            assert 0.005 < (np.median(right.image[core]) - bg) / bg < 0.4, right.lesion_kind
+            assert right.image[mask].max() < 0.95
+    assert kinds == {"Mass": {"iso-dense mass", "hyperdense mass", "spiculated mass"},
+                     "Suspicious Calcification": {"calcification cluster"}, "Focal Asymmetry": {"focal asymmetry"},
+                     "Architectural Distortion": {"architectural distortion"}}
+
+
+def test_microcalcifications_are_small_partial_volumed_dots():
+    """Dots of 0.2-0.5 mm: on 0.1 mm pixels a 0.5 mm dot reaches its contrast, a 0.2 mm dot less; the
+    recorded signal is the dot's area (partial volume), so a sub-pixel dot is dim, never a bright pixel."""
+    big = anatomy.microcalcification_layer((41, 41), np.array([[20.0, 20.0]]), np.array([5.0]), 0.6)
+    small = anatomy.microcalcification_layer((41, 41), np.array([[20.0, 20.0]]), np.array([2.0]), 0.6)
+    tiny = anatomy.microcalcification_layer((41, 41), np.array([[20.0, 20.0]]), np.array([0.5]), 0.6)
+    assert big.max() == pytest.approx(1.0) and 0.3 < small.max() < big.max() and tiny.max() < 0.2
+    for layer, d in ((big, 5.0), (small, 2.0), (tiny, 0.5)):
+        if layer.max() < 1.0:  # unclipped dots keep their area
+            assert layer.sum() == pytest.approx(np.pi * (d / 2) ** 2, rel=0.05)
+
+
+def test_architectural_distortion_pulls_tissue_towards_its_centre():
+    qx, qy = np.array([12.0, 30.0]), np.array([10.0, 10.0])
+    px, _ = anatomy.radial_pull(qx, qy, (10.0, 10.0), 5.0, 0.4)
+    # tissue seen 2 mm from the centre came from further out; far away nothing moves
+    assert px[0] == pytest.approx(10.0 + 2.0 * (1 + 0.4 * np.exp(-4 / 50))) and px[1] == pytest.approx(30.0, abs=0.01)
+
+
+def test_benign_focal_asymmetry_is_unlabelled():
+    study = make_study(9, "small", benign_asymmetry=True, artefacts=False)
+    assert study.benign_asymmetry_side in {"L", "R"}
+    assert all(im.lesion_mask is None and not im.findings for im in study.images)
+    assert set(study.breast_birads.values()) <= {"BI-RADS 1", "BI-RADS 2"}
+
+
+def test_default_build_holds_30_lesion_studies_in_the_test_split():
+    from prep.synth.archive import DEFAULT_STUDIES, LESION_PREVALENCE
+
+    for seed in (0, 7):
+        plans = plan_studies(DEFAULT_STUDIES, seed)
+        test = [p for p in plans if p.split == "test"]
+        assert sum(p.finding is not None for p in test) >= 30
+        share = sum(p.finding is not None for p in plans) / len(plans)
+        assert abs(share - LESION_PREVALENCE) < 0.02
+        assert not any(p.finding and p.bilateral_benign for p in plans)
+
+
+def test_film_option_looks_like_a_digitised_film_and_still_canonicalises():
+    from prep.config import PrepConfig
+    from prep.decode import DecodedImage
+    from prep.pairs import ImageInput, canonicalise
+
+    study = make_study(4, "small", film=True, images=(("L", "CC"), ("R", "MLO")))
+    for im in study.images:
+        background = im.image[~cv2.dilate(im.breast_mask.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)]
+        assert np.median(background) > 0.03 and background.std() > 0.003  # film base and grain, not zeros
+        strips = [im.image[:, :12].mean(0), im.image[:, -12:].mean(0), im.image[-12:].mean(1), im.image[:12].mean(1)]
+        assert max(s.max() for s in strips) > 0.6  # a scanner border band within 5 mm of an edge
+        canon = canonicalise(ImageInput("x", im.laterality, im.view, DecodedImage(im.image, (im.spacing_mm,) * 2)),
+                             PrepConfig())
+        assert canon.info["status"] == "ok" and canon.info["chest_wall_side"] == im.stored_chest_wall
 
 
 def test_monochrome1_and_2_encodings_display_the_same_image():
@@ -360,8 +486,10 @@ def test_monochrome1_and_2_encodings_display_the_same_image():
 def test_cli_writes_summary_and_refuses_a_non_empty_folder(tmp_path):
     runner = CliRunner()
     out = tmp_path / "arch"
-    result = runner.invoke(app, ["synth", "--out", str(out), "--studies", "1", "--seed", "3"])
+    result = runner.invoke(app, ["synth", "--out", str(out), "--studies", "1", "--seed", "3", "--film"])
     assert result.exit_code == 0, result.output
     assert "studies / images" in result.output and len(list(out.glob("images/*/*.dicom"))) == 4
+    truth = _truth(out)
+    assert truth["film"] is True and truth["generator_version"] == "2.0"
     again = runner.invoke(app, ["synth", "--out", str(out), "--studies", "1"])
     assert again.exit_code != 0 and "out_not_empty" in again.output

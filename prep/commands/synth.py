@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from prep.synth import SynthError, write_archive
+from prep.synth.archive import DEFAULT_STUDIES, LESION_PREVALENCE
 
 _console = Console(stderr=True)
 
@@ -22,21 +23,35 @@ class Size(str, Enum):
 
 def synth(
     out: Path = typer.Option(..., "--out", help="Archive folder to create (must be empty or absent)."),
-    studies: int = typer.Option(40, "--studies", min=1, help="Number of four-view studies. "
-                                "With 8 or more, every data-quality trap is included."),
+    studies: int = typer.Option(DEFAULT_STUDIES, "--studies", min=1, help="Number of four-view studies. "
+                                "With 8 or more, every data-quality trap is included; with the default, the "
+                                "20 % test split holds 30 studies with a finding."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives a byte-identical archive."),
     size: Size = typer.Option(Size.small, "--size", help="'small' = real physical field at 1/5 of the pixels "
                               "(e.g. 704x560 px at 0.425 mm/px), 'full' = real detector sizes "
                               "(e.g. 3518x2800 px at 0.085 mm/px)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing archive in --out."),
+    lesion_prevalence: float = typer.Option(
+        LESION_PREVALENCE, "--lesion-prevalence", min=0.0, max=1.0,
+        help="Share of studies, in each split, with one unilateral finding (mass: iso-dense, hyperdense or "
+        "spiculated; calcification cluster; focal asymmetry; architectural distortion). An enriched set: "
+        "screening prevalence is below 1 %."),
+    film: bool = typer.Option(False, "--film", help="Digitised screen-film look like the CBIS-DDSM films: film "
+                              "base and grain, scanner border, burned-in 'LCC'/'RMLO' labels."),
 ) -> None:
-    """Synthesize a VinDr-Mammo-layout archive (DICOMs, CSVs, checksums) plus ground_truth/."""
+    """Synthesize a VinDr-Mammo-layout archive (DICOMs, CSVs, checksums) plus ground_truth/.
+
+    Generator 2.0: left and right breasts share their coarse structure (outline, density layout, fat
+    fall-off, pectoral muscle) but not their fine texture, each side has its own compression and small
+    affine + elastic deformation, and 15 % of studies carry an unlabelled benign focal asymmetry
+    (docs/REALISM.md)."""
     with Progress(TextColumn("[bold]synth[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("studies"),
                   TimeElapsedColumn(), console=_console, transient=True) as progress:
         task = progress.add_task("studies", total=studies)
         try:
             summary = write_archive(out, studies, seed, size.value, overwrite,
-                                    on_study=lambda done, total: progress.update(task, completed=done))
+                                    on_study=lambda done, total: progress.update(task, completed=done),
+                                    film=film, prevalence=lesion_prevalence)
         except SynthError as err:
             progress.stop()
             _console.print(f"[red]prep synth failed[/] ({err.reason}): {err.detail}", soft_wrap=True)

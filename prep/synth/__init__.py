@@ -3,7 +3,10 @@
 Public API (also used by other modules' tests):
 
 - `make_study(rng_seed, size="small", *, vendor, density, finding, finding_side, bilateral_benign,
-  box_outside, images, alt_shape_right, ...) -> SynthStudy`: one study in memory, no files.
+  box_outside, images, alt_shape_right, benign_asymmetry, film, ...) -> SynthStudy`: one study in memory,
+  no files. Left and right share coarse structure only (fine texture independent); each image's
+  `lesion_kind` names the finding's kind (e.g. "spiculated mass"); `SynthStudy.transforms` holds each
+  side's body -> image transform.
   `SynthStudy.images` is a list of `SynthImage(laterality, view, image, breast_mask, lesion_mask,
   findings, spacing_mm, stored_chest_wall)`: `image` is float32 [0, 1], bright = dense, in the
   STORED orientation (R mirrored: chest wall on the right edge); `findings` boxes are in stored
@@ -14,7 +17,7 @@ Public API (also used by other modules' tests):
   rescale=, ...) -> pydicom.Dataset`: encode a displayed image as MG DICOM. For window/LUT VOI,
   normalised VOI output (then `1 - x` for MONOCHROME1) reproduces the MONOCHROME2 and MONOCHROME1
   encodings of one image identically. `voi` in `VOI_KINDS`, `transfer_syntax` in `TRANSFER_SYNTAXES`.
-- `write_archive(out, n_studies, seed, size, overwrite, on_study) -> ArchiveSummary`: the archive
+- `write_archive(out, n_studies, seed, size, overwrite, on_study, *, film, prevalence) -> ArchiveSummary`: the archive
   plus `ground_truth/truth.json` and `ground_truth/masks/<image_id>.png` (docs/ARCHITECTURE.md);
   `truth["traps"]` also lists `for_processing` image ids.
 - `PLANTED_PATIENT_NAME`, `PLANTED_BIRTH_DATE`, `PLANTED_PATIENT_ID` (a prefix): PHI canaries planted

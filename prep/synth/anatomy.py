@@ -287,9 +287,11 @@ def tissue_threshold(texture: np.ndarray, envelope: np.ndarray, mask: np.ndarray
 
 def mass_layer(
     shape: tuple[int, int], centre_px: tuple[float, float], axes_px: tuple[float, float], angle_deg: float,
-    spicules: list[tuple[float, float]], spicule_width_px: float, edge_px: float,
+    spicules: list[tuple[float, float]], spicule_width_px: float, edge_px: float, spicule_level: float = 0.8,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(density in [0, 1], lesion mask) of an oval mass; `spicules` = (angle_deg, length_px) rays."""
+    """(projected thickness profile in [0, 1], lesion mask) of an oval mass; `spicules` = (angle_deg, length_px)
+    rays drawn at `spicule_level`. The body is a dome (the chord of an ellipsoid, 1 at the centre) whose
+    margin is blurred over `edge_px` (sharp for circumscribed masses, wide for obscured ones)."""
     y, x = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
     t = np.deg2rad(angle_deg)
     dx, dy = x - centre_px[0], y - centre_px[1]
@@ -297,7 +299,8 @@ def mass_layer(
     v = (-dx * np.sin(t) + dy * np.cos(t)) / axes_px[1]
     r = np.sqrt(u * u + v * v)
     edge = max(edge_px / max(min(axes_px), 1.0), 1e-3)
-    body = np.clip((1.0 - r) / edge + 0.5, 0.0, 1.0) * (0.85 + 0.15 * np.clip(1 - r, 0, 1))
+    support = np.clip((1.0 - r) / edge + 0.5, 0.0, 1.0)
+    body = support * (0.35 + 0.65 * np.sqrt(np.clip(1.0 - r * r, 0.0, 1.0)))
     rays = np.zeros(shape, np.float32)
     width = max(1, int(round(spicule_width_px)))
     for ang, length in spicules:
@@ -308,9 +311,9 @@ def mass_layer(
         p0 = (int(round(centre_px[0] + r0 * rx)), int(round(centre_px[1] + r0 * ry)))
         reach = max(axes_px) + length
         p1 = (int(round(centre_px[0] + reach * rx)), int(round(centre_px[1] + reach * ry)))
-        cv2.line(rays, p0, p1, 0.8, width, cv2.LINE_AA)
-    density = np.maximum(body, rays)
-    return density.astype(np.float32), density > 0.4
+        cv2.line(rays, p0, p1, 1.0, width, cv2.LINE_AA)
+    density = np.maximum(body, spicule_level * rays)
+    return density.astype(np.float32), (support > 0.5) | (rays > 0.5)
 
 
 def calcification_layer(
@@ -323,6 +326,43 @@ def calcification_layer(
         centre = (int(round(cx * 2**shift)), int(round(cy * 2**shift)))
         cv2.circle(layer, centre, max(int(round(r * 2**shift)), 2**shift), 1.0, -1, cv2.LINE_AA, shift)
     return np.clip(layer, 0.0, 1.0)
+
+
+def microcalcification_layer(
+    shape: tuple[int, int], centres_px: np.ndarray, diameters_px: np.ndarray, psf_px: float,
+    contrasts: np.ndarray | None = None,
+) -> np.ndarray:
+    """Calcification dots as the detector records them: each dot a Gaussian whose integral is the dot's area
+    (pi r^2) and whose width is the dot's own (sigma = r / 2) blurred by the system `psf_px` (sigma, px), so
+    a dot smaller than a pixel is partial-volumed (dimmer), never drawn as a whole bright pixel. A dot much
+    wider than the blur peaks at its `contrasts` entry (default 1)."""
+    layer = np.zeros(shape, np.float32)
+    rows, cols = shape
+    diameters = np.asarray(diameters_px, float)
+    contrasts = np.ones_like(diameters) if contrasts is None else np.asarray(contrasts, float)
+    for (cx, cy), d, k in zip(np.asarray(centres_px, float), diameters, contrasts):
+        r = d / 2.0
+        sigma2 = r * r / 4.0 + psf_px * psf_px
+        peak = k * min(1.0, r * r / (2.0 * sigma2))
+        reach = int(np.ceil(4.0 * np.sqrt(sigma2))) + 1
+        x0, x1 = max(0, int(cx) - reach), min(cols, int(cx) + reach + 1)
+        y0, y1 = max(0, int(cy) - reach), min(rows, int(cy) + reach + 1)
+        if x0 >= x1 or y0 >= y1:
+            continue
+        y, x = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        blob = peak * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2.0 * sigma2))
+        layer[y0:y1, x0:x1] = np.maximum(layer[y0:y1, x0:x1], blob)
+    return layer
+
+
+def radial_pull(
+    qx: np.ndarray, qy: np.ndarray, centre_mm: tuple[float, float], radius_mm: float, strength: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Body points of tissue retracted towards `centre_mm` (architectural distortion): the tissue seen at
+    distance r came from r * (1 + strength * exp(-r^2 / 2 radius^2)), so structure converges on the centre."""
+    dx, dy = qx - centre_mm[0], qy - centre_mm[1]
+    gain = 1.0 + strength * np.exp(-(dx * dx + dy * dy) / (2.0 * radius_mm * radius_mm))
+    return centre_mm[0] + dx * gain, centre_mm[1] + dy * gain
 
 
 def asymmetry_layer(
@@ -417,3 +457,40 @@ def collimator_line(image: np.ndarray, edge: str, spacing_mm: float, level: floa
     else:
         out[-width:] = level
     return out
+
+
+def film_scan(image: np.ndarray, label: str, chest_wall_right: bool, spacing_mm: float,
+              rng: np.random.Generator) -> np.ndarray:
+    """A digitised screen-film mammogram, like the CBIS-DDSM films (stored orientation).
+
+    Film base and fog lift the background above zero; film grain (correlated over ~0.1 mm) covers the
+    whole film; the film scanner leaves bright bands where the film edge was unexposed (the side away
+    from the chest wall, sometimes the bottom or, on CC views, the top) and a dark strip beyond the film;
+    the film's label ("LCC", "RMLO") is burned in near the top, away from the chest wall.
+    """
+    rows, cols = image.shape
+    base = rng.uniform(0.04, 0.10)
+    out = base + (1.0 - base) * image
+    grain = rng.standard_normal(image.shape).astype(np.float32)
+    grain = cv2.GaussianBlur(grain, (0, 0), max(0.5, 0.04 / spacing_mm))
+    out = out + rng.uniform(0.006, 0.012) * grain / (grain.std() + 1e-12)
+    edges = ["far"] if rng.random() < 0.85 else []
+    if rng.random() < 0.5:
+        edges.append("bottom")
+    if rng.random() < 0.3 and "MLO" not in label:
+        edges.append("top")
+    for edge in edges:
+        width = max(2, int(round(rng.uniform(1.5, 5.0) / spacing_mm)))
+        outer = int(round(rng.uniform(0.0, 1.5) / spacing_mm))
+        level = rng.uniform(0.75, 0.95)
+        if edge == "far":
+            band = (slice(None), slice(0, width + outer)) if chest_wall_right else (slice(None), slice(cols - width - outer, cols))
+            dark = (slice(None), slice(0, outer)) if chest_wall_right else (slice(None), slice(cols - outer, cols))
+        elif edge == "bottom":
+            band, dark = (slice(rows - width - outer, rows), slice(None)), (slice(rows - outer, rows), slice(None))
+        else:
+            band, dark = (slice(0, width + outer), slice(None)), (slice(0, outer), slice(None))
+        out[band] = level + 0.3 * (out[band] - base)
+        out[dark] = rng.uniform(0.0, 0.02)
+    out = burn_label(np.clip(out, 0.0, 1.0).astype(np.float32), label, not chest_wall_right, spacing_mm)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)

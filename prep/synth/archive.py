@@ -27,8 +27,15 @@ from prep.io import write_bytes_atomic
 from prep.synth.dicom_writer import PLANTED_PATIENT_ID, to_dicom_dataset
 from prep.synth.study import CATEGORIES, DEVICES, SIZES, SynthStudy, make_study
 
-GENERATOR_VERSION = "2.0"  # 2.0: bilateral by scale (coarse shared, fine texture independent), per-side compression
+# 2.0: bilateral by scale (coarse shared, fine texture independent), per-side compression; subtle lesions of
+# real size and contrast; benign focal asymmetries; lesion prevalence per split; --film
+GENERATOR_VERSION = "2.0"
 MIN_STUDIES_FOR_TRAPS = 8
+# share of studies with one unilateral finding, in each split (an enriched set, as reader studies and public
+# archives are; screening prevalence is < 1 %). With the default 250 studies the test split (20 %) holds 30.
+LESION_PREVALENCE = 0.6
+DEFAULT_STUDIES = 250
+BENIGN_ASYMMETRY_RATE = 0.15  # studies with an unlabelled benign focal asymmetry (a normal variant)
 TRAP_KINDS = ("missing_view", "duplicate_view", "wrong_laterality_tag", "truncated_file", "box_outside",
               "for_processing")
 
@@ -84,6 +91,7 @@ class StudyPlan:
     trap: str | None = None
     alt_shape_right: bool = False
     age: int = 50
+    benign_asymmetry: bool = False
 
 
 @dataclass
@@ -100,8 +108,14 @@ class ArchiveSummary:
     seconds: float = 0.0
 
 
-def plan_studies(n_studies: int, seed: int) -> list[StudyPlan]:
-    """Study-level choices (vendor, split, finding, traps), fixed quotas so small archives cover all."""
+def plan_studies(n_studies: int, seed: int, prevalence: float = LESION_PREVALENCE) -> list[StudyPlan]:
+    """Study-level choices (vendor, split, finding, traps), fixed quotas so small archives cover all.
+
+    Each split gets ceil(prevalence x its studies) studies with one unilateral finding (the box_outside trap
+    study always has one; bilateral-benign studies never do); untrapped studies are preferred, so trapped
+    images do not eat the lesion quota."""
+    if not 0.0 <= prevalence <= 1.0:
+        raise ValueError(f"prevalence must be in [0, 1], got {prevalence}")
     rng = np.random.default_rng([seed, 0x5EED])
     n = n_studies
     vendors = ["Planmed"] * max(1, round(0.17 * n)) + ["IMS"] * max(1, round(0.05 * n))
@@ -111,23 +125,29 @@ def plan_studies(n_studies: int, seed: int) -> list[StudyPlan]:
     plans = [StudyPlan(i, vendors[i], "test" if i in test else "training", age=int(rng.integers(38, 76)))
              for i in range(n)]
     order = rng.permutation(n).tolist()
-    special = []
     if n >= MIN_STUDIES_FOR_TRAPS:
         for kind, idx in zip(TRAP_KINDS, order):
             plans[idx].trap = kind
-        special = order[: len(TRAP_KINDS)]
         plans[order[len(TRAP_KINDS)]].bilateral_benign = True
     for p in plans:
         if p.trap is None and not p.bilateral_benign and rng.random() < 0.05:
             p.bilateral_benign = True
         if p.vendor == "SIEMENS" and p.trap is None and rng.random() < 0.1:
             p.alt_shape_right = True  # an L/R pair with different pixel dimensions
-    # ~35 % of studies carry one unilateral finding; categories rotate so all four appear
-    n_finding = round(0.35 * n)
-    with_finding = [i for i in special if plans[i].trap == "box_outside"]
-    with_finding += [i for i in rng.permutation(n).tolist() if i not in with_finding and not plans[i].bilateral_benign]
+        p.benign_asymmetry = p.trap is None and rng.random() < BENIGN_ASYMMETRY_RATE
+    with_finding = []
+    for split in ("training", "test"):
+        members = [p.index for p in plans if p.split == split]
+        quota = int(np.ceil(prevalence * len(members) - 1e-9))
+        forced = [i for i in members if plans[i].trap == "box_outside"]
+        shuffled = [members[j] for j in rng.permutation(len(members))]
+        # bilateral-benign studies are BI-RADS 2 on both sides: never a finding
+        ranked = sorted((i for i in shuffled if not plans[i].bilateral_benign), key=lambda i: plans[i].trap is not None)
+        picked = forced + [i for i in ranked if i not in forced]
+        with_finding += picked[: max(quota, len(forced))]
+    # categories rotate so all four appear
     categories = [CATEGORIES[j] for j in rng.permutation(len(CATEGORIES))]
-    for k, i in enumerate(with_finding[:n_finding]):
+    for k, i in enumerate(sorted(with_finding, key=lambda i: order.index(i))):
         plans[i].finding = categories[k % len(categories)]
         trapped = plans[i].trap == "box_outside"
         plans[i].finding_side = box_outside_side(seed) if trapped else str(rng.choice(["L", "R"]))
@@ -219,19 +239,27 @@ def _box_cell(value: float) -> str:
 
 def write_archive(
     out: Path | str,
-    n_studies: int = 40,
+    n_studies: int = DEFAULT_STUDIES,
     seed: int = 0,
     size: str = "small",
     overwrite: bool = False,
     on_study: Callable[[int, int], None] | None = None,
+    *,
+    film: bool = False,
+    prevalence: float = LESION_PREVALENCE,
 ) -> ArchiveSummary:
-    """Generate `n_studies` studies under `out` (VinDr layout + ground_truth/); returns a summary."""
+    """Generate `n_studies` studies under `out` (VinDr layout + ground_truth/); returns a summary.
+
+    film: digitised-film look (film base, grain, scanner border, burned-in "LCC"/"RMLO" labels; see
+      `make_study`). prevalence: share of studies with one unilateral finding, in each split."""
     start = time.perf_counter()
     out = Path(out)
     if n_studies < 1:
         raise SynthError("bad_studies", f"--studies must be >= 1, got {n_studies}")
     if size not in SIZES:
         raise SynthError("bad_size", f"--size must be one of {SIZES}, got {size!r}")
+    if not 0.0 <= prevalence <= 1.0:
+        raise SynthError("bad_prevalence", f"--lesion-prevalence must be in [0, 1], got {prevalence}")
     if out.exists() and not out.is_dir():
         raise SynthError("out_not_dir", f"{out} exists and is not a folder")
     if out.exists() and any(out.iterdir()):
@@ -241,10 +269,11 @@ def write_archive(
             shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
 
-    plans = plan_studies(n_studies, seed)
+    plans = plan_studies(n_studies, seed, prevalence)
     encodings = _image_encodings(plans, seed)
     summary = ArchiveSummary(out=out, studies=n_studies)
     traps: dict[str, list[str]] = {k: [] for k in (*TRAP_KINDS, "bilateral_benign")}
+    benign_asymmetry: list[str] = []  # image ids showing an unlabelled benign focal asymmetry
     breast_rows, finding_rows, metadata_rows = [], [], []
     truth_images: dict[str, dict] = {}
     truth_pairs: list[dict] = []
@@ -254,7 +283,8 @@ def write_archive(
         study: SynthStudy = make_study(
             [seed, plan.index], size, vendor=plan.vendor, finding=plan.finding, finding_side=plan.finding_side,
             bilateral_benign=plan.bilateral_benign, box_outside=plan.trap == "box_outside",
-            images=_study_images(plan), alt_shape_right=plan.alt_shape_right)
+            images=_study_images(plan), alt_shape_right=plan.alt_shape_right,
+            benign_asymmetry=plan.benign_asymmetry, film=film)
         study_uid = _uid(seed, plan.index, "study")
         series_uid = _uid(seed, plan.index, "series")
         study_id, series_id = _md5(study_uid), _md5(series_uid)
@@ -285,6 +315,8 @@ def write_archive(
                 trap = "box_outside"
             if trap:
                 traps[trap].append(image_id)
+            if study.benign_asymmetry_side == img.laterality:
+                benign_asymmetry.append(image_id)
             ds = to_dicom_dataset(
                 img.image, img.spacing_mm, photometric=enc["photometric"], transfer_syntax=enc["transfer_syntax"],
                 voi=enc["voi"], bits_stored=enc["bits_stored"], rescale=enc["rescale"], lut_gamma=enc["lut_gamma"],
@@ -329,7 +361,7 @@ def write_archive(
                 "study_id": study_id, "laterality": img.laterality, "view": img.view,
                 "stored_chest_wall": img.stored_chest_wall, "spacing_mm": [img.spacing_mm, img.spacing_mm],
                 "photometric": enc["photometric"], "transfer_syntax": str(enc["transfer_syntax"]),
-                "lesion_mask": mask_rel,
+                "lesion_mask": mask_rel, "lesion_kind": img.lesion_kind,
                 "findings": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in f.items()}
                              for f in img.findings],
             }
@@ -346,8 +378,9 @@ def write_archive(
     write_bytes_atomic(out / "finding_annotations.csv", _csv_bytes(FINDING_COLUMNS, finding_rows))
     write_bytes_atomic(out / "metadata.csv", _csv_bytes(METADATA_COLUMNS, metadata_rows))
     write_bytes_atomic(out / "LICENSE.txt", _LICENSE.encode())
-    truth = {"seed": seed, "size": size, "generator_version": GENERATOR_VERSION, "images": truth_images,
-             "pairs": truth_pairs, "traps": traps}
+    truth = {"seed": seed, "size": size, "generator_version": GENERATOR_VERSION, "film": film,
+             "lesion_prevalence": prevalence, "images": truth_images, "pairs": truth_pairs, "traps": traps,
+             "normal_variants": {"benign_focal_asymmetry": benign_asymmetry}}
     write_bytes_atomic(out / "ground_truth" / "truth.json", json.dumps(truth, indent=1, sort_keys=True).encode())
     # checksums of the archive as released: a truncated copy fails verification, as it would on VinDr
     sums = []

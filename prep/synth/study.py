@@ -40,13 +40,16 @@ _FINDING_BIRADS = {
     "Architectural Distortion": (4, 5),
 }
 _FAT_LEVEL = 0.30
+# the densest projections are ~70 % fibroglandular along the x-ray path, never all of it: a lesion there
+# still replaces some fat, so it keeps a few % of contrast
+_MAX_GLAND_PATH = 0.7
 # bilateral model by scale (anatomy.bilateral_power_law_fields): structure coarser than ~_SHARED_WAVELENGTH_MM
 # is shared up to _MAX_SHARED of its variance (the rest is each side's own low-frequency density); finer
 # texture is independent between the breasts, as measured on real films (docs/REALISM.md)
 _SHARED_WAVELENGTH_MM = 12.0
-_MAX_SHARED = 0.85
+_MAX_SHARED = 0.75
 _COMPRESSION_JITTER = 0.15  # per-side skin fall-off length, relative: the two breasts are compressed differently
-_EXPOSURE_JITTER = 0.03  # per-side overall signal level, relative
+_EXPOSURE_JITTER = 0.015  # per-side overall signal level, relative
 _MAX_ROTATION_DEG = 4.0  # per side, so the L<->R relative rotation stays within ~8 deg
 _MAX_SCALE = 0.04  # per side, so the relative scale stays within ~+-8 %
 _MAX_ELASTIC_MM = 2.0  # per side; the best L/R affine then leaves ~0.7 mm median (docs/REALISM.md)
@@ -76,6 +79,7 @@ class SynthImage:
     findings: list[dict]  # category, birads, xmin, ymin, xmax, ymax (stored px, pixel edges)
     spacing_mm: float
     stored_chest_wall: str  # "left" for L, "right" for R
+    lesion_kind: str | None = None  # e.g. "spiculated mass", "calcification cluster" (None: no finding)
 
 
 @dataclass
@@ -88,6 +92,7 @@ class SynthStudy:
     bilateral_benign: bool
     beta: float
     transforms: dict[tuple[str, str, int], anatomy.SideTransform] = field(default_factory=dict)
+    benign_asymmetry_side: str | None = None  # the breast with an unlabelled benign focal asymmetry
 
 
 @dataclass(frozen=True)
@@ -124,33 +129,52 @@ def _breast_shape(view: str, rows: int, cols: int, spacing: float, rng: np.rando
     )
 
 
+# mass subtypes: (probability, excess attenuation over fibroglandular tissue, relative). Iso-dense and
+# slightly hyperdense masses differ from the surrounding fibroglandular tissue by a few percent only; in a
+# dense breast they show by shape and margin, in a fatty one by their whole density.
+_MASS_KINDS = {"iso-dense mass": (0.4, (0.0, 0.02)), "hyperdense mass": (0.3, (0.03, 0.08)),
+               "spiculated mass": (0.3, (0.02, 0.06))}
+_LESION_KIND = {"Suspicious Calcification": "calcification cluster", "Focal Asymmetry": "focal asymmetry",
+                "Architectural Distortion": "architectural distortion"}
+
+
 def _sample_lesion(
     category: str, birads: int, shape: anatomy.BreastShape, rng: np.random.Generator, at_chest_wall: bool
 ) -> _Lesion:
     if category == "Mass":
-        diameter = rng.uniform(6.0, 30.0)
+        kinds = list(_MASS_KINDS)
+        kind = kinds[int(rng.choice(len(kinds), p=[_MASS_KINDS[k][0] for k in kinds]))]
+        diameter = float(np.clip(rng.lognormal(np.log(12.0), 0.4), 5.0, 30.0))  # mm, median ~12 mm
         ratio = rng.uniform(0.65, 1.0)
-        spiculated = rng.random() < 0.35
         spicules = (
-            [(a, rng.uniform(0.5, 1.2) * diameter / 2) for a in rng.uniform(0, 360, rng.integers(8, 16))]
-            if spiculated else []
+            [(a, rng.uniform(0.6, 1.4) * diameter / 2) for a in rng.uniform(0, 360, rng.integers(10, 20))]
+            if kind == "spiculated mass" else []
         )
-        params = {"axes_mm": (diameter / 2, diameter / 2 * ratio), "angle": rng.uniform(0, 180),
-                  "spicules": spicules, "contrast": rng.uniform(0.24, 0.32)}
-        radius = diameter / 2
+        # projected thickness: the mass fills diameter / compressed-thickness of the x-ray path at its centre
+        params = {"kind": kind, "axes_mm": (diameter / 2, diameter / 2 * ratio), "angle": rng.uniform(0, 180),
+                  "spicules": spicules, "excess": rng.uniform(*_MASS_KINDS[kind][1]),
+                  "path_fraction": min(0.6, diameter / rng.uniform(40.0, 65.0)),
+                  "edge_mm": rng.uniform(0.5, 1.0) if kind == "hyperdense mass" else rng.uniform(1.0, 3.0)}
+        radius = diameter / 2 + (max(length for _, length in spicules) if spicules else 0.0)
     elif category == "Suspicious Calcification":
-        n = int(rng.integers(8, 21))
-        offsets = np.clip(rng.normal(0.0, 2.6, (n, 2)), -5.0, 5.0)  # a ~1 cm cluster
-        params = {"offsets_mm": offsets, "diameters_mm": rng.uniform(0.2, 0.6, n), "level": rng.uniform(0.9, 1.0)}
+        n = int(rng.integers(6, 21))
+        offsets = np.clip(rng.normal(0.0, 2.2, (n, 2)), -5.0, 5.0)  # a cluster within ~1 cm
+        diameters = rng.uniform(0.2, 0.5, n)
+        # subject contrast grows with the dot's thickness: ~10-30 % over the tissue for a 0.5 mm dot
+        params = {"kind": _LESION_KIND[category], "offsets_mm": offsets, "diameters_mm": diameters,
+                  "contrast": rng.uniform(0.1, 0.3) * diameters / 0.5}
         radius = 6.0
     elif category == "Focal Asymmetry":
-        sig = (rng.uniform(8.0, 14.0), rng.uniform(6.0, 11.0))
-        params = {"sigmas_mm": sig, "angle": rng.uniform(0, 180), "contrast": rng.uniform(0.2, 0.26)}
+        sig = (rng.uniform(7.0, 12.0), rng.uniform(5.0, 9.0))
+        params = {"kind": _LESION_KIND[category], "sigmas_mm": sig, "angle": rng.uniform(0, 180),
+                  "fraction": rng.uniform(0.25, 0.5)}
         radius = 1.5 * max(sig)
-    else:  # Architectural Distortion
-        n = int(rng.integers(10, 17))
-        rays = [(a, rng.uniform(10.0, 25.0)) for a in np.sort(rng.uniform(0, 360, n))]
-        params = {"rays_mm": rays, "width_mm": 0.45, "contrast": rng.uniform(0.28, 0.36)}
+    else:  # Architectural Distortion: tissue retracted towards a point, thin radiating strands, no mass
+        n = int(rng.integers(10, 18))
+        rays = [(a, rng.uniform(6.0, 16.0)) for a in np.sort(rng.uniform(0, 360, n))]
+        params = {"kind": _LESION_KIND[category], "rays_mm": rays, "width_mm": rng.uniform(0.3, 0.6),
+                  "fraction": rng.uniform(0.08, 0.15), "pull_radius_mm": rng.uniform(6.0, 10.0),
+                  "pull": rng.uniform(0.25, 0.45)}
         radius = max(r for _, r in rays)
     if at_chest_wall:
         # straddles the chest-wall edge so its annotated box runs off the image
@@ -168,32 +192,42 @@ def _sample_lesion(
 
 def _render_lesion(
     lesion: _Lesion, transform: anatomy.SideTransform, shape_px: tuple[int, int], spacing: float
-) -> tuple[np.ndarray, np.ndarray, str]:
-    """(density layer, mask, compositing mode) of a body-frame lesion in a side's canonical pixels."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(path fraction, excess attenuation, mask) of a body-frame lesion in a side's canonical pixels.
+
+    The path fraction is the share of the x-ray path the lesion occupies, as dense as fibroglandular tissue:
+    it replaces that share of the tissue the path crossed before (fat or gland), so a lesion shows well in
+    fat and hardly in dense tissue. The excess is its extra attenuation relative to fibroglandular tissue
+    (a few % for masses, more for calcium)."""
     scale = float(np.sqrt(abs(np.linalg.det(transform.matrix)))) / spacing  # mm (body) -> side px
     rotation = float(np.degrees(np.arctan2(transform.matrix[1, 0], transform.matrix[0, 0])))
     cx_mm, cy_mm = transform.from_body(np.array(lesion.centre_mm[0]), np.array(lesion.centre_mm[1]))
     centre = (float(cx_mm) / spacing, float(cy_mm) / spacing)
     p = lesion.params
+    none = np.zeros(shape_px, np.float32)
     if lesion.category == "Mass":
         density, mask = anatomy.mass_layer(
             shape_px, centre, (p["axes_mm"][0] * scale, p["axes_mm"][1] * scale), p["angle"] + rotation,
-            [(a + rotation, length * scale) for a, length in p["spicules"]], 0.5 * scale, 1.0 * scale)
-        return density * p["contrast"], mask, "add"
+            [(a + rotation, length * scale) for a, length in p["spicules"]], 0.6 * scale, p["edge_mm"] * scale,
+            spicule_level=0.4)
+        fraction = density * np.float32(p["path_fraction"])
+        return fraction, fraction * np.float32(p["excess"]), mask
     if lesion.category == "Suspicious Calcification":
         qx = lesion.centre_mm[0] + p["offsets_mm"][:, 0]
         qy = lesion.centre_mm[1] + p["offsets_mm"][:, 1]
         px, py = transform.from_body(qx, qy)
         dots = np.stack([px / spacing, py / spacing], 1)
-        layer = anatomy.calcification_layer(shape_px, dots, p["diameters_mm"] / 2 * scale)
-        return layer * p["level"], anatomy.cluster_mask(shape_px, dots, 1.0 * scale), "max"
+        # system blur ~0.05 mm plus the pixel aperture (sigma = pitch / sqrt(12))
+        psf_px = float(np.hypot(0.05 / spacing, 1.0 / np.sqrt(12.0)))
+        excess = anatomy.microcalcification_layer(shape_px, dots, p["diameters_mm"] * scale, psf_px, p["contrast"])
+        return none, excess, anatomy.cluster_mask(shape_px, dots, 1.0 * scale)
     if lesion.category == "Focal Asymmetry":
         density, mask = anatomy.asymmetry_layer(
             shape_px, centre, (p["sigmas_mm"][0] * scale, p["sigmas_mm"][1] * scale), p["angle"] + rotation)
-        return density * p["contrast"], mask, "add"
+        return density * np.float32(p["fraction"]), none, mask
     density, mask = anatomy.distortion_layer(
         shape_px, centre, [(a + rotation, r * scale) for a, r in p["rays_mm"]], p["width_mm"] * scale)
-    return density * p["contrast"], mask, "add"
+    return density * np.float32(p["fraction"]), none, mask
 
 
 def _composite(image: np.ndarray, layer: np.ndarray, mode: str, breast: np.ndarray) -> np.ndarray:
@@ -263,6 +297,8 @@ def make_study(
     alt_shape_right: bool = False,
     burned_label: bool | None = None,
     artefacts: bool = True,
+    benign_asymmetry: bool = False,
+    film: bool = False,
 ) -> SynthStudy:
     """Render one study in memory (no DICOM, no files).
 
@@ -272,19 +308,25 @@ def make_study(
       5-30 px (negative xmin on L images, xmax > width on R images), like some VinDr boxes.
     images: (laterality, view) list to render; repeat an entry for a re-acquired duplicate view.
     alt_shape_right: R images use the vendor's alternative detector shape (L/R shape mismatch).
+    benign_asymmetry: one breast (random side) gets an unlabelled benign focal asymmetry (a normal variant:
+      no finding, box or mask; `SynthStudy.benign_asymmetry_side` says which).
+    film: a digitised screen-film look like the CBIS-DDSM films: film base and grain instead of a clean
+      background, a scanner border and a burned-in film label ("LCC", "RMLO"); replaces the digital
+      artefacts. Geometry, masks and correspondences are unchanged.
     """
     rng = np.random.default_rng(rng_seed)
     if finding is not None and finding not in CATEGORIES:
         raise ValueError(f"finding must be one of {CATEGORIES}, got {finding!r}")
     density = density or str(rng.choice(DENSITIES, p=[0.05, 0.2, 0.55, 0.2]))
     dense_fraction, dense_contrast = _DENSITY_TISSUE[density]
-    beta = float(rng.uniform(3.0, 3.4))
+    beta = float(rng.uniform(3.1, 3.5))
     burned_label = vendor == "SIEMENS" if burned_label is None else burned_label
     rendered: list[SynthImage] = []
     transforms: dict[tuple[str, str, int], anatomy.SideTransform] = {}
     correspondences: dict[str, np.ndarray] = {}
     # one lesion per breast: the same category and assessment in both of its views
     finding_birads = int(rng.choice(_FINDING_BIRADS[finding])) if finding else 0
+    benign_asymmetry_side = str(rng.choice(["L", "R"])) if benign_asymmetry else None
 
     for view in VIEWS:
         view_images = [(lat, v) for lat, v in images if v == view]
@@ -310,6 +352,11 @@ def make_study(
             qy = shape.centre_y_mm + rng.uniform(-0.5, 0.5, n) * shape.half_height_down_mm
             qx = rng.uniform(0.3, 0.75, n) * anatomy.breast_depth_mm(qy, shape)
             benign_dots = (qx, qy, rng.uniform(1.0, 2.5, n))
+        benign_asymmetry = None
+        if benign_asymmetry_side is not None:  # normal variant: no label, no mask, no box
+            bump = _sample_lesion("Focal Asymmetry", 0, shape, rng, at_chest_wall=False)
+            bump.params["fraction"] = rng.uniform(0.15, 0.35)
+            benign_asymmetry = (benign_asymmetry_side, bump)
         threshold = None
         first_canonical: dict[str, tuple[anatomy.SideTransform, np.ndarray]] = {}
         falloff = rng.uniform(6.0, 10.0)
@@ -325,29 +372,43 @@ def make_study(
             qx, qy = transform.to_body(px, py)
             breast = anatomy.breast_inside(qx, qy, shape)
             pectoral = anatomy.pectoral_inside(qx, qy, shape) & breast
-            texture = anatomy.sample_body_field(fields[lat], origin, spacing, qx, qy)
-            envelope = 1.2 * anatomy.gland_envelope(qx, qy, shape)
+            has_lesion = lesion is not None and lat == finding_side
+            tx, ty = qx, qy  # where the tissue seen at each pixel comes from
+            if has_lesion and lesion.category == "Architectural Distortion":
+                tx, ty = anatomy.radial_pull(qx, qy, lesion.centre_mm, lesion.params["pull_radius_mm"],
+                                             lesion.params["pull"])
+            texture = anatomy.sample_body_field(fields[lat], origin, spacing, tx, ty)
+            envelope = 1.5 * anatomy.gland_envelope(tx, ty, shape)
             if threshold is None:
                 threshold = anatomy.tissue_threshold(texture, envelope, breast & ~pectoral, dense_fraction)
-            dense = anatomy.dense_tissue(texture, envelope, threshold, softness=0.6)
+            dense = _MAX_GLAND_PATH * anatomy.dense_tissue(texture, envelope, threshold, softness=0.6)
+            if benign_asymmetry is not None and lat == benign_asymmetry[0]:
+                extra = _render_lesion(benign_asymmetry[1], transform, (rows, cols), spacing)[0]
+                dense = dense + (1.0 - dense) * extra
+            lesion_mask = None
+            excess = None
+            if has_lesion:
+                fraction, excess, lesion_mask = _render_lesion(lesion, transform, (rows, cols), spacing)
+                dense = dense + (1.0 - dense) * fraction
+                lesion_mask &= breast
             distance = anatomy.inside_distance_mm(breast, spacing)
             thickness = side_exposure[lat] * anatomy.skin_falloff(distance, side_falloff[lat])
-            gland = _FAT_LEVEL + dense_contrast * dense + 0.04 * texture
+            gland = _FAT_LEVEL + dense_contrast / _MAX_GLAND_PATH * dense + 0.04 * texture
+            if excess is not None:  # attenuation beyond fibroglandular tissue, relative to it
+                gland = gland + excess * np.float32(_FAT_LEVEL + dense_contrast)
             muscle = pectoral_level + 0.04 * texture - 0.08 * (qy / (shape.pectoral_height_mm or 1.0))
             image = np.where(pectoral, muscle, gland) * thickness
             image = np.clip(image, 0.0, 1.0).astype(np.float32)
-            lesion_mask = None
             findings: list[dict] = []
-            if lesion is not None and lat == finding_side:
-                layer, lesion_mask, mode = _render_lesion(lesion, transform, (rows, cols), spacing)
-                lesion_mask &= breast
-                image = _composite(image, layer, mode, breast)
+            if has_lesion:
                 box = anatomy.box_of(lesion_mask)
                 if box is not None:
                     xmin, ymin, xmax, ymax = box
                     xmin -= overshoot  # canonical chest wall is x = 0
                     findings.append({"category": lesion.category, "birads": f"BI-RADS {lesion.birads}",
                                      "xmin": xmin, "ymin": ymin, "xmax": xmax, "ymax": ymax})
+                else:
+                    lesion_mask = None
             if benign_dots is not None:
                 bx, by = transform.from_body(benign_dots[0], benign_dots[1])
                 dots = np.stack([bx / spacing, by / spacing], 1)
@@ -361,13 +422,16 @@ def make_study(
                 lesion_mask = None if lesion_mask is None else lesion_mask[:, ::-1]
                 for f in findings:
                     f["xmin"], f["xmax"] = cols - f["xmax"], cols - f["xmin"]
-            if artefacts:
+            if film:
+                image = anatomy.film_scan(np.ascontiguousarray(image), f"{lat}{view}", lat == "R", spacing, rng)
+            elif artefacts:
                 image = _add_artefacts(np.ascontiguousarray(image), f"{lat}-{view}" if burned_label else None,
                                        lat == "R", spacing, rng)
             rendered.append(SynthImage(lat, view, np.ascontiguousarray(image, np.float32),
                                        np.ascontiguousarray(breast), None if lesion_mask is None
                                        else np.ascontiguousarray(lesion_mask), findings, spacing,
-                                       "right" if lat == "R" else "left"))
+                                       "right" if lat == "R" else "left",
+                                       lesion.params["kind"] if has_lesion and findings else None))
         if "L" in first_canonical and "R" in first_canonical:
             (t_l, mask_l), (t_r, mask_r) = first_canonical["L"], first_canonical["R"]
             correspondences[view] = _correspondences(t_l, t_r, mask_l, mask_r, spacing, rng)
@@ -381,4 +445,4 @@ def make_study(
         else:
             birads[lat] = "BI-RADS 2" if rng.random() < 0.25 else "BI-RADS 1"
     return SynthStudy(rendered, correspondences, density, birads, finding_side if finding else None,
-                      bilateral_benign, beta, transforms)
+                      bilateral_benign, beta, transforms, benign_asymmetry_side)
