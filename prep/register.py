@@ -97,7 +97,7 @@ MAX_ANISOTROPY = 1.2
 # the top edge (MLO), the rigid outline fit can slide along the cut by tens of mm
 START_SHIFTS_MM = (0.0, -12.0, 12.0)
 # how many of those starts, ranked by how well their patterns already agree, get an ECC run
-START_POLISH_TOP = 4
+START_POLISH_TOP = 8
 
 
 @dataclass
