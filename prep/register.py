@@ -181,9 +181,10 @@ def _max_shift(a: np.ndarray, b: np.ndarray, points: np.ndarray) -> float:
 
 
 def _shared_pattern(image: np.ndarray, mask: np.ndarray, mm_per_px: float) -> np.ndarray:
-    """The breast as the fit sees it: intensity inside the breast, blurred at SHARED_BLUR_MM. Left and right breasts
-    share their outline, fat fall-off, pectoral muscle and coarse density layout, not their finer texture, so the
-    fit sees only what both sides have; outside the mask (labels, markers, scanner borders) is zero."""
+    """The breast as the fit sees it: intensity inside the breast (zero outside: labels, markers and scanner
+    borders drop out), blurred at SHARED_BLUR_MM minus its blur at LAYOUT_BLUR_MM. Left and right breasts share
+    their outline, fat fall-off, pectoral muscle and gland layout, not their finer texture nor their overall
+    density, so the fit sees only what both sides have."""
     breast = image * mask
     fine = cv2.GaussianBlur(breast, (0, 0), SHARED_BLUR_MM / mm_per_px, borderType=cv2.BORDER_REPLICATE)
     coarse = cv2.GaussianBlur(breast, (0, 0), LAYOUT_BLUR_MM / mm_per_px, borderType=cv2.BORDER_REPLICATE)
