@@ -356,13 +356,16 @@ def _refine_intensity(ipsi: RegistrationGrid, contra: RegistrationGrid, start: n
     if not tried:
         return None
     coarse = best = max(tried, key=lambda t: t[0])[1]
-    # finer levels polish the coarse answer while they can: one that diverges or stretches the breast past
-    # MAX_ANISOTROPY has lost the shared pattern at its scale, and the coarser answer stands
+    # finer levels polish the coarse answer where they can: a level whose ECC diverges, stretches the breast past
+    # MAX_ANISOTROPY or ends agreeing less than it started (Gauss-Newton steps can overshoot) has lost the shared
+    # pattern at its scale, and the answer so far stands
     for level in range(levels - 2, -1, -1):
-        fitted = _ecc_affine(ipsi.levels[level], contra.levels[level], best, _ECC_CRITERIA)
+        level_i, level_c = ipsi.levels[level], contra.levels[level]
+        fitted = _ecc_affine(level_i, level_c, best, _ECC_CRITERIA)
         if fitted is None or not _plausible(fitted[1]):
-            break
-        best = fitted[1]
+            continue
+        if _level_agreement(level_i, level_c, fitted[1]) >= _level_agreement(level_i, level_c, best):
+            best = fitted[1]
     # the finer levels polish the coarse answer; one that wanders off it has lost the shared pattern
     breast_pts = np.argwhere(ipsi.mask > 0.5)[:, ::-1].astype(np.float64)
     if _max_shift(best, coarse, breast_pts) > cfg.reg_refine_max_shift_mm / cfg.reg_mm_per_px:
