@@ -5,7 +5,8 @@ Both sides go through the same image core: `prep.decode.decode_dicom`, then `pre
 directions). On the normal grid patch pairs (neither side abnormal) of every L/R pair it measures:
 
 - `raw_reg`: median NCC of registered patch pairs (ipsi patch vs the contra patch the registration maps to);
-- `raw_shuf`: the same with the contra patch taken from another pair (shuffled partners);
+- `raw_shuf`: the same with the contra patch taken from the other pairs (shuffled partners, spread evenly
+  over all of them);
 - `fine_reg`, `fine_shuf`: the same on fine texture, patch minus its Gaussian blur of sigma 0.8 mm;
 - `beta`: slope of the radially averaged power spectrum of the ipsi patches (`anatomy.fit_power_law_beta`,
   0.1-1.6 cycles/mm at 0.1 mm/px);
@@ -88,10 +89,11 @@ def pair_patches(left: ImageInput, right: ImageInput, cfg: PrepConfig, seed: int
 
 
 def pair_statistics(pairs: list[dict], mm_per_px: float) -> list[dict]:
-    """Per-pair statistics; shuffled partners come from the next pair in the list (another breast pair)."""
+    """Per-pair statistics; shuffled partners are contra patches spread evenly over all the other pairs."""
     out = []
     for k, p in enumerate(pairs):
-        other = pairs[(k + 1) % len(pairs)]["contra"]
+        pool = [c for j, q in enumerate(pairs) if j != k for c in q["contra"]]
+        other = [pool[int(i)] for i in np.linspace(0, len(pool) - 1, len(p["ipsi"]))]
         raw = [ncc(a, b) for a, b in zip(p["ipsi"], p["contra"])]
         fine = [ncc(fine_texture(a, mm_per_px), fine_texture(b, mm_per_px)) for a, b in zip(p["ipsi"], p["contra"])]
         shuf = [(a, other[j % len(other)]) for j, a in enumerate(p["ipsi"])]

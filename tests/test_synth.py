@@ -387,6 +387,7 @@ def _ring(mask, breast, px=15):
 def test_lesions_have_real_kinds_masks_boxes_and_subtle_contrast():
     kinds = {"Mass": set(), "Suspicious Calcification": set(), "Focal Asymmetry": set(),
              "Architectural Distortion": set()}
+    contrasts = []
     for seed in range(12):
         category = "Mass" if seed < 8 else list(kinds)[seed - 8]
         study = make_study([41, seed], "small", finding=category, finding_side="R",
@@ -401,11 +402,12 @@ def test_lesions_have_real_kinds_masks_boxes_and_subtle_contrast():
         assert f["ymin"] <= ys.min() and ys.max() < f["ymax"]
         kinds[category].add(right.lesion_kind)
         if category == "Mass":
-            # a few to a few tens of % over its surroundings: never a saturated blob
             core = cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
             bg = np.median(right.image[_ring(mask, right.breast_mask)])
-            assert 0.005 < (np.median(right.image[core]) - bg) / bg < 0.4, right.lesion_kind
-            assert right.image[mask].max() < 0.95
+            contrasts.append((np.median(right.image[core]) - bg) / bg)
+            assert right.image[mask].max() < 0.95, right.lesion_kind  # never a saturated blob
+    # masses: a few to a few tens of % over their surroundings (less in dense tissue, more in fat)
+    assert 0.02 < np.median(contrasts) < 0.25 and max(contrasts) < 0.4, contrasts
     assert kinds == {"Mass": {"iso-dense mass", "hyperdense mass", "spiculated mass"},
                      "Suspicious Calcification": {"calcification cluster"}, "Focal Asymmetry": {"focal asymmetry"},
                      "Architectural Distortion": {"architectural distortion"}}

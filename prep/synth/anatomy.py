@@ -157,9 +157,9 @@ def pectoral_inside(qx: np.ndarray, qy: np.ndarray, shape: BreastShape) -> np.nd
 
 def gland_envelope(qx: np.ndarray, qy: np.ndarray, shape: BreastShape) -> np.ndarray:
     """Smooth prior for where fibroglandular tissue sits: central, behind the nipple, away from skin."""
-    u = qx / shape.depth_mm - 0.45
+    u = qx / shape.depth_mm - 0.35
     t = _vertical_coordinate(qy, shape)
-    return np.exp(-(u * u) / (2 * 0.28**2) - (t * t) / (2 * 0.45**2)).astype(np.float32)
+    return np.exp(-(u * u) / (2 * 0.3**2) - (t * t) / (2 * 0.45**2)).astype(np.float32)
 
 
 # ------------------------------------------------------------------------ L/R transforms

@@ -2,7 +2,7 @@
 
 The two breasts of a study are one body model per view seen through each side's own affine + elastic
 transform (`anatomy.SideTransform`). The model is bilateral by scale: the breast outline, gland envelope,
-density threshold and pectoral muscle are shared, texture coarser than ~12 mm is mostly shared and finer
+density threshold and pectoral muscle are shared, texture coarser than ~25 mm is mostly shared and finer
 texture is independent between the sides (`anatomy.bilateral_power_law_fields`); each side also has its own
 compression (skin fall-off length) and exposure; the R image is then mirrored for storage, as VinDr stores it (chest
 wall on the right edge). Findings live in the body frame of one side, so every image of that side
@@ -46,13 +46,14 @@ _MAX_GLAND_PATH = 0.7
 # bilateral model by scale (anatomy.bilateral_power_law_fields): structure coarser than ~_SHARED_WAVELENGTH_MM
 # is shared up to _MAX_SHARED of its variance (the rest is each side's own low-frequency density); finer
 # texture is independent between the breasts, as measured on real films (docs/REALISM.md)
-_SHARED_WAVELENGTH_MM = 12.0
-_MAX_SHARED = 0.75
+_SHARED_WAVELENGTH_MM = 25.0
+_MAX_SHARED = 0.8
 _COMPRESSION_JITTER = 0.15  # per-side skin fall-off length, relative: the two breasts are compressed differently
-_EXPOSURE_JITTER = 0.015  # per-side overall signal level, relative
+_QUANTUM_NOISE = 0.01  # ~1.4 % of mid-grey; more noise would flatten the fine end of the 1/f^beta spectrum
+_EXPOSURE_JITTER = 0.01  # per-side overall signal level, relative
 _MAX_ROTATION_DEG = 4.0  # per side, so the L<->R relative rotation stays within ~8 deg
 _MAX_SCALE = 0.04  # per side, so the relative scale stays within ~+-8 %
-_MAX_ELASTIC_MM = 2.0  # per side; the best L/R affine then leaves ~0.7 mm median (docs/REALISM.md)
+_MAX_ELASTIC_MM = 2.0  # per side: what the best L/R affine cannot absorb (measured in docs/REALISM.md)
 _BODY_MARGIN_MM = 45.0
 
 
@@ -359,7 +360,7 @@ def make_study(
             benign_asymmetry = (benign_asymmetry_side, bump)
         threshold = None
         first_canonical: dict[str, tuple[anatomy.SideTransform, np.ndarray]] = {}
-        falloff = rng.uniform(6.0, 10.0)
+        falloff = rng.uniform(8.0, 16.0)
         side_falloff = {lat: falloff * (1 + rng.uniform(-_COMPRESSION_JITTER, _COMPRESSION_JITTER)) for lat in ("L", "R")}
         side_exposure = {lat: 1 + rng.uniform(-_EXPOSURE_JITTER, _EXPOSURE_JITTER) for lat in ("L", "R")}
         pectoral_level = rng.uniform(0.62, 0.72)
@@ -414,7 +415,7 @@ def make_study(
                 dots = np.stack([bx / spacing, by / spacing], 1)
                 radii = benign_dots[2] / 2 / spacing
                 image = _composite(image, 0.95 * anatomy.calcification_layer((rows, cols), dots, radii), "max", breast)
-            image = anatomy.quantum_noise(image, 0.02, rng)
+            image = anatomy.quantum_noise(image, _QUANTUM_NOISE, rng)
             if lat not in first_canonical:
                 first_canonical[lat] = (transform, breast)
             if lat == "R":  # VinDr stores R breasts with the chest wall on the right edge
