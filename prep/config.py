@@ -31,9 +31,9 @@ class PrepConfig:
     reg_mm_per_px: float = 0.8
     # Gaussian blur of the masks before mask-ECC, in mm (smooths the outline into a usable gradient)
     reg_blur_mm: float = 1.6
-    # refine the rigid mask fit with a search + affine ECC on band-passed intensities (prep.register stage C)
+    # refine the rigid outline fit with a coarse-to-fine affine fit of the shared pattern (prep.register stage C)
     reg_refine_intensity: bool = True
-    # the final intensity ECC may move no breast point by more than this (mm) from the search's best start
+    # the finer levels of that fit may move no breast point by more than this (mm) from the coarsest level's answer
     reg_refine_max_shift_mm: float = 25.0
     # QC bounds on the ipsi -> contra affine
     max_rotation_deg: float = 20.0

@@ -47,17 +47,18 @@ def registration_errors_mm(study, view: str, cfg: PrepConfig) -> np.ndarray:
 
 @pytest.mark.slow
 def test_registration_accuracy_over_40_synthetic_pairs():
-    """40 pairs (20 studies x CC/MLO) at the default 0.1 mm/px meet the target: median <= 1.0 mm, p95 <= 3.0 mm.
+    """40 pairs (20 studies x CC/MLO) at the default 0.1 mm/px meet the target: median <= 1.5 mm, p95 <= 4.0 mm.
 
-    The generator's elastic warp puts the best possible affine at ~0.5 mm median / ~1.2 mm p95; the
-    registration reaches ~0.6 / ~1.4 (benchmarks/registration_bench.py prints the same numbers).
+    Generator 2.0 shares only coarse structure between the breasts and deforms each its own way: the best
+    possible affine leaves ~0.7 mm median / ~1.6 mm p95; benchmarks/registration_bench.py prints the
+    registration's numbers on the same pairs (docs/PERFORMANCE.md).
     """
     errors = np.concatenate([
         registration_errors_mm(make_study(seed, "small"), view, PrepConfig())
         for seed in range(20) for view in ("CC", "MLO")
     ])
-    assert np.median(errors) <= 1.0
-    assert np.percentile(errors, 95) <= 3.0
+    assert np.median(errors) <= 1.5
+    assert np.percentile(errors, 95) <= 4.0
 
 
 def lesion_points_canonical(study, lat: str, view: str, frame) -> np.ndarray:

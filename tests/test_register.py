@@ -198,3 +198,70 @@ def test_qc_rotation_bound():
     strict = PrepConfig(mm_per_px=MM_PER_PX, max_rotation_deg=2.0)
     reg = register_contralateral(img, mask, contra, contra_mask, MM_PER_PX, strict)
     assert not reg.reg_ok and reg.reason == "rotation_out_of_bounds"
+
+
+# ---------------------------------------------------------------- realistic anatomy (generator 2.0 ground truth)
+
+REAL_CFG = PrepConfig()
+
+
+def _canonical_pair(study, view):
+    from prep.decode import DecodedImage
+    from prep.pairs import ImageInput, canonicalise
+
+    images = {im.laterality: im for im in study.images if im.view == view}
+    return {lat: canonicalise(ImageInput(lat, lat, view, DecodedImage(im.image, (im.spacing_mm,) * 2)), REAL_CFG)
+            for lat, im in images.items()}
+
+
+@pytest.fixture(scope="module")
+def realistic():
+    """One generator 2.0 study (coarse structure shared, fine texture independent, each side its own affine and
+    elastic deformation), its CC and MLO pairs canonicalised as the build does."""
+    from prep.synth.study import make_study
+
+    study = make_study(3, "small")
+    return study, _canonical_pair(study, "CC"), _canonical_pair(study, "MLO")
+
+
+def test_realistic_pair_registers_within_target_both_ways(realistic):
+    """Against the generator's true correspondences: median <= 1.5 mm and p95 <= 4 mm in both directions, and the
+    R -> L registration is the exact inverse of the L -> R fit."""
+    from prep.pairs import map_stored_points, register_pair
+
+    study, canon, _ = realistic
+    forward, backward = register_pair(canon["L"], canon["R"], REAL_CFG)
+    assert forward.reg_ok and backward.reg_ok, (forward.reason, backward.reason)
+    truth = study.correspondences["CC"]
+    spacing = study.images[0].spacing_mm
+    ahead = map_stored_points(truth[:, :2], canon["L"].frame, canon["R"].frame, forward.affine)
+    back = map_stored_points(truth[:, 2:], canon["R"].frame, canon["L"].frame, backward.affine)
+    for predicted, true in ((ahead, truth[:, 2:]), (back, truth[:, :2])):
+        error_mm = np.linalg.norm(predicted - true, axis=1) * spacing
+        assert np.median(error_mm) <= 1.5 and np.percentile(error_mm, 95) <= 4.0
+    np.testing.assert_allclose(compose_affines(forward.affine, backward.affine), np.eye(3)[:2], atol=1e-9)
+
+
+@pytest.mark.parametrize("rotation_deg, shift_mm", [(6.0, (0.0, 0.0)), (0.0, (10.0, 0.0)), (0.0, (0.0, -10.0))])
+def test_qc_rejects_a_deliberately_wrong_affine(realistic, rotation_deg, shift_mm):
+    """The right fit moved by 6 deg or 10 mm still overlaps the outlines well (Dice > 0.9), but QC must fail it."""
+    from prep.register import judge_affine
+
+    _, canon, _ = realistic
+    left, right = canon["L"], canon["R"]
+    right_fit = register_grids(left.grid, right.grid, REAL_CFG)
+    assert right_fit.reg_ok
+    centre = tuple(np.argwhere(left.mask)[:, ::-1].mean(axis=0))
+    wrong = compose_affines(cv2.getRotationMatrix2D(centre, rotation_deg, 1.0), right_fit.affine)
+    wrong[:, 2] += np.asarray(shift_mm) / REAL_CFG.mm_per_px
+    verdict = judge_affine(left.grid, right.grid, wrong, REAL_CFG)
+    assert verdict.dice > 0.9
+    assert not verdict.reg_ok and verdict.reason in {"low_ecc", "off_peak"}
+    assert judge_affine(left.grid, right.grid, right_fit.affine, REAL_CFG).reg_ok
+
+
+def test_qc_rejects_a_mismatched_pair(realistic):
+    """A left CC registered to the right MLO (a wrong view tag): no affine makes the two agree, so QC fails it."""
+    _, cc, mlo = realistic
+    reg = register_grids(cc["L"].grid, mlo["R"].grid, REAL_CFG)
+    assert not reg.reg_ok and reg.reason in {"ecc_failed", "low_ecc", "off_peak", "low_dice"}
