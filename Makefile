@@ -11,7 +11,11 @@ DEMO_STUDIES ?= 40
 DEMO_SEED ?= 7
 STUDY_SEEDS ?= 0 1 2
 STUDY_STEPS ?= 60
-STUDY_OUT ?= $(DEMO)/study
+# the study's own archive: 250 studies at the generator's 60 % lesion prevalence put >= 30 lesion studies in
+# the test split, enough for study-level confidence intervals (the 40-study demo has 5)
+STUDY_STUDIES ?= 250
+STUDY_DIR ?= study250
+STUDY_OUT ?= $(STUDY_DIR)/study
 
 .PHONY: venv demo test bench study clean-demo
 
@@ -30,12 +34,15 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-# every method x $(STUDY_SEEDS) on the demo's shards with the demo's budget (run `make demo` first: its seed-0
-# runs are reused); resumes when rerun. Longer: make study STUDY_STEPS=300 STUDY_OUT=demo/study-300
+# every method x $(STUDY_SEEDS) with the demo's budget on a $(STUDY_STUDIES)-study archive of its own: the demo job
+# makes the archive, the shards and the seed-0 runs, the study adds the other seeds; resumes when rerun.
+# Longer: make study STUDY_STEPS=300 STUDY_OUT=study250/study-300
 study: venv
-	$(BIN)/python -m pipelines.study --shards $(DEMO)/shards --manifests $(DEMO)/manifests --out $(STUDY_OUT) \
-		$(foreach s,$(STUDY_SEEDS),--seeds $(s)) --steps $(STUDY_STEPS) --batch-size 32 --num-workers 1 \
-		--n-boot 200 --root $(DEMO)/archive
+	$(BIN)/python -m pipelines.demo --out $(STUDY_DIR) --studies $(STUDY_STUDIES) --seed $(DEMO_SEED) \
+		--steps $(STUDY_STEPS)
+	$(BIN)/python -m pipelines.study --shards $(STUDY_DIR)/shards --manifests $(STUDY_DIR)/manifests \
+		--out $(STUDY_OUT) $(foreach s,$(STUDY_SEEDS),--seeds $(s)) --steps $(STUDY_STEPS) --batch-size 32 \
+		--num-workers 1 --n-boot 200 --root $(STUDY_DIR)/archive
 
 bench: venv
 	$(BIN)/python benchmarks/prep_bench.py

@@ -10,7 +10,7 @@
 6. `train compare`     the methods x metrics table                         -> demo/study/compare/compare.md
 Every stage resumes: rerunning the command skips what is finished. The demo uses a coarse spacing (0.4 mm/px,
 64-px patches: the same 25.6 mm field as the product default of 0.1 mm/px and 256 px) to fit on a CPU;
-`make study` runs every method with 3 seeds on the same shards.
+`make study` runs the same job on a 250-study archive of its own, then adds seeds 1 and 2 of every method.
 """
 
 from __future__ import annotations
