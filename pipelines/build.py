@@ -37,7 +37,19 @@ __all__ = ["BuildError", "build_shards", "run_build", "plan_build", "reject_prob
 
 
 def default_dirs(build: str, out: Path | None, manifests: Path | None) -> tuple[Path, Path]:
-    return (Path(out or Path("shards") / build).resolve(), Path(manifests or Path("data_manifests") / build).resolve())
+    return Path(out or Path("shards") / build).resolve(), manifests_folder(build, manifests)
+
+
+def manifests_folder(build: str | None, manifests: Path | None) -> Path:
+    return Path(manifests or Path("data_manifests") / build).resolve()
+
+
+def finished_build_at(build: str | None, manifests: Path | None) -> bool:
+    """A finished build's `build.json` in the manifest folder, when that folder is known before planning
+    (given, or named by --build; the default name needs the plan's hash)."""
+    if manifests is None and build is None:
+        return False
+    return (manifests_folder(build, manifests) / "build.json").is_file()
 
 
 def reject_problem(summary: dict, max_fraction: float | None) -> str | None:
@@ -73,9 +85,13 @@ def run_build(dataset: str, root: Path | str, *, options: BuildOptions | None = 
               manifests: Path | None = None, build: str | None = None, workers: int | None = None,
               scheduler: str | None = None, scheduler_file: str | None = None, memory_limit: str | None = None,
               overwrite: bool = False, dry_run: bool = False, console: Console | None = None) -> dict:
-    """The Dask session starts first, in the background, so that it is up by the time planning is done."""
+    """The Dask session starts first, in the background, so that it is up by the time planning is done;
+    except on a rerun of a finished build (`build.json` in a manifest folder known before planning), where
+    it starts only once there is work for it (many headers to read, or groups to redo)."""
     uses_dask = not dry_run and (workers != 0 or bool(scheduler or scheduler_file))
     dask = DaskSession(workers, scheduler, scheduler_file, memory_limit) if uses_dask else None
+    if dask is not None and not finished_build_at(build, manifests):
+        dask.start()
     try:
         return build_in_session(dataset, Path(root), options or BuildOptions(dataset=dataset), dask,
                                 out=out, manifests=manifests, build=build, workers=workers, overwrite=overwrite,

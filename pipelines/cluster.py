@@ -1,7 +1,7 @@
 """The build's Dask session: started in a background thread while the client plans, closed in order.
 
 An embedded LocalCluster (processes, one thread each) unless an existing scheduler is named. Starting it
-takes about a second (the workers are fresh interpreters); planning reads every header, so the two overlap:
+takes a while (the workers are fresh interpreters) and planning reads every header, so the two overlap:
 the client plans while `DaskSession` starts, and hands header reads to the workers once they are up
 (`pipelines.plan.read_headers`).
 
@@ -9,12 +9,15 @@ Shutdown order (`stop_dask`), for an embedded cluster:
 1. each worker stops its heartbeat and waits for the one in flight (`stop_heartbeat`). A closing worker
    aborts its pooled comms, and a heartbeat caught in flight then logs "Failed to communicate with
    scheduler during heartbeat ... Stream is closed" with a traceback (dask/distributed#7105). Heartbeats
-   leave every 0.5 s and wait for the scheduler (in this process); on a loaded machine the wait is long
-   enough that a close lands inside it in a few per cent of builds;
+   leave every 0.5 s and wait for the scheduler's answer; the busier the machine, the longer that wait
+   and the likelier a close lands inside it (docs/PERFORMANCE.md "Build shutdown");
 2. the client (its futures are released; every task has finished by then);
-3. the cluster: the nannies close their idle workers. Workers exit quickly as long as nothing heavy is
-   imported in them (the shard writer does not import webdataset, which imports torch: `pipelines.shards`),
-   within the nanny's 4 s grace.
+3. the workers, each given `WORKER_EXIT_GRACE_S` to exit (`close_workers`). A nanny closed by the
+   cluster waits 4 s, then kills its worker with "Worker process still alive after 4.0 seconds, killing":
+   an idle worker's exit (closing its comms and executor, then interpreter teardown) is quick on an idle
+   machine but can pass 4 s on an oversubscribed one. Workers exit faster the less they
+   import (the shard writer does not import webdataset, which imports torch: `pipelines.shards`);
+4. the cluster (its scheduler).
 Workers of an external scheduler are not ours: only the client is closed.
 """
 
@@ -26,15 +29,16 @@ import os
 import time
 
 CONNECT_TIMEOUT = "30s"
-CLOSE_TIMEOUT_S = 30  # for the client's and the cluster's close; each nanny still gives its worker 4 s
+CLOSE_TIMEOUT_S = 30  # for the client's and the cluster's close
 HEARTBEAT_DRAIN_S = 10.0  # longest wait for a worker's heartbeat in flight (its answer is usually ms away)
+WORKER_EXIT_GRACE_S = 30.0  # how long a nanny waits for its worker to exit before killing it
 
 
 def spawn_environ_snapshot() -> dict[str, str | None]:
     """This process's values of the variables a Dask nanny sets in its *own* process before spawning a worker
     (`distributed.nanny.pre-spawn-environ`: OMP_NUM_THREADS=1 and friends). Left in place they reach
     whatever the caller does after the build: torch imported later reads OMP_NUM_THREADS=1 and trains on
-    one thread (the demo's pretraining ran at half speed)."""
+    one thread."""
     import dask
 
     keys = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
@@ -85,8 +89,14 @@ async def stop_heartbeat(dask_worker) -> None:
         await asyncio.sleep(0.005)
 
 
+async def close_workers(cluster, grace_s: float) -> None:
+    """Close every nanny of a LocalCluster (each stops its worker), all at once, with `grace_s` to exit."""
+    await asyncio.gather(*(nanny.close(timeout=grace_s, reason="build-finished")
+                           for nanny in list(cluster.workers.values())))
+
+
 def stop_dask(client, cluster) -> None:
-    """Heartbeats, then client, then cluster (module docstring); an external cluster keeps its workers."""
+    """Heartbeats, client, workers, cluster (module docstring); an external cluster keeps its workers."""
     try:
         if cluster is not None:
             # on_error="ignore": a worker that died already needs no quieting, and shutdown must go on
@@ -96,26 +106,43 @@ def stop_dask(client, cluster) -> None:
             client.close(timeout=CLOSE_TIMEOUT_S)
         finally:
             if cluster is not None:
-                cluster.close(timeout=CLOSE_TIMEOUT_S)
+                try:
+                    cluster.sync(close_workers, cluster, WORKER_EXIT_GRACE_S)
+                finally:
+                    cluster.close(timeout=CLOSE_TIMEOUT_S)
 
 
 class DaskSession:
-    """A Dask client started in a background thread; `client()` waits for it, `close()` stops it (once)."""
+    """A Dask client started (once, on demand) in a background thread; `client()` waits for it, `close()`
+    stops it (once). Nothing runs until `start()` or `client()`: a rerun with nothing to do starts no cluster."""
 
     def __init__(self, workers: int | None, scheduler: str | None, scheduler_file: str | None,
                  memory_limit: str | None):
+        self._args = (workers, scheduler, scheduler_file, memory_limit)
         # a nanny restarting a killed worker sets the spawn variables again: restore them at close too
         self._environ = spawn_environ_snapshot()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dask-session")
-        self._started = self._pool.submit(start_dask, workers, scheduler, scheduler_file, memory_limit)
+        self._started: concurrent.futures.Future | None = None
         self._closed: concurrent.futures.Future | None = None
+
+    def start(self) -> None:
+        """Begin connecting (or starting the local cluster) in the background; later calls do nothing."""
+        if self._started is None and self._closed is None:
+            self._started = self._pool.submit(start_dask, *self._args)
+
+    @property
+    def started(self) -> bool:
+        return self._started is not None
 
     def ready(self) -> bool:
         """True once the start has finished (successfully or not): `client()` will not wait."""
-        return self._started.done()
+        return self._started is not None and self._started.done()
 
     def client(self):
-        """The connected client (waits for the start; re-raises its error)."""
+        """The connected client (starts the session if needed, waits for it; re-raises its error)."""
+        self.start()
+        if self._started is None:
+            raise RuntimeError("the Dask session is closed")
         return self._started.result()[0]
 
     def has_workers(self) -> bool:
@@ -131,6 +158,8 @@ class DaskSession:
             self._closed.result()
 
     def _stop(self) -> None:
+        if self._started is None:  # never started: nothing to stop
+            return
         try:
             client, cluster = self._started.result()
         except BaseException:  # a failed start left nothing running; its error was raised by client()

@@ -296,6 +296,8 @@ def read_headers(records: list[ImageRecord], dask: DaskSession | None) -> list[I
     """Header reads (file I/O + pydicom parsing), in order: in this process while the cluster is starting,
     on its workers once it is up (a large archive's planning then scales with the workers)."""
     chunks = [records[i: i + HEADER_CHUNK] for i in range(0, len(records), HEADER_CHUNK)]
+    if dask is not None and len(chunks) > 1:
+        dask.start()  # work for the cluster: start it (if the build has not) while this process reads
     done: list[ImageRecord] = []
     while chunks and (dask is None or len(chunks) == 1 or not dask.has_workers()):
         done += read_header_chunk(chunks.pop(0))

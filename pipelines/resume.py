@@ -1,9 +1,11 @@
 """Resume: the config lock, each shard group's done marker, and clearing what an unfinished run left.
 
-A group's task writes its done marker last (`write_done_marker`: its counts, the sha256 of each file it
-wrote, the config hash). A rerun of the same command skips groups whose marker matches the config hash and
-whose files hash-verify, deletes stray temp files and redoes the rest, so an interrupted build ends with
-the same bytes as an uninterrupted one. `parts/build-config.json` (the lock) refuses a rerun with other
+A group's task writes its done marker last (`write_done_marker`): its counts, the config hash, and the
+sha256 and size of each file it wrote, hashed once, as they were written. A rerun of the same command skips
+groups whose marker matches the config hash and whose files are all there at their recorded sizes (no
+file is read: a rerun of a finished 100k-image build costs a `stat` per file), deletes stray temp files
+and redoes the rest, so an interrupted build ends with the same bytes as an uninterrupted one. Content is
+re-hashed on demand by `prep verify`. `parts/build-config.json` (the lock) refuses a rerun with other
 options in the same folders.
 """
 
@@ -22,10 +24,15 @@ LOCK_FILE = "build-config.json"
 
 
 def write_done_marker(manifests_dir: Path, group: ShardGroup, config_hash: str, counts: dict,
-                      files: dict[str, str]) -> None:
-    """The group's last write: `files` maps `shards/<rel>` or `manifests/<rel>` to its sha256."""
+                      files: dict[str, dict]) -> None:
+    """The group's last write: `files` maps `shards/<rel>` or `manifests/<rel>` to {"sha256", "bytes"}."""
     mf.write_json_atomic(mf.part_path(manifests_dir, group.name, "done"),
                          {"config_hash": config_hash, "counts": counts, "files": files})
+
+
+def file_record(path: Path, sha256: str | None = None) -> dict:
+    """A marker's entry for a file just written (`sha256` when the writer already has it)."""
+    return {"sha256": sha256 or mf.sha256_file(path), "bytes": Path(path).stat().st_size}
 
 
 def _resolve(entry: str, shards_dir: Path, manifests_dir: Path) -> Path:
@@ -34,7 +41,8 @@ def _resolve(entry: str, shards_dir: Path, manifests_dir: Path) -> Path:
 
 
 def finished_counts(group: ShardGroup, config_hash: str, shards_dir: Path, manifests_dir: Path) -> dict | None:
-    """The counts of a group whose done marker matches the config and whose files hash-verify; else None."""
+    """The counts of a group whose done marker matches the config and whose files are all there at their
+    recorded sizes; else None."""
     marker = mf.part_path(manifests_dir, group.name, "done")
     try:
         done = json.loads(marker.read_text())
@@ -42,9 +50,14 @@ def finished_counts(group: ShardGroup, config_hash: str, shards_dir: Path, manif
         return None
     if done.get("config_hash") != config_hash:
         return None
-    for entry, digest in done.get("files", {}).items():
+    for entry, recorded in done.get("files", {}).items():
         path = _resolve(entry, shards_dir, manifests_dir)
-        if not path.is_file() or mf.sha256_file(path) != digest:
+        if not path.is_file():
+            return None
+        if isinstance(recorded, str):  # a marker without sizes (older builds): compare the hash
+            if mf.sha256_file(path) != recorded:
+                return None
+        elif path.stat().st_size != recorded["bytes"]:
             return None
     return done["counts"]
 

@@ -9,7 +9,7 @@ other, and a resumed build reproduces the same names. Index blocks are sparse (l
 Tars are byte-reproducible: plain `tarfile` streams laid out exactly as webdataset's `TarWriter` writes them
 (PAX, mtime=0, fixed user/group/mode), members of a sample in sorted order (`contra.<codec>`, `ipsi.<codec>`,
 `json`), samples shuffled with a seeded RNG. `webdataset` itself is not imported here: it imports torch,
-which cost every Dask worker 1.5-3 s of start-up (docs/PERFORMANCE.md "Prep: Dask scaling").
+which slows every Dask worker's start and exit (docs/PERFORMANCE.md "Prep: Dask scaling").
 """
 
 from __future__ import annotations

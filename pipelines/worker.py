@@ -16,7 +16,7 @@ from pathlib import Path
 from pipelines import manifests as mf
 from pipelines.pair_work import process_planned_pair
 from pipelines.plan import BuildOptions, ShardGroup
-from pipelines.resume import write_done_marker
+from pipelines.resume import file_record, write_done_marker
 from pipelines.shards import ShardRoller, encode_sample
 
 
@@ -75,9 +75,9 @@ def run_group(task: GroupTask) -> dict:
               "pairs_ok": sum(p["status"] == "ok" for p in pairs), "samples": len(roller.rows),
               "rejects": len({r["image_id"] for r in rejects}), "shards": len(roller.shards),
               "bytes": sum(s["bytes"] for s in roller.shards), "timings": dict(timings)}
-    files = {f"shards/{s['shard']}": s["sha256"] for s in roller.shards}
+    files = {f"shards/{s['shard']}": {"sha256": s["sha256"], "bytes": s["bytes"]} for s in roller.shards}
     for name in tables:
         path = mf.part_path(manifests_dir, group.name, name)
-        files[f"manifests/{path.relative_to(manifests_dir).as_posix()}"] = mf.sha256_file(path)
+        files[f"manifests/{path.relative_to(manifests_dir).as_posix()}"] = file_record(path)
     write_done_marker(manifests_dir, group, task.config_hash, counts, files)
     return counts

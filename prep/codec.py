@@ -1,8 +1,9 @@
 """Patch codecs and sample keys: the byte-level contract between prep (writer) and train (reader).
 
 Patches are uint16 (0..65535, "bright = dense") in the canonical frame. Two codecs:
-  npy  -- np.save bytes: ~0.03 ms decode, ~1.4x larger (default; the loader is decode-bound)
-  png  -- 16-bit PNG via OpenCV at compression 1: ~1 ms decode, smaller on disk
+  npy  -- np.save bytes: fastest to decode, larger (default; the loader is decode-bound)
+  png  -- 16-bit PNG via OpenCV at compression 1: smaller on disk, far slower to decode
+(Measured per codec: docs/PERFORMANCE.md "Loader".)
 WebDataset's built-in "l"/"pil" decoders destroy 16-bit PNG data; always decode with
 `decode_patch` (cv2.IMREAD_UNCHANGED) or `np.load`.
 """

@@ -87,9 +87,9 @@ def eroded_mask(mask_u8: np.ndarray, erosion_px: float) -> tuple[np.ndarray, int
     """(inside, k): uint8 flags of every k-th pixel (rows and columns from k // 2) farther than ~`erosion_px`
     from the background.
 
-    A Euclidean distance threshold, which is linear in the pixels (a large-kernel erode is not: 1.5 s at full
-    size), on a grid k times coarser with k keeping >= 8 px of erosion: 0.1 s -> 5 ms per full-size mask. The
-    margin is exact to within k pixels, which is all a "keep off the skin line" rule needs.
+    A Euclidean distance threshold, which is linear in the pixels (a large-kernel erode is not), on a grid k
+    times coarser with k keeping >= 8 px of erosion. The margin is exact to within k pixels, which is all a
+    "keep off the skin line" rule needs.
     """
     k = max(1, int(erosion_px // 8))
     coarse = np.ascontiguousarray(mask_u8[k // 2 :: k, k // 2 :: k])

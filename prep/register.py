@@ -4,8 +4,8 @@ Both breasts arrive in the canonical frame (chest wall left) at the same spacing
 runs on a small grid at `cfg.reg_mm_per_px` (cost independent of the canonical spacing), prepared once per
 image as a `RegistrationGrid` (`registration_grid`, or `grid_from_small` from segmentation's work grid):
 
-  A. start: the translation between the mask centroids (the covariance axes were tried as a rotation
-     start and did worse: near-round outlines have no reliable axis),
+  A. start: the translation between the mask centroids (not the covariance axes as a rotation start:
+     near-round outlines have no reliable axis),
   B. ECC MOTION_EUCLIDEAN on Gaussian-blurred masks (rigid: the canvas cuts the breast at the chest
      wall, so the outline alone constrains scale and shear poorly),
   C. if `cfg.reg_refine_intensity`, on band-passed intensities (the shared tissue pattern fixes what the
@@ -19,10 +19,8 @@ image as a `RegistrationGrid` (`registration_grid`, or `grid_from_small` from se
          more than `cfg.reg_refine_max_shift_mm`.
 
 A pair is fitted once (L -> R); R -> L is its inverse (`inverse_registration`), judged again in its own frame.
-Measured on the synthetic archive (70 % shared texture, per-side affine + 1.5 mm elastic; the best affine
-possible gives 0.53 mm median point error), see benchmarks/registration_bench.py: 0.6 mm median, 1.4 mm p95 both
-ways (outline fit alone: 3.2 / 12 mm; the former stacked mask+intensity ECC: 1.6 / 4.7 mm), ~50 ms per pair.
-No non-rigid step: dense warps register unilateral lesions away,
+Accuracy and cost on the synthetic archive: benchmarks/registration_bench.py and docs/PERFORMANCE.md
+("Image core: measured choices"). No non-rigid step: dense warps register unilateral lesions away,
 which would poison the labels. QC (Dice of the aligned masks, mask ECC score, rotation, scale)
 decides `reg_ok`; degenerate input gives `reg_ok=False` with a reason code instead of an exception.
 
@@ -57,23 +55,24 @@ REASONS = (
 MIN_BREAST_AREA_MM2 = 500.0
 # blurred-mask ECC correlation below this means the outlines did not match
 MIN_ECC_MASK = 0.8
-# (iterations, eps) of the outline and final intensity ECC; (100, 1e-6) gave the same errors on 40 synthetic pairs
-# to 0.01 mm at 1.4x the time (benchmarks/registration_bench.py)
+# (iterations, eps) of the outline and final intensity ECC: tighter criteria cost time and gain no accuracy
+# (docs/PERFORMANCE.md "Image core: measured choices")
 _ECC_CRITERIA = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-5)
-# a search candidate near the answer converges in a few iterations; one far off wanders for all of them (35 ms at
-# 50): 15 gave the same errors on 80 synthetic pairs as 50 (10 did too)
+# a search candidate near the answer converges in a few iterations; one far off wanders for all of them, so
+# the search stops early (the same errors as the final ECC's criteria: docs/PERFORMANCE.md)
 _SEARCH_CRITERIA = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 15, 1e-4)
-# intensity stages see the image minus its Gaussian blur of this sigma (mm); 5-8 mm measured best (5: 0.55 mm
-# median, 12: 0.61 mm and a 3.6 mm worst point on 80 synthetic pairs)
+# intensity stages see the image minus its Gaussian blur of this sigma (mm): fine enough to keep the tissue
+# pattern, coarse enough to drop pixel noise (the sweep: docs/PERFORMANCE.md)
 BAND_HIGHPASS_MM = 5.0
-# the intensity ECC ignores this much (mm) inside the skin line and the canvas edges (0 mm: one pair 13 mm off)
+# the intensity ECC ignores this much (mm) inside the skin line and the canvas edges, whose contrast would
+# otherwise drag the fit
 OVERLAP_EROSION_MM = 3.0
 # (rotation, scale) offsets tried about the ipsi centroid before the intensity ECC: L and R each carry up to
 # 4 deg / 4 %, so the pair differs by up to ~8 deg / 8 %, beyond the ECC basin from the rigid outline fit
 SEARCH_ROTATIONS_DEG = (-4.0, 0.0, 4.0)
 SEARCH_SCALES = (0.93, 1.0, 1.07)
 # how many of those offsets, ranked by their phase-correlation peak, get the ECC polish (the outline fit always
-# does): on 80 synthetic pairs the top 1, 2, 3 or all 9 gave the same errors; 2 keeps a spare at 1/4 of the cost
+# does): the best peak is nearly always the answer; a second keeps a spare at a fraction of polishing all
 SEARCH_POLISH_TOP = 2
 # a search candidate must keep this fraction of the (eroded) ipsi breast inside the overlap
 MIN_SEARCH_OVERLAP = 0.5
@@ -310,7 +309,7 @@ def grid_from_small(small_image: np.ndarray, small_mask: np.ndarray, to_grid: np
 def _fit_outline(ipsi: RegistrationGrid, contra: RegistrationGrid, cfg: PrepConfig) -> tuple[np.ndarray, str]:
     """Stages A and B: centroid translation, then a rigid ECC of the blurred masks (grid px affine, method)."""
     # rigid, not affine, on the outline alone: the canvas cuts the breast at the chest wall, which leaves
-    # scale and shear poorly constrained by masks (measured on synthetic pairs: 3.5 vs 4.3 mm median error)
+    # scale and shear poorly constrained by masks
     start = np.hstack([np.eye(2), (_centroid(contra.mask) - _centroid(ipsi.mask))[:, None]])
     try:
         _, warp = cv2.findTransformECC(

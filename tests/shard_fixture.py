@@ -86,3 +86,16 @@ def write_shards(
         write_tar(shards_dir / rel, samples)
     write_table(manifest, "samples", rows)
     return {"shards": shards_dir, "manifest": manifest, "n_samples": len(rows)}
+
+
+def write_split_fixture(root: Path) -> dict:
+    """96 fixture pairs (every 4th has a blob on the ipsi side = abnormal); odd studies become the test split
+    through the manifest, which is where evaluation reads labels and splits from."""
+    import pandas as pd
+
+    fx = write_shards(root, n_shards=4, per_shard=24, patch_px=32, finding_every=4)
+    table = pd.read_parquet(fx["manifest"])
+    table["split"] = np.where(table["study_id"].str[1:].astype(int) % 2 == 1, "test", "training")
+    manifest = root / "manifests" / "samples_split.parquet"
+    table.to_parquet(manifest, index=False)
+    return {**fx, "manifest": manifest, "table": table}

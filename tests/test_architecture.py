@@ -141,3 +141,16 @@ def test_the_checks_catch_an_upward_import_and_a_cycle(tmp_path):
     graph = import_graph(tmp_path, ("low", "high"))
     assert layer_violations(graph, ("low", "high")) == ["low.a imports high.b"]
     assert sorted(map(sorted, import_cycles(graph))) == [["high.b", "low.a"], ["low.c", "low.d"]]
+
+
+def test_no_test_module_imports_another():
+    """Shared test code lives in conftest.py fixtures or helper modules (build_helpers, shard_fixture)."""
+    tests = REPO / "tests"
+    names = {path.stem for path in tests.glob("test_*.py")}
+    offenders = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            imported = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                        [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            offenders += [f"{path.name} imports {name}" for name in imported if name.split(".")[0] in names]
+    assert offenders == []

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-
-import hashlib
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -22,48 +16,18 @@ import pytest
 import webdataset as wds
 from typer.testing import CliRunner
 
+from build_helpers import BUILD, OPTIONS, cli, cli_args, local_dask, tar_digests
 from pipelines.build import build_shards, plan_build
 from pipelines.pair_work import process_planned_pair
-from pipelines.plan import BuildOptions
 from pipelines.verify import verify_build
 from prep.cli import app
 from prep.codec import decode_json, decode_pair
-from prep.config import PrepConfig
 
 pytestmark = pytest.mark.slow
 
-BUILD = "t"
-CLI_FLAGS = ["--mm-per-px", "0.4", "--patch-px", "64", "--grid-patches", "3", "--group-pairs", "1",
-             "--shard-max-samples", "12", "--build", BUILD]
-OPTIONS = BuildOptions(dataset="vindr", prep=PrepConfig(mm_per_px=0.4, patch_px=64, grid_patches_per_direction=3),
-                       group_pairs=1, shard_max_samples=12)
 
-
-def tar_digests(shards_dir: Path) -> dict[str, str]:
-    return {p.relative_to(shards_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(shards_dir.rglob("*.tar"))}
-
-
-def cli_args(archive: Path, out: Path, *extra: str) -> list[str]:
-    return ["build-shards", "--root", str(archive), "--out", str(out / "shards"),
-            "--manifests", str(out / "manifests"), *CLI_FLAGS, *extra]
-
-
-def cli(archive: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "prep", *cli_args(archive, out, *extra)]
-
-
-@pytest.fixture(scope="module")
-def reference(synth_archive, tmp_path_factory):
-    """An uninterrupted build, run in this process (workers=0: the task code without a cluster)."""
-    out = tmp_path_factory.mktemp("reference")
-    summary = build_shards("vindr", synth_archive, options=OPTIONS, out=out / "shards",
-                           manifests=out / "manifests", build=BUILD, workers=0)
-    return out, summary
-
-
-def test_build_writes_verified_shards_and_manifests(synth_archive, reference):
-    out, summary = reference
+def test_build_writes_verified_shards_and_manifests(synth_archive, reference_build):
+    out, summary = reference_build
     report = verify_build(out / "shards", out / "manifests")
     assert report.ok, report.problems
     samples = pq.read_table(out / "manifests" / "samples.parquet")
@@ -91,8 +55,8 @@ def test_build_writes_verified_shards_and_manifests(synth_archive, reference):
         assert base.startswith(f"{BUILD}-{split}-") and len(base.rsplit("-", 1)[1]) == len("000000.tar")
 
 
-def test_shards_hold_exactly_the_patches_process_pair_makes(synth_archive, reference):
-    out, _ = reference
+def test_shards_hold_exactly_the_patches_process_pair_makes(synth_archive, reference_build):
+    out, _ = reference_build
     plan = plan_build("vindr", synth_archive, OPTIONS)
     planned = next(p for p in plan.pairs if p.left.findings or p.right.findings)
     expected = {row["key"]: (row, s) for row, s in process_planned_pair(planned, OPTIONS).samples}
@@ -112,8 +76,8 @@ def test_shards_hold_exactly_the_patches_process_pair_makes(synth_archive, refer
     assert seen == len(expected)
 
 
-def test_kill_9_half_way_then_rerun_gives_the_same_bytes(synth_archive, reference, tmp_path):
-    ref_out, _ = reference
+def test_kill_9_half_way_then_rerun_gives_the_same_bytes(synth_archive, reference_build, tmp_path):
+    ref_out, _ = reference_build
     n_groups = len(list((ref_out / "manifests" / "parts").glob("*.done.json")))
     command = cli(synth_archive, tmp_path, "--workers", "1")
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -135,8 +99,43 @@ def test_kill_9_half_way_then_rerun_gives_the_same_bytes(synth_archive, referenc
     assert verify_build(tmp_path / "shards", tmp_path / "manifests").ok
 
 
-def test_changed_config_is_refused_and_dry_run_writes_nothing(synth_archive, reference, tmp_path):
-    out, _ = reference
+def test_a_rerun_of_a_finished_build_trusts_its_markers_and_starts_no_cluster(synth_archive, reference_build, tmp_path,
+                                                                              monkeypatch):
+    """No file is re-hashed (a same-size change goes unnoticed by the rerun) and no cluster starts;
+    `prep verify` is what re-hashes."""
+    from pipelines import cluster
+
+    ref_out, _ = reference_build
+    shutil.copytree(ref_out, tmp_path, dirs_exist_ok=True)
+    changed = sorted((tmp_path / "shards").rglob("*.tar"))[0]
+    data = bytearray(changed.read_bytes())
+    data[-1] ^= 0xFF  # in the tar's end padding: same size, still readable, another sha256
+    changed.write_bytes(bytes(data))
+    started = []
+    monkeypatch.setattr(cluster, "start_dask", lambda *args: started.append(args) or None)
+    summary = build_shards("vindr", synth_archive, options=OPTIONS, out=tmp_path / "shards",
+                           manifests=tmp_path / "manifests", build=BUILD, workers=2)
+    assert summary["groups_run"] == 0 and summary["groups_skipped"] == len(list(
+        (ref_out / "manifests" / "parts").glob("*.done.json")))
+    assert started == []
+    problems = verify_build(tmp_path / "shards", tmp_path / "manifests").problems
+    assert problems == [f"{changed.relative_to(tmp_path / 'shards').as_posix()}: sha256 differs from shards.parquet"]
+
+
+def test_a_finished_group_whose_file_was_cut_is_redone(synth_archive, reference_build, tmp_path):
+    ref_out, _ = reference_build
+    shutil.copytree(ref_out, tmp_path, dirs_exist_ok=True)
+    cut = sorted((tmp_path / "shards").rglob("*.tar"))[1]
+    cut.write_bytes(cut.read_bytes()[:-512])
+    summary = build_shards("vindr", synth_archive, options=OPTIONS, out=tmp_path / "shards",
+                           manifests=tmp_path / "manifests", build=BUILD, workers=0)
+    assert summary["groups_run"] == 1
+    assert tar_digests(tmp_path / "shards") == tar_digests(ref_out / "shards")
+    assert verify_build(tmp_path / "shards", tmp_path / "manifests").ok
+
+
+def test_changed_config_is_refused_and_dry_run_writes_nothing(synth_archive, reference_build, tmp_path):
+    out, _ = reference_build
     before = tar_digests(out / "shards")
     result = CliRunner().invoke(app, cli_args(synth_archive, out, "--workers", "0", "--patch-px", "32"))
     assert result.exit_code == 2
@@ -174,10 +173,10 @@ def test_a_mostly_unreadable_archive_is_written_but_exits_3(synth_archive, tmp_p
 PROGRESS_LINE = re.compile(r"^build: (\d+)/(\d+) pairs \(\d+%\), \d+ samples, \d+ rejects, [\d.]+ pairs/s, eta \S+$")
 
 
-def test_two_local_workers_give_the_same_bytes_plain_progress_and_a_clean_shutdown(synth_archive, reference,
+def test_two_local_workers_give_the_same_bytes_plain_progress_and_a_clean_shutdown(synth_archive, reference_build,
                                                                                     tmp_path):
     """stderr is a pipe here, as in CI logs, nohup or SLURM: plain progress lines instead of a live bar."""
-    ref_out, _ = reference
+    ref_out, _ = reference_build
     run = subprocess.run(cli(synth_archive, tmp_path, "--workers", "2"), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert tar_digests(tmp_path / "shards") == tar_digests(ref_out / "shards")
@@ -191,45 +190,14 @@ def test_two_local_workers_give_the_same_bytes_plain_progress_and_a_clean_shutdo
     assert "still alive" not in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def local_dask(cwd, worker_args: list[str], n_workers: int = 1, env: dict | None = None):
-    """A separately started `dask scheduler` + `n_workers` `dask worker` processes on 127.0.0.1; yields the
-    scheduler address and tears everything down afterwards."""
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    dask = str(Path(sys.executable).with_name("dask"))
-    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    procs += [subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--no-dashboard", *worker_args],
-                               cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-              for _ in range(n_workers)]
-    try:
-        yield address
-    finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
 @pytest.fixture
 def dask_cluster(tmp_path):
     with local_dask(tmp_path, ["--nworkers", "1"]) as address:
         yield address
 
 
-def test_external_scheduler_rebuild_is_byte_identical(synth_archive, reference, dask_cluster, tmp_path):
-    ref_out, ref_summary = reference
+def test_external_scheduler_rebuild_is_byte_identical(synth_archive, reference_build, dask_cluster, tmp_path):
+    ref_out, ref_summary = reference_build
     summary = build_shards("vindr", synth_archive, options=OPTIONS, out=tmp_path / "shards",
                            manifests=tmp_path / "manifests", build=BUILD, scheduler=dask_cluster)
     assert summary["n_samples"] == ref_summary["n_samples"]

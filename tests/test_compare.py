@@ -77,18 +77,19 @@ def test_compare_command_without_evaluations_fails_with_a_reason(tmp_path):
 
 
 @pytest.mark.slow
-def test_study_runs_resumes_and_reproduces_the_table(tmp_path):
+def test_study_runs_resumes_and_reproduces_the_table(tmp_path, tiny_trainer):
     from pipelines.study import StudyConfig, run_study
-    from test_evaluate import write_split_fixture
+    from shard_fixture import write_split_fixture
 
     data = write_split_fixture(tmp_path / "data")
+    tiny = tiny_trainer.config()
 
     def study(out):
         return StudyConfig(
             shards=str(data["shards"]), manifests=str(data["manifest"]), out=str(out), seeds=(0, 1, 2),
-            methods=("random", "siamese-soft"), steps=2, batch_size=8, backbone="test_resnet", crop_px=16,
-            num_workers=0, device="cpu", n_boot=50,
-            pretrain_overrides={"embed_dim": 16, "head_hidden": 32, "ckpt_every": 2},
+            methods=("random", "siamese-soft"), steps=2, batch_size=8, backbone=tiny["backbone"],
+            crop_px=tiny["crop_px"], num_workers=tiny["num_workers"], device="cpu", n_boot=50,
+            pretrain_overrides={"embed_dim": tiny["embed_dim"], "head_hidden": tiny["head_hidden"], "ckpt_every": 2},
         )  # fmt: skip
 
     first = run_study(study(tmp_path / "a"), say=lambda _: None)

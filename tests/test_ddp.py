@@ -14,15 +14,14 @@ from shard_fixture import write_shards
 
 
 @pytest.mark.slow
-def test_two_process_gloo_run_finishes_with_identical_step_counts(tmp_path):
+def test_two_process_gloo_run_finishes_with_identical_step_counts(tmp_path, tiny_trainer):
     data = write_shards(tmp_path / "data", n_shards=4, per_shard=12, patch_px=32)
     out = tmp_path / "run"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "train", "pretrain", "--shards", str(data["shards"]), "--out", str(out),
-        "--backbone", "test_resnet", "--embed-dim", "16", "--head-hidden", "32", "--crop-px", "16",
-        "--batch-size", "8", "--steps", "6", "--label-warmup", "2", "--gmm-refit-every", "2",
-        "--num-workers", "0", "--ckpt-every", "3", "--log-every", "2", "--device", "cpu", "--no-progress",
+        *tiny_trainer.flags(batch_size=8, steps=6, label_warmup=2, gmm_refit_every=2, ckpt_every=3, log_every=2,
+                            device="cpu"),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)

@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from typer.testing import CliRunner
 
-from shard_fixture import write_shards
+from shard_fixture import write_split_fixture
 from train.cli import app
 from train.data import select
 from train.evaluate import (
@@ -25,17 +25,6 @@ FAST = EvalConfig(n_boot=200, batch_size=32)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def write_split_fixture(root):
-    """96 fixture pairs (every 4th has a blob on the ipsi side = abnormal); odd studies become the test split
-    through the manifest, which is where evaluation reads labels and splits from."""
-    fx = write_shards(root, n_shards=4, per_shard=24, patch_px=32, finding_every=4)
-    table = pd.read_parquet(fx["manifest"])
-    table["split"] = np.where(table["study_id"].str[1:].astype(int) % 2 == 1, "test", "training")
-    manifest = root / "manifests" / "samples_split.parquet"
-    table.to_parquet(manifest, index=False)
-    return {**fx, "manifest": manifest, "table": table}
 
 
 @pytest.fixture(scope="module")
@@ -160,14 +149,13 @@ def test_summary_flattens_headline_numbers(blob):
 
 
 @pytest.mark.slow
-def test_evaluate_command_on_a_trained_run(data, tmp_path):
+def test_evaluate_command_on_a_trained_run(data, tiny_trainer, tmp_path):
     from train.config import PretrainConfig
     from train.loop import pretrain
 
     run = tmp_path / "run"
-    pretrain(PretrainConfig(shards=str(data["shards"]), out=str(run), method="siamese-soft", backbone="test_resnet",
-                            embed_dim=16, head_hidden=32, crop_px=16, batch_size=8, steps=3, num_workers=0,
-                            progress=False, deterministic=True, seed=0))  # fmt: skip
+    pretrain(PretrainConfig(shards=str(data["shards"]), out=str(run), method="siamese-soft",
+                            **tiny_trainer.config(batch_size=8, steps=3, deterministic=True, seed=0)))
     out = tmp_path / "eval"
     result = CliRunner().invoke(app, [
         "evaluate", "--encoder", str(run), "--manifest", str(data["manifest"]), "--shards", str(data["shards"]),

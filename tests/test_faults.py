@@ -1,7 +1,8 @@
 """Real faults, injected from outside: kill -9 during `train pretrain`, a Dask worker killed mid-build, a full
 disk (EFBIG from RLIMIT_FSIZE) and an unwritable output folder during `prep build-shards`.
 
-(kill -9 of the whole `prep build-shards` process tree is tested in tests/test_build.py.)
+(kill -9 of the whole `prep build-shards` process tree is tested in tests/test_build.py; both compare with
+the session's `reference_build`.)
 """
 
 from __future__ import annotations
@@ -21,24 +22,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipelines.build import build_shards
+from build_helpers import cli, cli_args, local_dask, tar_digests
 from pipelines.verify import verify_build
 from prep.cli import app as prep_app
 from shard_fixture import write_shards
-from test_build import BUILD, OPTIONS, cli, cli_args, local_dask, tar_digests
 
 pytestmark = pytest.mark.slow
 
 SINGLE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # the box is shared; also keeps CPU kernels identical
-
-
-@pytest.fixture(scope="module")
-def clean_build(synth_archive, tmp_path_factory):
-    """An uninterrupted build (workers=0: the task code in this process) to compare faulted builds with."""
-    out = tmp_path_factory.mktemp("clean")
-    build_shards("vindr", synth_archive, options=OPTIONS, out=out / "shards", manifests=out / "manifests",
-                 build=BUILD, workers=0)
-    return out
 
 
 def assert_same_as_clean_build(out: Path, clean: Path) -> None:
@@ -55,23 +46,22 @@ def assert_same_as_clean_build(out: Path, clean: Path) -> None:
 # ----------------------------------------------------------------------------------------------- trainer
 
 TRAIN_STEPS, CKPT_EVERY = 120, 20
-TRAIN_FLAGS = ["--backbone", "test_resnet", "--embed-dim", "32", "--head-hidden", "64", "--crop-px", "16",
-               "--batch-size", "16", "--num-workers", "0", "--deterministic", "--steps", str(TRAIN_STEPS),
-               "--ckpt-every", str(CKPT_EVERY), "--log-every", "10", "--no-progress"]
 
 
-def pretrain_command(shards: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "train", "pretrain", "--shards", str(shards), "--out", str(out), *TRAIN_FLAGS]
-
-
-def test_kill_9_during_pretrain_then_rerun_matches_an_uninterrupted_run(tmp_path):
+def test_kill_9_during_pretrain_then_rerun_matches_an_uninterrupted_run(tmp_path, tiny_trainer):
     data = write_shards(tmp_path / "data", n_shards=2, per_shard=24)
-    straight = subprocess.run(pretrain_command(data["shards"], tmp_path / "straight"), env=SINGLE_THREAD,
+    flags = tiny_trainer.flags(batch_size=16, deterministic=True, steps=TRAIN_STEPS, ckpt_every=CKPT_EVERY,
+                               log_every=10)
+
+    def pretrain_command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "train", "pretrain", "--shards", str(data["shards"]), "--out", str(out), *flags]
+
+    straight = subprocess.run(pretrain_command(tmp_path / "straight"), env=SINGLE_THREAD,
                               capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     run = tmp_path / "killed"
-    command = pretrain_command(data["shards"], run)
+    command = pretrain_command(run)
     proc = subprocess.Popen(command, env=SINGLE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not (run / f"step-{CKPT_EVERY:08d}.pt").exists():
@@ -110,7 +100,7 @@ def scheduler_and_two_workers(tmp_path):
             yield address, client
 
 
-def test_a_dask_worker_killed_mid_build_loses_and_duplicates_nothing(synth_archive, clean_build, tmp_path,
+def test_a_dask_worker_killed_mid_build_loses_and_duplicates_nothing(synth_archive, reference_build, tmp_path,
                                                                      scheduler_and_two_workers):
     address, client = scheduler_and_two_workers
     pid_of = client.run(os.getpid)  # worker address -> pid (no nanny: the worker is that process)
@@ -128,7 +118,7 @@ def test_a_dask_worker_killed_mid_build_loses_and_duplicates_nothing(synth_archi
     _, stderr = build.communicate(timeout=300)
     assert build.returncode == 0, stderr[-2000:]
     assert len(client.scheduler_info()["workers"]) == 1  # the kill really took a worker away
-    assert_same_as_clean_build(tmp_path, clean_build)
+    assert_same_as_clean_build(tmp_path, reference_build[0])
 
 
 # ----------------------------------------------------------------------------------------------- disk
@@ -144,7 +134,8 @@ def file_size_limit(nbytes: int):
     return apply
 
 
-def test_disk_full_while_writing_a_shard_fails_cleanly_then_resumes(synth_archive, clean_build, tmp_path):
+def test_disk_full_while_writing_a_shard_fails_cleanly_then_resumes(synth_archive, reference_build, tmp_path):
+    clean_build = reference_build[0]
     sizes = sorted({p.stat().st_size for p in (clean_build / "shards").rglob("*.tar")})
     others = [p.stat().st_size for p in (clean_build / "manifests").rglob("*") if p.is_file()]
     assert len(sizes) >= 2 and max(others) < sizes[-2], "needs tars of several sizes, all above the manifests"

@@ -179,7 +179,7 @@ def test_ld_learns_on_a_tiny_batch():
     assert loss.item() < first
 
 
-def test_ld_trains_through_the_shared_loop_and_exports_a_timm_encoder(tmp_path):
+def test_ld_trains_through_the_shared_loop_and_exports_a_timm_encoder(tmp_path, tiny_trainer):
     from shard_fixture import write_shards
     from train.config import PretrainConfig
     from train.loop import pretrain
@@ -187,15 +187,14 @@ def test_ld_trains_through_the_shared_loop_and_exports_a_timm_encoder(tmp_path):
 
     fx = write_shards(tmp_path / "fx", n_shards=2, per_shard=8, patch_px=32)
     summary = pretrain(PretrainConfig(shards=str(fx["shards"]), out=str(tmp_path / "run"), method="ld",
-                                      backbone="test_resnet", crop_px=16, batch_size=4, steps=3, num_workers=0,
-                                      progress=False))  # fmt: skip
+                                      **tiny_trainer.config(batch_size=4, steps=3)))
     assert summary["step"] == 3 and summary["stopped"] == "completed"
     encoder, meta = load_encoder(tmp_path / "run")
     assert meta["method"] == "ld" and meta["timm_name"] == "test_resnet"
     assert encoder(torch.zeros(2, 1, 16, 16)).shape == (2, meta["num_features"])
 
 
-def test_ld_options_given_on_the_command_line_reach_the_method_and_the_checkpoint(tmp_path):
+def test_ld_options_given_on_the_command_line_reach_the_method_and_the_checkpoint(tmp_path, tiny_trainer):
     """Non-default `--ld-*` values are recorded (config.json, checkpoint hash) and shape the trained network."""
     from typer.testing import CliRunner
 
@@ -205,8 +204,8 @@ def test_ld_options_given_on_the_command_line_reach_the_method_and_the_checkpoin
 
     fx = write_shards(tmp_path / "fx", n_shards=2, per_shard=8, patch_px=32)
     run = tmp_path / "run"
-    base = ["pretrain", "--shards", str(fx["shards"]), "--out", str(run), "--method", "ld", "--backbone", "test_resnet",
-            "--crop-px", "16", "--batch-size", "4", "--steps", "2", "--num-workers", "0", "--no-progress"]  # fmt: skip
+    base = ["pretrain", "--shards", str(fx["shards"]), "--out", str(run), "--method", "ld",
+            *tiny_trainer.flags(batch_size=4, steps=2)]
     chosen = {"ld_grid": 2, "ld_embed_dim": 8, "ld_clusters": 3, "ld_region_weight": 2.5, "ld_mix_high": 0.7}
     flags = [a for k, v in chosen.items() for a in (f"--{k.replace('_', '-')}", str(v))]
     runner = CliRunner()

@@ -22,15 +22,20 @@ from train.loop import pretrain
 from train.methods.siamese import SiameseSoft
 from train.models import load_encoder
 
-TINY = dict(backbone="test_resnet", embed_dim=32, head_hidden=64, crop_px=16, batch_size=16, num_workers=0,
-            log_every=10, ckpt_every=40, progress=False, deterministic=True, aug_gamma=1.25, aug_noise=0.02)  # fmt: skip
-# the 200 steps straight vs 100 + 100 at batch 16; 100 is mid data-epoch (ckpt-every 40), so the
-# resume also rebuilds the epoch's stream and skips its consumed batches.
+# this module's runs on top of the tiny trainer (conftest): the 200 steps straight vs 100 + 100 at
+# batch 16; 100 is mid data-epoch (ckpt-every 40), so the resume also rebuilds the epoch's stream and skips
+# its consumed batches.
+RUN = dict(embed_dim=32, head_hidden=64, batch_size=16, log_every=10, ckpt_every=40, deterministic=True,
+           aug_gamma=1.25, aug_noise=0.02)  # fmt: skip
 STEPS = 200
 
 
-def _cfg(shards: Path, out: Path, **kw) -> PretrainConfig:
-    return PretrainConfig(shards=str(shards), out=str(out), **{"steps": STEPS, **TINY, **kw})
+@pytest.fixture(scope="module")
+def cfg(tiny_trainer):
+    def make(shards: Path, out: Path, **kw) -> PretrainConfig:
+        return PretrainConfig(shards=str(shards), out=str(out), **tiny_trainer.config(**{"steps": STEPS, **RUN, **kw}))
+
+    return make
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +44,9 @@ def shards(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def straight(shards, tmp_path_factory):
+def straight(shards, cfg, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
-    return pretrain(_cfg(shards["shards"], out)), out
+    return pretrain(cfg(shards["shards"], out)), out
 
 
 @pytest.mark.slow
@@ -67,10 +72,10 @@ def test_loss_falls_and_checkpoint_and_export_load(straight):
 
 
 @pytest.mark.slow
-def test_stop_and_rerun_matches_the_straight_run(shards, straight, tmp_path):
-    first = pretrain(_cfg(shards["shards"], tmp_path, stop_at=STEPS // 2))
+def test_stop_and_rerun_matches_the_straight_run(shards, straight, cfg, tmp_path):
+    first = pretrain(cfg(shards["shards"], tmp_path, stop_at=STEPS // 2))
     assert first["step"] == STEPS // 2 and first["stopped"] == "stop_at"
-    second = pretrain(_cfg(shards["shards"], tmp_path))  # the same command continues
+    second = pretrain(cfg(shards["shards"], tmp_path))  # the same command continues
     assert second["step"] == STEPS
     logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(10, STEPS + 1, 10))  # one history across the stop
@@ -81,47 +86,47 @@ def test_stop_and_rerun_matches_the_straight_run(shards, straight, tmp_path):
 
 
 @pytest.mark.slow
-def test_weights_do_not_depend_on_label_fields(tmp_path):
+def test_weights_do_not_depend_on_label_fields(cfg, tmp_path):
     weights = []
     for label_seed in (1, 2):
         data = write_shards(tmp_path / f"labels{label_seed}", n_shards=2, per_shard=16, label_seed=label_seed)
-        pretrain(_cfg(data["shards"], tmp_path / f"run{label_seed}", steps=6, num_workers=0))
+        pretrain(cfg(data["shards"], tmp_path / f"run{label_seed}", steps=6, num_workers=0))
         weights.append(load_file(tmp_path / f"run{label_seed}" / "encoder.safetensors"))
     for name in weights[0]:
         assert torch.equal(weights[0][name], weights[1][name]), name
 
 
-def test_a_changed_config_is_refused_on_resume(shards, tmp_path):
+def test_a_changed_config_is_refused_on_resume(shards, tiny_trainer, tmp_path):
     runner = CliRunner()
-    base = ["pretrain", "--shards", str(shards["shards"]), "--out", str(tmp_path), "--backbone", "test_resnet",
-            "--crop-px", "16", "--batch-size", "4", "--steps", "2", "--num-workers", "0", "--no-progress"]  # fmt: skip
+    base = ["pretrain", "--shards", str(shards["shards"]), "--out", str(tmp_path),
+            *tiny_trainer.flags(batch_size=4, steps=2)]
     assert runner.invoke(app, base).exit_code == 0
     changed = runner.invoke(app, [*base, "--lr", "0.01"])
     assert changed.exit_code == 2 and "config_changed" in changed.output and "lr" in changed.output
 
 
-def test_smoke_runs_one_step_and_writes_nothing(shards, tmp_path):
+def test_smoke_runs_one_step_and_writes_nothing(shards, tiny_trainer, tmp_path):
     result = CliRunner().invoke(app, ["pretrain", "--shards", str(shards["shards"]), "--out", str(tmp_path / "run"),
-                                      "--backbone", "test_resnet", "--crop-px", "16", "--batch-size", "4",
-                                      "--num-workers", "0", "--smoke"])  # fmt: skip
+                                      *tiny_trainer.flags(batch_size=4), "--smoke"])
     assert result.exit_code == 0, result.output
     assert "(4, 1, 16, 16) torch.uint16" in result.output and "loss" in result.output
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("method", ["siamese-hard", "simclr", "random"])
-def test_baselines_train_and_export(shards, tmp_path, method):
-    summary = pretrain(_cfg(shards["shards"], tmp_path, method=method, steps=3, batch_size=4))
+def test_baselines_train_and_export(shards, cfg, tmp_path, method):
+    summary = pretrain(cfg(shards["shards"], tmp_path, method=method, steps=3, batch_size=4))
     encoder, meta = load_encoder(tmp_path)
     assert meta["method"] == method and summary["step"] == (0 if method == "random" else 3)
     assert encoder(torch.zeros(1, 1, 16, 16)).shape == (1, meta["num_features"])
 
 
-def test_peer_labels_train_each_network_on_the_other_networks_labels():
-    cfg = replace(PretrainConfig(), **{**TINY, "aug_gamma": 1.0, "aug_noise": 0.0, "steps": 100, "label_warmup": 0,
-                                      "gmm_refit_every": 1000, "gmm_scope": "batch", "neg_pairs": "none"})  # fmt: skip
+def test_peer_labels_train_each_network_on_the_other_networks_labels(tiny_trainer):
+    settings = {**RUN, "aug_gamma": 1.0, "aug_noise": 0.0, "steps": 100, "label_warmup": 0,
+                "gmm_refit_every": 1000, "gmm_scope": "batch", "neg_pairs": "none"}
+    config = replace(PretrainConfig(), **tiny_trainer.config(**settings))
     torch.manual_seed(0)
-    method = SiameseSoft(cfg).eval()  # eval: BatchNorm gives the same output on the recomputation below
+    method = SiameseSoft(config).eval()  # eval: BatchNorm gives the same output on the recomputation below
     mixtures = [Mixture(*(torch.tensor(v, dtype=torch.float64) for v in p)) for p in
                 (([0.1, 0.3], [0.01, 0.01], [0.5, 0.5]), ([0.2, 0.4], [0.02, 0.02], [0.7, 0.3]))]  # fmt: skip
     for labeler, mix in zip(method.labelers, mixtures):
@@ -142,8 +147,8 @@ def test_peer_labels_train_each_network_on_the_other_networks_labels():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_bf16_run(shards, tmp_path):
-    summary = pretrain(_cfg(shards["shards"], tmp_path, steps=10, device="cuda", deterministic=False))
+def test_cuda_bf16_run(shards, cfg, tmp_path):
+    summary = pretrain(cfg(shards["shards"], tmp_path, steps=10, device="cuda", deterministic=False))
     assert summary["step"] == 10 and "gpu_mem_gb" in json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
 
 

@@ -34,12 +34,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from prep.datasets.base import DatasetError, ImageRecord, read_header_checked, register_adapter
 from prep.decode import UnsupportedImage, read_dicom, read_header
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 METADATA_CSV = "metadata.csv"
 CASE_CSVS = ("mass_case_description_train_set.csv", "mass_case_description_test_set.csv",
@@ -71,6 +74,8 @@ def resolve_root(root: Path) -> Path:
 
 def read_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
     """A CSV as stripped strings (quoted cells can end in a newline); columns selected by name."""
+    import pandas as pd  # here, not at the top: Dask workers import the registry but never read CSVs
+
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     frame.columns = [c.strip() for c in frame.columns]
     missing = [c for c in columns if c not in frame.columns]

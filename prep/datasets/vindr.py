@@ -12,10 +12,10 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from prep.datasets.base import DatasetError, ImageRecord, read_header_checked, register_adapter
+
 if TYPE_CHECKING:
     import pandas as pd
-
-from prep.datasets.base import DatasetError, ImageRecord, read_header_checked, register_adapter
 
 BREAST_CSV = "breast-level_annotations.csv"
 FINDING_CSV = "finding_annotations.csv"
@@ -58,7 +58,8 @@ def clip_box(box: tuple[float, float, float, float], width: int, height: int) ->
 
 
 def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
-    import pandas as pd  # here, not at import: the CLI lists the adapters without paying pandas' import
+    import pandas as pd  # here, not at the top: Dask workers import this module (the registry) but never read CSVs
+
     if not path.is_file():
         raise DatasetError("bad_layout", f"missing {path.name}")
     frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
