@@ -38,7 +38,7 @@ def spawn_environ_snapshot() -> dict[str, str | None]:
     """This process's values of the variables a Dask nanny sets in its *own* process before spawning a worker
     (`distributed.nanny.pre-spawn-environ`: OMP_NUM_THREADS=1 and friends). Left in place they reach
     whatever the caller does after the build: torch imported later reads OMP_NUM_THREADS=1 and trains on
-    one thread (the demo's pretraining ran at half speed)."""
+    one thread."""
     import dask
 
     keys = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}

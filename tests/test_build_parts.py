@@ -13,13 +13,13 @@ import pytest
 
 from pipelines import plan as plan_module
 from pipelines.build import reject_problem
-from pipelines.cluster import DaskSession
+from pipelines.cluster import DaskSession, stop_heartbeat
 from pipelines.plan import load_records
 from pipelines.progress import LineProgress
-from prep import progress as prep_progress
-from prep.progress import format_duration
 from pipelines.shards import TAR_MODE, TAR_USER, encode_sample, write_tar
+from prep import progress as prep_progress
 from prep.datasets import get_adapter
+from prep.progress import format_duration
 
 
 def test_shard_tars_are_byte_identical_to_webdataset_tarwriter(tmp_path):
@@ -105,8 +105,12 @@ def test_header_reads_on_the_cluster_match_the_adapter(synth_archive, monkeypatc
         dask.client().wait_for_workers(1, timeout=120)
         records = load_records("vindr", synth_archive, dask)
         worker_modules = dask.client().run(lambda: sorted({"torch", "pandas"} & set(sys.modules)))
+        # the first step of the shutdown order reaches into distributed's worker: check it still fits
+        dask.client().run(stop_heartbeat)
+        beating = dask.client().run(lambda dask_worker: dask_worker.periodic_callbacks["heartbeat"].is_running())
     finally:
         dask.close()
     assert records == expected
     assert list(worker_modules.values()) == [[]]  # the header tasks ran there without either
+    assert list(beating.values()) == [False]
     assert any(r.header_error for r in records) and any(r.flags for r in records)  # the traps came through

@@ -22,9 +22,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from build_helpers import cli, cli_args, local_dask, tar_digests
 from pipelines.verify import verify_build
 from prep.cli import app as prep_app
-from build_helpers import cli, cli_args, local_dask, tar_digests
 from shard_fixture import write_shards
 
 pytestmark = pytest.mark.slow

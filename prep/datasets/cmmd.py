@@ -53,7 +53,7 @@ def find_clinical_table(root: Path) -> Path:
 
 def read_clinical_table(path: Path) -> pd.DataFrame:
     """The table as strings, from the xlsx or from a CSV export (`,` or `;`: the delimiter is sniffed)."""
-    import pandas as pd  # here, not at import: the CLI lists the adapters without paying pandas' import
+    import pandas as pd  # here, not at the top: Dask workers import the registry but never read CSVs
     if path.suffix.lower() == ".xlsx":
         frame = pd.read_excel(path, dtype=str)
     else:

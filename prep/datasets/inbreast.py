@@ -51,7 +51,7 @@ def _view(text: str) -> str:
 
 
 def read_csv(path: Path) -> pd.DataFrame:
-    import pandas as pd  # here, not at import: the CLI lists the adapters without paying pandas' import
+    import pandas as pd  # here, not at the top: Dask workers import the registry but never read CSVs
     if not path.is_file():
         raise DatasetError("bad_layout", f"missing {path.name}")
     frame = pd.read_csv(path, sep=";", dtype=str, keep_default_na=False, na_values=[""], skipinitialspace=True)

@@ -7,7 +7,8 @@
   images as `duplicate_view`, a view other than CC/MLO (AT, ML, LM, LMO) is rejected as `unknown_view`.
 - Labels: BIRADS (0-2, often empty) -> breast_birads "BI-RADS n"; density (A-D, often empty) -> breast_density
   "DENSITY A"; cancer = 1 -> a finding "Unspecified" (RSNA names no lesion type) of pathology "malignant", else
-  biopsy = 1 -> one of pathology "benign" (biopsied, no cancer); no boxes (RSNA gives none). `invasive`, `implant`, `age` and `difficult_negative_case` are not carried.
+  biopsy = 1 -> one of pathology "benign" (biopsied, no cancer); no boxes (RSNA gives none). `invasive`,
+  `implant`, `age` and `difficult_negative_case` are not carried.
 - Pixels: JPEG 2000 / JPEG Lossless, SIGMOID VOI, MONOCHROME1 all occur; `prep.decode` handles them.
 
 Ids are the competition's numeric ids (pseudonymous). No split in train.csv: `split_from_hash(patient_id)`.
@@ -39,7 +40,7 @@ def _flag(value: object, where: str) -> bool:
 
 
 def read_train_csv(path: Path) -> pd.DataFrame:
-    import pandas as pd  # here, not at import: the CLI lists the adapters without paying pandas' import
+    import pandas as pd  # here, not at the top: Dask workers import the registry but never read CSVs
     if not path.is_file():
         raise DatasetError("bad_layout", f"missing {path.name}")
     frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])

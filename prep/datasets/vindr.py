@@ -58,7 +58,8 @@ def clip_box(box: tuple[float, float, float, float], width: int, height: int) ->
 
 
 def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
-    import pandas as pd  # here, not at import: the CLI lists the adapters without paying pandas' import
+    import pandas as pd  # here, not at the top: Dask workers import this module (the registry) but never read CSVs
+
     if not path.is_file():
         raise DatasetError("bad_layout", f"missing {path.name}")
     frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
