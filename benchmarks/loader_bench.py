@@ -13,7 +13,6 @@ Prints pairs/s and the ratio to plain tar iteration; writes JSON to benchmarks/r
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform

@@ -176,8 +176,8 @@ def main() -> None:
             for r in rows:
                 print(f"  {label:5s} {r['name']:22s} n={r['patches']:3d} dice={r['dice']:.3f} "
                       + " ".join(f"{k}={r[k]:+.3f}" for k in STATS))
-    print(f"| statistic | real median | real range | synthetic median | synth / real | inside real range |")
-    print(f"|---|---|---|---|---|---|")
+    print("| statistic | real median | real range | synthetic median | synth / real | inside real range |")
+    print("|---|---|---|---|---|---|")
     inside_all = True
     for key in STATS:
         rv = np.array([r[key] for r in real])

@@ -26,7 +26,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 from unittest import mock

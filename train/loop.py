@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prep.errors import ContralateralError
 from prep.io import write_json_atomic
 from prep.progress import LineThrottle
 from train import distributed

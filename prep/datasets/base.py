@@ -7,9 +7,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prep.decode import UnsupportedImage, check_supported, header_facts, read_header
 from prep.errors import ContralateralError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SPLITS = ("training", "test")
 
@@ -105,3 +109,23 @@ def split_from_hash(study_id: str, test_fraction: float = 0.2) -> str:
     """A stable split for datasets without one: the study's hash decides, so all its images agree."""
     bucket = int(hashlib.sha256(study_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return "test" if bucket < test_fraction else "training"
+
+
+def require_columns(frame: "pd.DataFrame", columns: tuple[str, ...], name: str, hint: str = "") -> None:
+    """Refuse a table that lacks any of `columns` (selected by name: archives reorder and add columns)."""
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DatasetError("bad_csv", f"{name} lacks columns {missing}{hint}")
+
+
+def read_csv_table(path: Path, columns: tuple[str, ...], *, hint: str = "", **read_options) -> "pd.DataFrame":
+    """An archive's CSV as strings (blank cells NaN unless `read_options` say otherwise), header names stripped,
+    refused when missing or short of `columns`."""
+    import pandas as pd  # here, not at the top: Dask workers import the registry but never read CSVs
+
+    if not path.is_file():
+        raise DatasetError("bad_layout", f"missing {path.name}")
+    frame = pd.read_csv(path, **{"dtype": str, "keep_default_na": False, "na_values": [""], **read_options})
+    frame.columns = [str(c).strip() for c in frame.columns]
+    require_columns(frame, columns, path.name, hint)
+    return frame

@@ -34,24 +34,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from typing import TYPE_CHECKING
 
 import numpy as np
-<<<<<<< HEAD
 
 if TYPE_CHECKING:
     import pandas as pd
-=======
->>>>>>> adapters
 
-from prep.datasets.base import DatasetError, ImageRecord, read_header_checked, register_adapter
+from prep.datasets.base import DatasetError, ImageRecord, read_csv_table, read_header_checked, register_adapter
 from prep.datasets.labels import birads_label, density_label
 from prep.decode import UnsupportedImage, read_dicom, read_header
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 METADATA_CSV = "metadata.csv"
 CASE_CSVS = ("mass_case_description_train_set.csv", "mass_case_description_test_set.csv",
@@ -82,17 +75,7 @@ def resolve_root(root: Path) -> Path:
 
 def read_table(path: Path, columns: tuple[str, ...]) -> "pd.DataFrame":
     """A CSV as stripped strings (quoted cells can end in a newline); columns selected by name."""
-<<<<<<< HEAD
-    import pandas as pd  # here, not at import: the CLI lists the adapters without paying pandas' import
-=======
-    import pandas as pd  # here, not at the top: Dask workers import the registry but never read CSVs
->>>>>>> adapters
-
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    frame.columns = [c.strip() for c in frame.columns]
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise DatasetError("bad_csv", f"{path.name} lacks columns {missing}")
+    frame = read_csv_table(path, columns, na_values=[])
     return frame.apply(lambda col: col.str.strip())
 
 

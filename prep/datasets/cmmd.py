@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pandas as pd
 
-from prep.datasets.base import DatasetError, ImageRecord, check_header, register_adapter, split_from_hash
+from prep.datasets.base import (
+    DatasetError, ImageRecord, check_header, register_adapter, require_columns, split_from_hash)
 from prep.datasets.labels import BENIGN, MALIGNANT, finding
 from prep.decode import UnsupportedImage, header_facts, read_header
 
@@ -59,9 +60,7 @@ def read_clinical_table(path: Path) -> pd.DataFrame:
     else:
         frame = pd.read_csv(path, dtype=str, sep=None, engine="python", keep_default_na=False, na_values=[""])
     frame.columns = [str(c).strip() for c in frame.columns]
-    missing = [c for c in CLINICAL_COLUMNS if c not in frame.columns]
-    if missing:
-        raise DatasetError("bad_csv", f"{path.name} lacks columns {missing} (has {list(frame.columns)})")
+    require_columns(frame, CLINICAL_COLUMNS, path.name, f" (has {list(frame.columns)})")
     return frame
 
 

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pandas as pd
 
-from prep.datasets.base import DatasetError, ImageRecord, read_header_checked, register_adapter, split_from_hash
+from prep.datasets.base import (
+    DatasetError, ImageRecord, read_csv_table, read_header_checked, register_adapter, split_from_hash)
 from prep.datasets.labels import birads_label, density_label, finding, point_box
 from prep.datasets.vindr import clip_box
 
@@ -51,14 +52,7 @@ def _view(text: str) -> str:
 
 
 def read_csv(path: Path) -> pd.DataFrame:
-    import pandas as pd  # here, not at the top: Dask workers import the registry but never read CSVs
-    if not path.is_file():
-        raise DatasetError("bad_layout", f"missing {path.name}")
-    frame = pd.read_csv(path, sep=";", dtype=str, keep_default_na=False, na_values=[""], skipinitialspace=True)
-    frame.columns = [str(c).strip() for c in frame.columns]
-    missing = [c for c in CSV_COLUMNS if c not in frame.columns]
-    if missing:
-        raise DatasetError("bad_csv", f"{path.name} lacks columns {missing} (is it `;`-separated?)")
+    frame = read_csv_table(path, CSV_COLUMNS, hint=" (is it `;`-separated?)", sep=";", skipinitialspace=True)
     frame = frame[frame["File Name"].notna() & (frame["File Name"].astype(str).str.strip() != "")]
     frame["File Name"] = frame["File Name"].astype(str).str.strip().str.removesuffix(".0")
     duplicated = frame["File Name"].duplicated()

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pandas as pd
 
-from prep.datasets.base import DatasetError, ImageRecord, read_header_checked, register_adapter, split_from_hash
+from prep.datasets.base import (
+    DatasetError, ImageRecord, read_csv_table, read_header_checked, register_adapter, split_from_hash)
 from prep.datasets.labels import BENIGN, MALIGNANT, UNSPECIFIED, birads_label, density_label, finding
 
 CSV_NAME = "train.csv"
@@ -40,13 +41,7 @@ def _flag(value: object, where: str) -> bool:
 
 
 def read_train_csv(path: Path) -> pd.DataFrame:
-    import pandas as pd  # here, not at the top: Dask workers import the registry but never read CSVs
-    if not path.is_file():
-        raise DatasetError("bad_layout", f"missing {path.name}")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-    missing = [c for c in CSV_COLUMNS if c not in frame.columns]
-    if missing:
-        raise DatasetError("bad_csv", f"{path.name} lacks columns {missing}")
+    frame = read_csv_table(path, CSV_COLUMNS)
     duplicated = frame["image_id"].duplicated()
     if duplicated.any():
         raise DatasetError("bad_csv", f"{path.name} lists image {frame['image_id'][duplicated].iloc[0]} twice")

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prep.datasets.base import DatasetError, ImageRecord, read_header_checked, register_adapter
+from prep.datasets.base import DatasetError, ImageRecord, read_csv_table, read_header_checked, register_adapter
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -57,16 +57,6 @@ def clip_box(box: tuple[float, float, float, float], width: int, height: int) ->
     return xmin, ymin, xmax, ymax
 
 
-def _read_csv(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
-    import pandas as pd  # here, not at the top: Dask workers import this module (the registry) but never read CSVs
-
-    if not path.is_file():
-        raise DatasetError("bad_layout", f"missing {path.name}")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise DatasetError("bad_csv", f"{path.name} lacks columns {missing}")
-    return frame
 
 
 def _float(value: object) -> float:
@@ -111,8 +101,8 @@ class VindrAdapter:
         self.read_headers = read_headers
 
     def images(self) -> list[ImageRecord]:
-        breast = _read_csv(self.root / BREAST_CSV, BREAST_COLUMNS)
-        findings = findings_by_image(_read_csv(self.root / FINDING_CSV, FINDING_COLUMNS))
+        breast = read_csv_table(self.root / BREAST_CSV, BREAST_COLUMNS)
+        findings = findings_by_image(read_csv_table(self.root / FINDING_CSV, FINDING_COLUMNS))
         if breast["image_id"].duplicated().any():
             dup = breast.loc[breast["image_id"].duplicated(), "image_id"].iloc[0]
             raise DatasetError("bad_csv", f"{BREAST_CSV} lists image {dup} twice")

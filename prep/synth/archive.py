@@ -10,7 +10,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import shutil
 import time
 from collections import Counter
