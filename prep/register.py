@@ -320,7 +320,7 @@ def grid_from_small(small_image: np.ndarray, small_mask: np.ndarray, to_grid: np
 def _fit_outline(ipsi: RegistrationGrid, contra: RegistrationGrid, cfg: PrepConfig) -> tuple[np.ndarray, str]:
     """Stages A and B: centroid translation, then a rigid ECC of the blurred masks (grid px affine, method)."""
     # rigid, not affine, on the outline alone: the canvas cuts the breast at the chest wall, which leaves
-    # scale and shear poorly constrained by masks (measured on synthetic pairs: 3.5 vs 4.3 mm median error)
+    # scale and shear poorly constrained by masks (docs/PERFORMANCE.md has the comparison)
     start = np.hstack([np.eye(2), (_centroid(contra.mask) - _centroid(ipsi.mask))[:, None]])
     try:
         _, warp = cv2.findTransformECC(
