@@ -14,7 +14,7 @@ import numpy as np
 from prep.config import PrepConfig
 from prep.datasets import get_adapter
 from prep.decode import UnsupportedImage, decode_dicom, read_dicom
-from prep.pairs import ImageInput, canonicalise, process_pair
+from prep.pairs import ImageInput, canonicalise, located_findings, process_pair
 from prep.patches import top_left
 from train.embed import EvalSample, embed_pairs
 
@@ -45,20 +45,23 @@ def coverage_mean(shape: tuple[int, int], corners: np.ndarray, patch_px: int, va
 
 
 def pick_study(records, study_id: str | None, test_split: str):
-    """(study, view, L record, R record, lesion side): the requested study or the first test study with a finding."""
+    """(study, view, L record, R record, lesion side): the requested study or the first usable test study with a
+    located finding."""
     by_pair: dict[tuple[str, str], dict[str, object]] = {}
     for r in records:
         by_pair.setdefault((r.study_id, r.view), {})[r.laterality] = r
-    candidates = [(k, v) for k, v in by_pair.items() if set(v) >= {"L", "R"}]
+    # both sides present, and neither refused by its header check (FOR PROCESSING, unreadable, ...) or flagged
+    usable = [(k, v) for k, v in by_pair.items()
+              if set(v) >= {"L", "R"} and not any(v[s].header_error or v[s].flags for s in "LR")]
     if study_id is not None:
-        candidates = [(k, v) for k, v in candidates if k[0] == study_id]
-    else:
-        candidates = [(k, v) for k, v in candidates if any(v[s].findings for s in "LR")]
+        candidates = [(k, v) for k, v in usable if k[0] == study_id]
+    else:  # a lesion with a box: a breast-level label alone says nowhere to look
+        candidates = [(k, v) for k, v in usable if any(located_findings(v[s].findings) for s in "LR")]
         candidates.sort(key=lambda kv: (kv[1]["L"].split != test_split, kv[0]))
     if not candidates:
         return None
     (study, view), sides = candidates[0]
-    lesion_side = "L" if sides["L"].findings or not sides["R"].findings else "R"
+    lesion_side = "L" if located_findings(sides["L"].findings) or not located_findings(sides["R"].findings) else "R"
     return study, view, sides["L"], sides["R"], lesion_side
 
 
