@@ -129,3 +129,17 @@ def read_csv_table(path: Path, columns: tuple[str, ...], *, hint: str = "", **re
     frame.columns = [str(c).strip() for c in frame.columns]
     require_columns(frame, columns, path.name, hint)
     return frame
+
+
+def archive_root(root: Path | str, marker: str, hint: str = "") -> Path:
+    """The folder holding `marker` (a file or folder an archive's download puts at its top): `root` itself, or
+    its single sub-folder holding it (the top folder of an unpacked zip, an NBIA `manifest-*` folder)."""
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise DatasetError("not_found", f"{root} is not a directory")
+    if (root / marker).exists():
+        return root
+    nested = sorted(p.parent for p in root.glob(f"*/{marker}"))
+    if len(nested) == 1:
+        return nested[0]
+    raise DatasetError("bad_layout", f"no {marker}{hint} in {root} or in exactly one of its sub-folders")

@@ -42,7 +42,8 @@ import numpy as np
 if TYPE_CHECKING:
     import pandas as pd
 
-from prep.datasets.base import DatasetError, ImageRecord, read_csv_table, read_header_checked, register_adapter
+from prep.datasets.base import (
+    DatasetError, ImageRecord, archive_root, read_csv_table, read_header_checked, register_adapter)
 from prep.datasets.labels import birads_label, density_label
 from prep.decode import UnsupportedImage, read_dicom, read_header
 
@@ -57,20 +58,6 @@ CATEGORIES = {"mass": "Mass", "calcification": "Suspicious Calcification"}
 SIDES = {"LEFT": "L", "RIGHT": "R"}
 # a mask covers about the full image; a crop is a small window (an ROI series can hold both)
 MIN_MASK_AREA_FRACTION = 0.25
-
-
-def resolve_root(root: Path) -> Path:
-    """The folder holding metadata.csv: `root`, or its single sub-folder holding one (NBIA `manifest-*`)."""
-    root = Path(root).expanduser().resolve()
-    if not root.is_dir():
-        raise DatasetError("not_found", f"{root} is not a directory")
-    if (root / METADATA_CSV).is_file():
-        return root
-    nested = sorted(p.parent for p in root.glob(f"*/{METADATA_CSV}"))
-    if len(nested) == 1:
-        return nested[0]
-    raise DatasetError("bad_layout", f"no {METADATA_CSV} (written by the NBIA Data Retriever) in {root} or in "
-                                     "exactly one of its sub-folders")
 
 
 def read_table(path: Path, columns: tuple[str, ...]) -> "pd.DataFrame":
@@ -124,7 +111,7 @@ class CbisDdsmAdapter:
 
     def __init__(self, root: Path | str, *, read_headers: bool = True):
         self.given_root = Path(root).expanduser().resolve()
-        self.root = resolve_root(self.given_root)
+        self.root = archive_root(self.given_root, METADATA_CSV, " (written by the NBIA Data Retriever)")
         self.read_headers = read_headers
         self.mask_counts: dict[str, int] = {}  # how each finding's box was found (or why not)
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 from prep.datasets.base import (
-    DatasetError, ImageRecord, read_csv_table, read_header_checked, register_adapter, split_from_hash)
+    DatasetError, ImageRecord, archive_root, read_csv_table, read_header_checked, register_adapter, split_from_hash)
 from prep.datasets.labels import birads_label, density_label, finding, point_box
 from prep.datasets.vindr import clip_box
 
@@ -94,15 +94,7 @@ class InbreastAdapter:
     name = "inbreast"
 
     def __init__(self, root: Path | str, *, read_headers: bool = True):
-        root = Path(root).expanduser().resolve()
-        if not root.is_dir():
-            raise DatasetError("not_found", f"{root} is not a directory")
-        if not (root / "AllDICOMs").is_dir():
-            nested = sorted(p.parent for p in root.glob("*/AllDICOMs") if p.is_dir())
-            if len(nested) != 1:
-                raise DatasetError("bad_layout", f"no AllDICOMs/ in {root} or in exactly one of its sub-folders")
-            root = nested[0]
-        self.root = root
+        self.root = archive_root(root, "AllDICOMs")
         self.read_headers = read_headers
 
     def images(self) -> list[ImageRecord]:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 from prep.datasets.base import (
-    DatasetError, ImageRecord, read_csv_table, read_header_checked, register_adapter, split_from_hash)
+    DatasetError, ImageRecord, archive_root, read_csv_table, read_header_checked, register_adapter, split_from_hash)
 from prep.datasets.labels import BENIGN, MALIGNANT, UNSPECIFIED, birads_label, density_label, finding
 
 CSV_NAME = "train.csv"
@@ -55,15 +55,7 @@ class RsnaAdapter:
     name = "rsna-2022"
 
     def __init__(self, root: Path | str, *, read_headers: bool = True):
-        root = Path(root).expanduser().resolve()
-        if not root.is_dir():
-            raise DatasetError("not_found", f"{root} is not a directory")
-        if not (root / CSV_NAME).is_file():
-            nested = sorted(p.parent for p in root.glob(f"*/{CSV_NAME}"))
-            if len(nested) != 1:
-                raise DatasetError("bad_layout", f"no {CSV_NAME} in {root} or in exactly one of its sub-folders")
-            root = nested[0]
-        self.root = root
+        self.root = archive_root(root, CSV_NAME)
         self.read_headers = read_headers
 
     def images(self) -> list[ImageRecord]:

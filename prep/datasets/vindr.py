@@ -12,7 +12,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prep.datasets.base import DatasetError, ImageRecord, read_csv_table, read_header_checked, register_adapter
+from prep.datasets.base import (
+    DatasetError, ImageRecord, archive_root, read_csv_table, read_header_checked, register_adapter)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -23,19 +24,6 @@ BREAST_COLUMNS = ("study_id", "series_id", "image_id", "laterality", "view_posit
                   "breast_birads", "breast_density", "split")
 FINDING_COLUMNS = BREAST_COLUMNS[:-1] + ("finding_categories", "finding_birads", "xmin", "ymin", "xmax", "ymax")
 NO_FINDING = "No Finding"
-
-
-def resolve_root(root: Path) -> Path:
-    """The folder holding the CSVs: `root` itself, or its single child holding them (PhysioNet zip top folder)."""
-    root = Path(root).expanduser().resolve()
-    if not root.is_dir():
-        raise DatasetError("not_found", f"{root} is not a directory")
-    if (root / BREAST_CSV).is_file():
-        return root
-    nested = sorted(p.parent for p in root.glob(f"*/{BREAST_CSV}"))
-    if len(nested) == 1:
-        return nested[0]
-    raise DatasetError("bad_layout", f"no {BREAST_CSV} in {root} or in exactly one of its sub-folders")
 
 
 def parse_categories(text: object) -> list[str]:
@@ -97,7 +85,7 @@ class VindrAdapter:
     name = "vindr"
 
     def __init__(self, root: Path | str, *, read_headers: bool = True):
-        self.root = resolve_root(Path(root))
+        self.root = archive_root(root, BREAST_CSV)
         self.read_headers = read_headers
 
     def images(self) -> list[ImageRecord]:
