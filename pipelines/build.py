@@ -32,6 +32,7 @@ from pipelines.progress import make_progress, print_cluster, print_plan, print_s
 from pipelines.provenance import git_commit, package_versions
 from pipelines.resume import LOCK_FILE, resume_state
 from pipelines.worker import GroupTask, run_group
+from prep.io import write_json_atomic
 
 __all__ = ["BuildError", "build_shards", "run_build", "plan_build", "reject_problem"]
 
@@ -144,7 +145,7 @@ def build_in_session(dataset: str, root: Path, options: BuildOptions, dask: Dask
     summary = {"build": build, "shards_dir": str(shards_dir), "manifests_dir": str(manifests_dir),
                "config_hash": plan.config_hash, "groups_run": len(todo), "groups_skipped": len(done_counts),
                **counts, "seconds": round(time.perf_counter() - build_started, 3)}
-    mf.write_json_atomic(manifests_dir / "build.json", {
+    write_json_atomic(manifests_dir / "build.json", {
         "build": build, "dataset": dataset, "root": str(root.resolve()), "config_hash": plan.config_hash,
         "config": options.to_dict(), "plan": plan.counts(), "counts": counts, "labels": label_counts(plan),
         "pixel_spacing": {"assume_spacing_mm": options.assume_spacing_mm,

@@ -24,8 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from prep.io import (  # noqa: F401  (re-exported: the build's writers use them through this module)
-    TMP_SUFFIX, atomic_open, remove_stray_temp_files, sha256_file, write_bytes_atomic, write_json_atomic)
+from prep.io import atomic_open, write_json_atomic
 
 TABLES = ("images", "pairs", "samples", "rejects", "shards")
 PARTS_DIR = "parts"

@@ -19,6 +19,7 @@ from pipelines import manifests as mf
 from pipelines.errors import BuildError
 from pipelines.plan import Plan, ShardGroup
 from pipelines.shards import group_of_shard_index
+from prep.io import remove_stray_temp_files, sha256_file, write_json_atomic
 
 LOCK_FILE = "build-config.json"
 
@@ -26,13 +27,13 @@ LOCK_FILE = "build-config.json"
 def write_done_marker(manifests_dir: Path, group: ShardGroup, config_hash: str, counts: dict,
                       files: dict[str, dict]) -> None:
     """The group's last write: `files` maps `shards/<rel>` or `manifests/<rel>` to {"sha256", "bytes"}."""
-    mf.write_json_atomic(mf.part_path(manifests_dir, group.name, "done"),
+    write_json_atomic(mf.part_path(manifests_dir, group.name, "done"),
                          {"config_hash": config_hash, "counts": counts, "files": files})
 
 
 def file_record(path: Path, sha256: str | None = None) -> dict:
     """A marker's entry for a file just written (`sha256` when the writer already has it)."""
-    return {"sha256": sha256 or mf.sha256_file(path), "bytes": Path(path).stat().st_size}
+    return {"sha256": sha256 or sha256_file(path), "bytes": Path(path).stat().st_size}
 
 
 def _resolve(entry: str, shards_dir: Path, manifests_dir: Path) -> Path:
@@ -55,7 +56,7 @@ def finished_counts(group: ShardGroup, config_hash: str, shards_dir: Path, manif
         if not path.is_file():
             return None
         if isinstance(recorded, str):  # a marker without sizes (older builds): compare the hash
-            if mf.sha256_file(path) != recorded:
+            if sha256_file(path) != recorded:
                 return None
         elif path.stat().st_size != recorded["bytes"]:
             return None
@@ -96,7 +97,7 @@ def check_config(plan: Plan, build: str, manifests_dir: Path) -> None:
                              f"build {build!r} in {manifests_dir} was made with config {previous.get('config_hash')}, "
                              f"this run has {plan.config_hash} (changed: {', '.join(changed) or 'inputs'}); "
                              "use --overwrite to rebuild or another --build/--out/--manifests")
-    mf.write_json_atomic(lock, {"config_hash": plan.config_hash, "build": build, "options": plan.options.to_dict()})
+    write_json_atomic(lock, {"config_hash": plan.config_hash, "build": build, "options": plan.options.to_dict()})
 
 
 def resume_state(plan: Plan, build: str, shards_dir: Path, manifests_dir: Path,
@@ -106,7 +107,7 @@ def resume_state(plan: Plan, build: str, shards_dir: Path, manifests_dir: Path,
         wipe_build(build, shards_dir, manifests_dir)
     check_config(plan, build, manifests_dir)
     for folder in (shards_dir, manifests_dir):
-        mf.remove_stray_temp_files(folder)
+        remove_stray_temp_files(folder)
     done_counts, todo = [], []
     for group in plan.groups:
         counts = finished_counts(group, plan.config_hash, shards_dir, manifests_dir)

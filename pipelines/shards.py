@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.manifests import atomic_open, sha256_file
+from prep.io import atomic_open, sha256_file
 from prep.codec import encode_patch
 from prep.errors import ContralateralError
 

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from pipelines.manifests import sha256_file
+from prep.io import sha256_file
 from prep.codec import decode_json, decode_pair
 
 

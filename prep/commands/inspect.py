@@ -27,7 +27,7 @@ def inspect(
     out: Path = typer.Option(Path("qa.png"), "--out", help="Output PNG path. Default: qa.png."),
 ) -> None:
     """Draw both breasts as stored, the canonical masks, the registered overlay and the sampled patch pairs."""
-    from pipelines.manifests import atomic_open
+    from prep.io import atomic_open
     from prep.datasets import DatasetError
     from prep.qa import QAError, load_pair, render_pair_qa
 
