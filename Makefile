@@ -16,8 +16,11 @@ STUDY_STEPS ?= 60
 STUDY_STUDIES ?= 250
 STUDY_DIR ?= study250
 STUDY_OUT ?= $(STUDY_DIR)/study
+ABLATION_STEPS ?= 300
+ABLATION_SEEDS ?= 0 1 2
+ABLATION_CURVE ?= 60 300 1000
 
-.PHONY: venv demo test bench study clean-demo
+.PHONY: venv demo test bench study ablation clean-demo
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,6 +46,14 @@ study: venv
 	$(BIN)/python -m pipelines.study --shards $(STUDY_DIR)/shards --manifests $(STUDY_DIR)/manifests \
 		--out $(STUDY_OUT) $(foreach s,$(STUDY_SEEDS),--seeds $(s)) --steps $(STUDY_STEPS) --batch-size 32 \
 		--num-workers 1 --n-boot 200 --root $(STUDY_DIR)/archive
+
+# siamese-soft with one part changed at a time (docs/RESULTS.md "Ablations"), and learning curves of
+# siamese-soft, siamese-hard and random at $(ABLATION_CURVE) steps, on the study's archive; resumes when rerun.
+ablation: venv
+	$(BIN)/python -m pipelines.demo --out $(STUDY_DIR) --studies $(STUDY_STUDIES) --seed $(DEMO_SEED) --build-only
+	$(BIN)/python -m pipelines.ablation --shards $(STUDY_DIR)/shards --manifests $(STUDY_DIR)/manifests \
+		--out $(STUDY_DIR)/ablation --steps $(ABLATION_STEPS) $(foreach s,$(ABLATION_SEEDS),--seeds $(s)) \
+		$(foreach n,$(ABLATION_CURVE),--curve-steps $(n))
 
 bench: venv
 	$(BIN)/python benchmarks/prep_bench.py

@@ -1,6 +1,6 @@
 """Do a finished siamese-soft run's soft labels carry lesion signal? The end-of-run label diagnostic.
 
-For every `runs/siamese-soft/seed<k>/` of a study folder: rebuild the method from `last.pt` (both networks
+For every siamese-soft run of a study folder (`runs/<arm>/seed<k>/`: the method and its ablation arms): rebuild the method from `last.pt` (both networks
 and their final mixtures), score the study's labelled test pairs with `train.diagnostics.LabelProbe` (the
 same code as the training loop's `--val-where` hook: centre crops, eval mode) and print, per network, the
 mixture (means, variances, weights), the share of test pairs labelled dissimilar (s < 0.5), and the ROC AUC of
@@ -49,15 +49,16 @@ def mixture_summary(extra: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--study", type=Path, required=True, help="study folder holding runs/siamese-soft/seed*/")
+    parser.add_argument("--study", type=Path, required=True, help="study folder holding runs/<arm>/seed*/")
     parser.add_argument("--manifest", required=True, help="the build's samples.parquet")
     parser.add_argument("--where", default="split == 'test' and sampling == 'grid'",
                         help="labelled pairs to score (default: the test split's grid pairs)")
     parser.add_argument("--max-pairs", type=int, default=2000)
     args = parser.parse_args()
-    runs = sorted((args.study / "runs" / "siamese-soft").glob("seed*"))
+    runs = [run for run in sorted((args.study / "runs").glob("*/seed*"))
+            if run_config(run).get("method") == "siamese-soft" and last_checkpoint(run) is not None]
     if not runs:
-        raise SystemExit(f"no siamese-soft runs under {args.study / 'runs'}")
+        raise SystemExit(f"no finished siamese-soft runs under {args.study / 'runs'}")
     pairs = None
     for run in runs:
         method, cfg, extra = rebuild(run)
@@ -66,7 +67,7 @@ def main() -> None:
                                           args.max_pairs)
             print(pairs.describe())
         record = LabelProbe(pairs, torch.device("cpu")).run(method)
-        print(json.dumps({"run": str(run), "mixtures": mixture_summary(extra),
+        print(json.dumps({"arm": run.parent.name, "seed": run.name, "mixtures": mixture_summary(extra),
                           **{k: round(v, 3) for k, v in record.items()}}))
 
 

@@ -67,6 +67,7 @@ def main(
     batch_size: int = typer.Option(32, "--batch-size", min=2, help="Pairs per step. Default: 32."),
     methods: List[str] = typer.Option(list(DEMO_METHODS), "--methods", help="Methods to train and compare."),
     workers: int = typer.Option(2, "--workers", min=0, help="Dask workers for the build. Default: 2."),
+    build_only: bool = typer.Option(False, "--build-only", help="Stop after verify: the archive and shards only (for `make ablation`)."),
 ) -> None:
     """Synthesize -> build shards -> verify -> pretrain -> evaluate -> compare, resuming finished stages."""
     from pipelines.study import StudyConfig, run_study
@@ -79,6 +80,9 @@ def main(
     build(out / "archive", out, workers)
     stage("3/4 verify shards against manifests (prep verify)")
     verify(out)
+    if build_only:
+        console.print(f"shards: {out / 'shards'}, manifests: {out / 'manifests'}; {time.perf_counter() - started:.0f} s")
+        return
     stage(f"4/4 pretrain {', '.join(methods)} ({steps} steps each), evaluate, compare")
     cfg = StudyConfig(shards=str(out / "shards"), manifests=str(out / "manifests"), out=str(out / "study"),
                       seeds=(0,), methods=tuple(methods), steps=steps, batch_size=batch_size, num_workers=1,

@@ -22,6 +22,16 @@ DEFAULT_METHODS = ("random", "siamese-soft", "siamese-hard", "simclr", "ld")
 
 
 @dataclass(frozen=True)
+class Arm:
+    """One row of a study: a method, and the knobs in which it departs from the study's budget (an ablation).
+    `name` names its folders and its row in `train compare`."""
+
+    name: str
+    method: str
+    overrides: tuple[tuple[str, object], ...] = ()
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     shards: str
     manifests: str
@@ -40,6 +50,11 @@ class StudyConfig:
     n_boot: int = 1000
     root: str | None = None  # archive for the heat map of each evaluation
     pretrain_overrides: dict = field(default_factory=dict)  # any other PretrainConfig field, same for all methods
+    arms: tuple[Arm, ...] = ()  # rows of the study; empty: one arm per method, with no overrides
+    detection_only: bool = False  # evaluate the test split's detection AUCs only (no probes): ablations
+
+    def study_arms(self) -> tuple[Arm, ...]:
+        return self.arms or tuple(Arm(m, m) for m in self.methods)
 
 
 def _manifest(cfg: StudyConfig) -> Path:
@@ -47,16 +62,17 @@ def _manifest(cfg: StudyConfig) -> Path:
     return path if path.suffix == ".parquet" else path / "samples.parquet"
 
 
-def pretrain_config(cfg: StudyConfig, method: str, seed: int):
-    """The one place the budget is set: identical for every method except `method` and `seed`."""
+def pretrain_config(cfg: StudyConfig, arm: Arm, seed: int):
+    """The one place the budget is set: identical for every arm except its method, its overrides and `seed`."""
     from train.config import PretrainConfig
 
     return PretrainConfig(
         shards=cfg.shards, manifest=str(_manifest(cfg)), where=f"split == '{cfg.train_split}'",
-        method=method, backbone=cfg.backbone, crop_px=cfg.crop_px, steps=cfg.steps, batch_size=cfg.batch_size,
+        method=arm.method, backbone=cfg.backbone, crop_px=cfg.crop_px, steps=cfg.steps, batch_size=cfg.batch_size,
         lr=cfg.lr, num_workers=cfg.num_workers, device=cfg.device, seed=seed, deterministic=True,
-        out=str(Path(cfg.out) / "runs" / method / f"seed{seed}"), progress=False, **cfg.pretrain_overrides,
-    )  # fmt: skip
+        out=str(Path(cfg.out) / "runs" / arm.name / f"seed{seed}"), progress=False,
+        tag=None if arm.name == arm.method else arm.name, **{**cfg.pretrain_overrides, **dict(arm.overrides)},
+    ).validate()  # fmt: skip
 
 
 def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
@@ -71,29 +87,33 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     from train.metrics import Bootstrap
     from train.models import ENCODER_FILE
 
-    unknown = sorted(set(cfg.methods) - set(METHODS))
+    arms = cfg.study_arms()
+    unknown = sorted({arm.method for arm in arms} - set(METHODS))
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+    configs = {(arm.name, seed): pretrain_config(cfg, arm, seed) for arm in arms for seed in cfg.seeds}  # validated up front
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "study.json", asdict(cfg))
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     done = {"pretrained": 0, "evaluated": 0, "skipped": 0}
-    for method in cfg.methods:
+    for arm in arms:
         for seed in cfg.seeds:
-            run_dir = out / "runs" / method / f"seed{seed}"
-            eval_dir = out / "evals" / method / f"seed{seed}"
+            run_dir = out / "runs" / arm.name / f"seed{seed}"
+            eval_dir = out / "evals" / arm.name / f"seed{seed}"
             if not (run_dir / ENCODER_FILE).is_file():
-                say(f"pretrain {method} seed {seed} ({cfg.steps} steps)")
-                pretrain(pretrain_config(cfg, method, seed))
+                say(f"pretrain {arm.name} seed {seed} ({cfg.steps} steps)")
+                pretrain(configs[arm.name, seed])
                 done["pretrained"] += 1
             if (eval_dir / "metrics.json").is_file():
                 done["skipped"] += 1
                 continue
-            say(f"evaluate {method} seed {seed}")
+            say(f"evaluate {arm.name} seed {seed}")
             evaluate_encoder(
-                run_dir, eval_dir, shards=cfg.shards, manifest=str(_manifest(cfg)), root=cfg.root,
-                cfg=EvalConfig(train_split=cfg.train_split, test_split=cfg.test_split, n_boot=cfg.n_boot, seed=seed),
+                run_dir, eval_dir, shards=cfg.shards, manifest=str(_manifest(cfg)),
+                root=None if cfg.detection_only else cfg.root,
+                cfg=EvalConfig(train_split=cfg.train_split, test_split=cfg.test_split, n_boot=cfg.n_boot, seed=seed,
+                               detection_only=cfg.detection_only),
                 device=device,
             )  # fmt: skip
             done["evaluated"] += 1

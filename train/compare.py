@@ -113,7 +113,8 @@ def find_evaluations(paths: list[str | Path]) -> list[Evaluation]:
         if "summary" not in metrics:
             continue  # some other tool's metrics.json
         run = metrics.get("run", {})
-        method = run.get("method") or metrics.get("encoder", {}).get("method") or "unknown"
+        # an arm's tag (an ablation of a method) names it in the table; plain runs go by their method
+        method = run.get("tag") or run.get("method") or metrics.get("encoder", {}).get("method") or "unknown"
         evals.append(Evaluation(f.parent, method, run.get("seed"), metrics))
     if not evals:
         raise CompareError("no_evaluations", f"no `train evaluate` metrics.json under {[str(p) for p in paths]}")

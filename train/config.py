@@ -109,6 +109,7 @@ class PretrainConfig:
     # run
     out: str = knob("runs/pretrain", "Run directory (checkpoints, metrics.jsonl, tb/, encoder.safetensors).", "Run", runtime=True)
     seed: int = knob(0, "Seed of initialisation, data stream and augmentation.", "Run")
+    tag: str | None = knob(None, "Name of this run's arm in `train compare` (e.g. an ablation such as soft-self-labels) [default: the method].", "Run", runtime=True)
     deterministic: bool = knob(False, "Reproducible stream per (seed, data epoch, rank, worker) and deterministic kernels; a resumed run then matches an uninterrupted one.", "Run")
     device: str = knob("auto", "auto (CUDA if present) | cpu | cuda | cuda:N.", "Run")
     precision: str = knob("auto", "auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (with GradScaler) | fp32.", "Run", choices=("auto", "bf16", "fp16", "fp32"))

@@ -45,7 +45,7 @@ MULTICLASS_TASKS = {"birads": "breast_birads_ipsi", "density": "density"}
 # score name in Embeddings.scores() -> column of scores.parquet
 SCORE_COLUMNS = {"backbone": "distance", "head": "head_distance", "pixel_l2": "pixel_l2",
                  "mean_intensity_diff": "mean_intensity_diff"}
-RUN_FIELDS = ("method", "seed", "steps", "batch_size", "backbone", "crop_px", "lr", "deterministic")
+RUN_FIELDS = ("method", "tag", "seed", "steps", "batch_size", "backbone", "crop_px", "lr", "deterministic")
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class EvalConfig:
     batch_size: int = 64
     top_pairs: int = 12
     cv_folds: int = 5
+    detection_only: bool = False  # embed the test split only: detection AUCs, no probes or kNN (ablations)
 
     @property
     def bootstrap(self) -> Bootstrap:
@@ -116,6 +117,9 @@ def _compute_metrics(emb: Embeddings, cfg: EvalConfig) -> EvaluationResult:
             curves[f"detection, {name} (test grid)"] = (lesion[grid], score[grid])
     metrics["detection"] = detection
 
+    if cfg.detection_only:
+        notes.append(f"detection only: the '{cfg.test_split}' split was embedded; probes and kNN not run")
+        return EvaluationResult(metrics, curves, probes, notes, row_scores)
     if not train.any() or not test.any():
         notes.append(f"probes skipped: need rows in both '{cfg.train_split}' and '{cfg.test_split}' splits "
                      f"(have {sorted(set(split))})")
@@ -260,9 +264,12 @@ def evaluate_encoder(
 ) -> dict:
     """Evaluate one encoder end to end: embed -> metrics -> metrics.json, scores.parquet, report.md, PNGs."""
     out = Path(out)
+    if cfg.detection_only and not manifest:
+        raise EvaluationError("bad_option", "--detection-only selects the test split from --manifest: give --manifest samples.parquet")
     try:
         backbone, meta = load_encoder(encoder, device)
-        selection = select(shards=shards, manifest=manifest, include_finding=True)
+        where = f"split == '{cfg.test_split}'" if cfg.detection_only else None
+        selection = select(shards=shards, manifest=manifest, where=where, include_finding=True)
     except (EncoderError, DataError) as exc:
         raise EvaluationError(exc.reason, exc.detail) from exc
     run = run_dir_of(encoder)

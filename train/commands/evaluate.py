@@ -24,6 +24,7 @@ def evaluate(
     knn_k: int = typer.Option(20, "--knn-k", min=1, help="Neighbours of the cosine kNN classifier. Default: 20."),
     seed: int = typer.Option(0, "--seed", help="Seed of the label subsamples, CV folds and bootstrap. Default: 0."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Pairs per forward pass. Default: 64."),
+    detection_only: bool = typer.Option(False, "--detection-only", help="Embed the test split of --manifest only: detection AUCs and pixel baselines, no probes or kNN (fast, for ablations)."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto (cuda when available). Default: auto."),
 ) -> None:
     """Probe a frozen encoder: grid-only pair-distance lesion detection AUC beside pixel baselines, linear
@@ -43,7 +44,7 @@ def evaluate(
     resolved = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     cfg = EvalConfig(
         train_split=train_split, test_split=test_split, label_fractions=tuple(label_fraction), n_boot=n_boot,
-        seed=seed, knn_k=knn_k, batch_size=batch_size,
+        seed=seed, knn_k=knn_k, batch_size=batch_size, detection_only=detection_only,
     )
     with Progress(TextColumn("embedding pairs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:

@@ -1,0 +1,175 @@
+"""`make ablation`: which parts of siamese-soft matter, and how detection grows with the training budget.
+
+    python -m pipelines.ablation --shards study250/shards --manifests study250/manifests \
+        --out study250/ablation --steps 300 --seeds 0 --curve-steps 60 --curve-steps 300 --curve-steps 1000
+
+1. Ablations: every arm of `ABLATIONS` (siamese-soft with one part of PAPER.md section 1 changed, beside
+   siamese-hard and the random init) at `--steps`, on the same shards, budget and seeds -> <out>/steps-<N>/,
+   a study folder (runs/, evals/, compare/) of `pipelines.study`.
+2. Learning curves: the `CURVE_ARMS` at every `--curve-steps` -> <out>/steps-<N>/ (the ablation's folder is
+   reused where the step counts meet, so nothing is trained twice).
+3. <out>/ablation.md: per step count and arm, the grid detection AUC with its study-level 95 % CI, the
+   paired difference from siamese-soft (Holm-corrected within that step count, `train compare`'s test) and
+   the training cost in seconds (the trainer's wall clock on this machine) and, for soft-label arms, the last
+   mixture fit: the dissimilar component's weight and the share of the bank labelled s < 0.5 (lesion pairs
+   are a few % of the training grid, so a share near 0.5 means the labels push normal pairs apart).
+
+Evaluation is detection only (the test split is embedded; no probes): the claim under test is whether the
+pair distance finds lesions. Every stage resumes: finished runs and evaluations are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, List
+
+import typer
+
+from pipelines.study import Arm, StudyConfig, run_study
+from prep.io import write_bytes_atomic
+
+REFERENCE = "siamese-soft"
+# one change each from the reference (PAPER.md section 1 and our choices in docs/ARCHITECTURE.md)
+ABLATIONS = (
+    Arm(REFERENCE, "siamese-soft"),
+    Arm("siamese-hard", "siamese-hard"),  # soft vs hard labels: s = 1 for every aligned pair
+    Arm("soft-self-labels", "siamese-soft", (("label_source", "self"),)),  # each network labels its own pairs
+    Arm("soft-one-net", "siamese-soft", (("single_net", True),)),  # one network labelling itself
+    Arm("soft-bank-1024", "siamese-soft", (("gmm_bank", 1024),)),  # the mixture sees the last 32 batches only
+    Arm("soft-no-warmup", "siamese-soft", (("label_warmup", 0.0), ("gmm_min_fill", 256))),
+    Arm("soft-warmup-0.3", "siamese-soft", (("label_warmup", 0.3),)),
+    Arm("soft-max-dissimilar-0.1", "siamese-soft", (("gmm_max_dissimilar", 0.1),)),  # asymmetry is rare
+    Arm("random", "random"),  # the seeded init: what training adds
+)
+CURVE_ARMS = (REFERENCE, "siamese-hard", "random")
+
+
+def step_folder(out: Path, steps: int) -> Path:
+    return out / f"steps-{steps}"
+
+
+def run_ablation(base: StudyConfig, steps: int, curve_steps: tuple[int, ...], arms: tuple[Arm, ...] = ABLATIONS,
+                 say: Callable[[str], None] = print) -> Path:
+    """Ablations at `steps`, then the learning-curve arms at every other step count; writes ablation.md."""
+    out = Path(base.out)
+    by_name = {arm.name: arm for arm in arms}
+    plan = {steps: arms}
+    for n in curve_steps:
+        curve = tuple(by_name[name] for name in CURVE_ARMS if name in by_name)
+        plan[n] = tuple(dict.fromkeys(plan.get(n, ()) + curve))  # union, ablation order first
+    for n in sorted(plan, key=lambda n: (n != steps, n)):  # the ablation first: it is the question asked
+        say(f"== {n} steps: {', '.join(a.name for a in plan[n])}")
+        run_study(replace(base, out=str(step_folder(out, n)), steps=n, arms=plan[n], detection_only=True), say)
+    report = out / "ablation.md"
+    write_bytes_atomic(report, ablation_report(out, sorted(plan)).encode())
+    say(f"-> {report}")
+    return report
+
+
+def _arm_rows(folder: Path) -> list[dict]:
+    """Per (arm, seed): grid detection AUC, CI, lesion studies, training seconds."""
+    rows = []
+    for metrics_file in sorted((folder / "evals").glob("*/seed*/metrics.json")):
+        metrics = json.loads(metrics_file.read_text())
+        grid = metrics["detection"]["backbone"]["grid"]
+        arm, seed = metrics_file.parent.parent.name, metrics_file.parent.name
+        run = folder / "runs" / arm / seed
+        summary_file = run / "summary.json"
+        seconds = json.loads(summary_file.read_text())["seconds"] if summary_file.is_file() else None
+        rows.append({"arm": arm, "seed": seed, "auc": grid.get("auc"), "ci": grid.get("ci"),
+                     "studies": grid.get("n_pos_studies"), "pairs": grid.get("n_pos"), "seconds": seconds,
+                     **final_mixture(run)})
+    return rows
+
+
+def final_mixture(run: Path) -> dict:
+    """The last logged mixture of network 1 (label-free training telemetry): the dissimilar component's
+    weight and the share of the bank it labels s < 0.5; {} for runs without soft labels."""
+    last = {}
+    metrics_file = run / "metrics.jsonl"
+    if metrics_file.is_file():
+        for line in metrics_file.read_text().splitlines():
+            record = json.loads(line)
+            if "gmm1_w1" in record:
+                last = record
+    if not last:
+        return {}
+    return {"w_dissimilar": last["gmm1_w1"], "bank_dissimilar": last.get("gmm1_bank_s_below_half")}
+
+
+def _paired_vs_reference(folder: Path) -> dict[str, str]:
+    """arm -> 'Δ [CI], Holm p' of the reference minus the arm on grid detection, from compare's paired.csv."""
+    import pandas as pd
+
+    paired = folder / "compare" / "paired.csv"
+    if not paired.is_file():
+        return {}
+    table = pd.read_csv(paired)
+    table = table[table["metric"] == "detection_auc_grid"]
+    out = {}
+    for row in table.itertuples():
+        if REFERENCE not in (row.a, row.b):
+            continue
+        other, sign = (row.b, 1.0) if row.a == REFERENCE else (row.a, -1.0)
+        ci = "" if pd.isna(row.ci_low) else " [{:+.3f}, {:+.3f}]".format(*sorted((sign * row.ci_low, sign * row.ci_high)))
+        p = "" if pd.isna(row.p_holm) else f", p={row.p_holm:.2g}"
+        out[other] = f"{sign * row.delta:+.3f}{ci}{p}"
+    return out
+
+
+def ablation_report(out: Path, step_counts: list[int]) -> str:
+    lines = ["# Ablations and learning curves (grid detection AUC of the backbone pair distance, test split)", "",
+             "Δ: siamese-soft minus the arm, paired on the same test pairs (study-level bootstrap; across seeds "
+             "where there are several), Holm-corrected over every test of that step count's `train compare`. "
+             "Seconds: training wall clock on this machine.", ""]
+    for n in step_counts:
+        folder = step_folder(out, n)
+        rows = _arm_rows(folder)
+        if not rows:
+            continue
+        deltas = _paired_vs_reference(folder)
+        lines += [f"## {n} steps", "",
+                  "| arm | seed | grid AUC [95 % CI] | lesion studies / pairs | Δ soft − arm | seconds "
+                  "| dissimilar weight, last fit | bank share s < 0.5 |", "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            ci = f" [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]" if r["ci"] else ""
+            auc = "n/a" if r["auc"] is None else f"{r['auc']:.3f}{ci}"
+            seconds = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
+            mixture = [f"{r[k]:.2f}" if r.get(k) is not None else "" for k in ("w_dissimilar", "bank_dissimilar")]
+            lines.append(f"| {r['arm']} | {r['seed']} | {auc} | {r['studies']} / {r['pairs']} | "
+                         f"{deltas.get(r['arm'], '')} | {seconds} | {' | '.join(mixture)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0])
+
+
+@app.command()
+def main(
+    shards: str = typer.Option(..., "--shards", help="Shard folder of the build."),
+    manifests: Path = typer.Option(..., "--manifests", help="Manifest folder of the build (or its samples.parquet)."),
+    out: Path = typer.Option(..., "--out", help="Ablation folder: steps-<N>/ study folders and ablation.md."),
+    steps: int = typer.Option(300, "--steps", min=1, help="Optimiser steps of every ablation arm. Default: 300."),
+    curve_steps: List[int] = typer.Option([60, 300, 1000], "--curve-steps", help="Step counts of the learning curves (siamese-soft, siamese-hard, random). Default: 60 300 1000."),
+    seeds: List[int] = typer.Option([0], "--seeds", help="Seeds per arm. Default: 0."),
+    arms: List[str] = typer.Option([a.name for a in ABLATIONS], "--arm", help="Arms to run, by name. Default: all of them."),
+    batch_size: int = typer.Option(32, "--batch-size", min=2, help="Pairs per step, equal for every arm. Default: 32."),
+    num_workers: int = typer.Option(1, "--num-workers", min=0, help="Loader worker processes per run. Default: 1."),
+    n_boot: int = typer.Option(200, "--n-boot", min=0, help="Study-level bootstrap resamples. Default: 200."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto. Default: auto."),
+) -> None:
+    """Run the ablation arms and learning curves; rerunning resumes."""
+    known = {a.name: a for a in ABLATIONS}
+    if unknown := sorted(set(arms) - set(known)):
+        typer.echo(f"ablation: bad_option: unknown arm(s) {unknown}; choose from {sorted(known)}", err=True)
+        raise typer.Exit(2)
+    base = StudyConfig(shards=shards, manifests=str(manifests), out=str(out), seeds=tuple(seeds),
+                       batch_size=batch_size, num_workers=num_workers, n_boot=n_boot, device=device)
+    run_ablation(base, steps, tuple(curve_steps), tuple(known[a] for a in arms))
+
+
+if __name__ == "__main__":
+    app()
