@@ -78,7 +78,7 @@ def _arm_rows(folder: Path) -> list[dict]:
         run = folder / "runs" / arm / seed
         summary_file = run / "summary.json"
         seconds = json.loads(summary_file.read_text())["seconds"] if summary_file.is_file() else None
-        rows.append({"arm": arm, "seed": seed, "auc": grid.get("auc"), "ci": grid.get("ci"),
+        rows.append({"arm": arm, "seed": seed, "auc": grid.get("auc"), "ci": grid.get("auc_ci"),
                      "studies": grid.get("n_pos_studies"), "pairs": grid.get("n_pos"), "seconds": seconds,
                      **final_mixture(run)})
     return rows

@@ -45,7 +45,7 @@ def test_ablation_runs_each_arm_once_and_tabulates_them(tmp_path, tiny_trainer):
     assert "## 2 steps" in text and "## 4 steps" in text
     row = next(line for line in text.splitlines() if line.startswith("| soft-self-labels | seed0 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[2].startswith(("0.", "1.")) and cells[4].startswith(("+", "-")) and float(cells[5]) >= 0
+    assert cells[2].startswith(("0.", "1.")) and "[" in cells[2] and cells[4].startswith(("+", "-")) and float(cells[5]) >= 0
 
     said.clear()
     run_ablation(base, steps=2, curve_steps=(2, 4), arms=arms, say=said.append)  # resumes: nothing to do
