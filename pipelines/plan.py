@@ -161,14 +161,9 @@ def reject_row(record: ImageRecord, reason: str, detail: str, level: str, stage:
 
 
 def image_reject_reason(record: ImageRecord, assume_spacing_mm: float | None = None) -> tuple[str, str] | None:
-    """Why this image cannot be used on its own, from its header and labels; None when it can.
-
-    `no_pixel_spacing` is the header check's last test (`prep.decode.check_supported`), so with an assumed
-    spacing such an image passed every other one.
-    """
-    spacing_supplied = record.header_error == "no_pixel_spacing" and assume_spacing_mm is not None
-    if record.header_error and not spacing_supplied:
-        return record.header_error, record.header_detail or ""
+    """Why this image cannot be used on its own, from its header and labels; None when it can."""
+    if refusal := record.header_refusal(assume_spacing_mm):
+        return refusal, record.header_detail or ""
     if record.laterality not in LATERALITIES:
         return "unknown_laterality", f"laterality {record.laterality!r}"
     if record.view not in VIEWS:

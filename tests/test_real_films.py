@@ -72,7 +72,7 @@ def test_with_an_assumed_spacing_four_registered_pairs_verify(built):
     assert verify.exit_code == 0, verify.output
 
 
-def test_pretrain_and_evaluate_run_on_the_real_film_shards(built, tmp_path):
+def test_pretrain_and_evaluate_run_on_the_real_film_shards(built, films, tmp_path):
     from train.cli import app as train_app
     from train.config import PretrainConfig
     from train.loop import pretrain
@@ -86,11 +86,15 @@ def test_pretrain_and_evaluate_run_on_the_real_film_shards(built, tmp_path):
     result = CliRunner().invoke(train_app, ["evaluate", "--encoder", str(run), "--manifest",
                                             str(built / "manifests" / "samples.parquet"), "--shards",
                                             str(built / "shards"), "--out", str(out), "--n-boot", "50",
-                                            "--device", "cpu"])
+                                            "--device", "cpu", "--root", str(films), "--dataset", "cbis-ddsm",
+                                            "--assume-spacing-mm", "0.05", "--heatmap-study", "P_00820"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     n_samples = len(pd.read_parquet(built / "manifests" / "samples.parquet"))
     assert metrics["data"]["n_samples"] == n_samples > 0
+    # the heat map reads the archive itself, so it needs the same assumed spacing as the build
+    heatmap_note = next(n for n in metrics["notes"] if n.startswith("heat map"))
+    assert "pixel spacing assumed 0.05 mm" in heatmap_note and (out / "heatmap.png").is_file()
 
 
 def test_prep_inspect_draws_a_real_pair_only_with_an_assumed_spacing(films, tmp_path):

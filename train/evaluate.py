@@ -257,6 +257,7 @@ def evaluate_encoder(
     dataset: str = "vindr",
     heatmap_study: str | None = None,
     heatmap_patches: int = 256,
+    assume_spacing_mm: float | None = None,
     cfg: EvalConfig = EvalConfig(),
     device: str = "cpu",
     on_batch: Callable[[int], None] | None = None,
@@ -284,7 +285,7 @@ def evaluate_encoder(
     heatmap = None
     if root:
         heatmap, note = study_heatmap(backbone, root, meta, dataset, heatmap_study, heatmap_patches,
-                                      cfg.batch_size, device, cfg.test_split)
+                                      cfg.batch_size, device, cfg.test_split, assume_spacing_mm)
         notes.append(f"heat map: {note}")
     else:
         notes.append("heat map skipped: give --root ARCHIVE to map pair distance over a whole breast")

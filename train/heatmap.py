@@ -14,7 +14,7 @@ import numpy as np
 from prep.config import PrepConfig
 from prep.datasets import get_adapter
 from prep.decode import UnsupportedImage, decode_dicom, read_dicom
-from prep.pairs import ImageInput, canonicalise, located_findings, process_pair
+from prep.pairs import canonicalise, image_input, located_findings, process_pair
 from prep.patches import top_left
 from train.embed import EvalSample, embed_pairs
 
@@ -44,7 +44,7 @@ def coverage_mean(shape: tuple[int, int], corners: np.ndarray, patch_px: int, va
         return np.where(count > 0, total / count, np.nan)
 
 
-def pick_study(records, study_id: str | None, test_split: str):
+def pick_study(records, study_id: str | None, test_split: str, assumed_spacing_mm: float | None = None):
     """(study, view, L record, R record, lesion side): the requested study or the first usable test study with a
     located finding."""
     by_pair: dict[tuple[str, str], dict[str, object]] = {}
@@ -52,7 +52,7 @@ def pick_study(records, study_id: str | None, test_split: str):
         by_pair.setdefault((r.study_id, r.view), {})[r.laterality] = r
     # both sides present, and neither refused by its header check (FOR PROCESSING, unreadable, ...) or flagged
     usable = [(k, v) for k, v in by_pair.items()
-              if set(v) >= {"L", "R"} and not any(v[s].header_error or v[s].flags for s in "LR")]
+              if set(v) >= {"L", "R"} and not any(v[s].header_refusal(assumed_spacing_mm) or v[s].flags for s in "LR")]
     if study_id is not None:
         candidates = [(k, v) for k, v in usable if k[0] == study_id]
     else:  # a lesion with a box: a breast-level label alone says nowhere to look
@@ -75,10 +75,13 @@ def study_heatmap(
     batch_size: int = 64,
     device="cpu",
     test_split: str = "test",
+    assumed_spacing_mm: float | None = None,
 ) -> tuple[Heatmap | None, str]:
     """Cut a dense grid of registered pairs over one study with a lesion (prep's own functions) and
-    map the pair distance over the lesion-side canonical breast. Returns (heatmap or None, note)."""
-    picked = pick_study(get_adapter(dataset)(root).images(), study_id, test_split)
+    map the pair distance over the lesion-side canonical breast. Returns (heatmap or None, note).
+    `assumed_spacing_mm`: for archives whose headers carry no pixel spacing (CBIS-DDSM), as `prep build-shards
+    --assume-spacing-mm`; the note says it was assumed."""
+    picked = pick_study(get_adapter(dataset)(root).images(), study_id, test_split, assumed_spacing_mm)
     if picked is None:
         return None, f"no study with both breasts{' and a finding' if study_id is None else ''} in {root}"
     study, view, left_rec, right_rec, lesion_side = picked
@@ -92,11 +95,7 @@ def study_heatmap(
     inputs = {}
     try:
         for rec in (left_rec, right_rec):
-            decoded = decode_dicom(read_dicom(rec.path))
-            inputs[rec.laterality] = ImageInput(
-                rec.image_id, rec.laterality, rec.view, decoded, rec.findings,
-                rec.breast_birads, rec.breast_density, rec.study_id,
-            )
+            inputs[rec.laterality] = image_input(rec, decode_dicom(read_dicom(rec.path), assumed_spacing_mm=assumed_spacing_mm))
     except UnsupportedImage as exc:
         return None, f"study {study} {view}: {exc}"
     result = process_pair(inputs["L"], inputs["R"], cfg, seed=0)
@@ -113,6 +112,7 @@ def study_heatmap(
     corners = top_left(centres, cfg.patch_px)
     dmap = coverage_mean(canon.image.shape, corners, cfg.patch_px, emb.distance)
     dmap[~canon.mask] = np.nan
+    assumed = "" if assumed_spacing_mm is None else f" (pixel spacing assumed {assumed_spacing_mm} mm where the header has none)"
     return Heatmap(study, view, lesion_side, canon.image, dmap, canon.boxes, len(samples)), (
-        f"study {study} {view}, {lesion_side} breast: {len(samples)} grid pairs"
+        f"study {study} {view}, {lesion_side} breast: {len(samples)} grid pairs{assumed}"
     )

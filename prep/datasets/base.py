@@ -49,6 +49,13 @@ class ImageRecord:
     # disagreements between the labels and the header: laterality_disagreement, view_disagreement, shape_mismatch
     flags: list[str] = field(default_factory=list)
 
+    def header_refusal(self, assume_spacing_mm: float | None = None) -> str | None:
+        """The header check's refusal of this image, or None. `no_pixel_spacing` is the check's last test
+        (`prep.decode.check_supported`), so with an assumed spacing such an image passed every other one."""
+        if self.header_error == "no_pixel_spacing" and assume_spacing_mm is not None:
+            return None
+        return self.header_error
+
     def to_dict(self) -> dict:
         return asdict(self)
 

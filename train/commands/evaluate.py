@@ -17,6 +17,7 @@ def evaluate(
     dataset: str = typer.Option("vindr", "--dataset", help="Dataset adapter of --root (prep.datasets). Default: vindr."),
     heatmap_study: Optional[str] = typer.Option(None, "--heatmap-study", help="Study id for the heat map. Default: the first test study with a finding."),
     heatmap_patches: int = typer.Option(256, "--heatmap-patches", min=4, help="Grid pairs cut over the heat-map breast. Default: 256."),
+    assume_spacing_mm: Optional[float] = typer.Option(None, "--assume-spacing-mm", min=0.001, help="Heat map only: pixel spacing (mm) for --root images whose header has none (CBIS-DDSM), as for prep build-shards; the report notes it was assumed. Default: none (such images are refused)."),
     train_split: str = typer.Option("training", "--train-split", help="Split the probes are fitted on. Default: training."),
     test_split: str = typer.Option("test", "--test-split", help="Split the probes and detection are scored on. Default: test."),
     label_fraction: List[float] = typer.Option([0.01, 0.1, 1.0], "--label-fraction", help="Fractions of the training labels for the abnormal probe (repeatable). Default: 0.01 0.1 1.0."),
@@ -53,7 +54,7 @@ def evaluate(
             metrics = evaluate_encoder(
                 encoder, out, shards=shards, manifest=str(manifest) if manifest else None,
                 root=str(root) if root else None, dataset=dataset, heatmap_study=heatmap_study,
-                heatmap_patches=heatmap_patches, cfg=cfg, device=resolved,
+                heatmap_patches=heatmap_patches, assume_spacing_mm=assume_spacing_mm, cfg=cfg, device=resolved,
                 on_batch=lambda n: progress.advance(task, n),
                 on_total=lambda total: progress.update(task, total=total),
             )
