@@ -68,19 +68,24 @@ def run_ablation(base: StudyConfig, steps: int, curve_steps: tuple[int, ...], ar
     return report
 
 
+SCORES = {"backbone": "detection_auc_grid", "head": "detection_auc_grid_head"}  # score -> compare's metric
+
+
 def _arm_rows(folder: Path) -> list[dict]:
-    """Per (arm, seed): grid detection AUC, CI, lesion studies, training seconds."""
+    """Per (arm, seed): grid detection AUC and study-level CI of each score, training seconds, last mixture."""
     rows = []
     for metrics_file in sorted((folder / "evals").glob("*/seed*/metrics.json")):
         metrics = json.loads(metrics_file.read_text())
-        grid = metrics["detection"]["backbone"]["grid"]
         arm, seed = metrics_file.parent.parent.name, metrics_file.parent.name
         run = folder / "runs" / arm / seed
         summary_file = run / "summary.json"
-        seconds = json.loads(summary_file.read_text())["seconds"] if summary_file.is_file() else None
-        rows.append({"arm": arm, "seed": seed, "auc": grid.get("auc"), "ci": grid.get("auc_ci"),
-                     "studies": grid.get("n_pos_studies"), "pairs": grid.get("n_pos"), "seconds": seconds,
-                     **final_mixture(run)})
+        row = {"arm": arm, "seed": seed, "seconds": json.loads(summary_file.read_text())["seconds"]
+               if summary_file.is_file() else None, **final_mixture(run)}
+        for score in SCORES:
+            grid = metrics["detection"].get(score, {}).get("grid", {})
+            row[score] = (grid.get("auc"), grid.get("auc_ci"))
+            row.setdefault("positives", (grid.get("n_pos_studies"), grid.get("n_pos")))
+        rows.append(row)
     return rows
 
 
@@ -99,47 +104,67 @@ def final_mixture(run: Path) -> dict:
     return {"w_dissimilar": last["gmm1_w1"], "bank_dissimilar": last.get("gmm1_bank_s_below_half")}
 
 
-def _paired_vs_reference(folder: Path) -> dict[str, str]:
-    """arm -> 'Δ [CI], Holm p' of the reference minus the arm on grid detection, from compare's paired.csv."""
+def _paired_vs_reference(folder: Path) -> dict[tuple[str, str], str]:
+    """(arm, score) -> 'Δ [CI], Holm p' of the reference minus the arm, from `train compare`'s paired.csv."""
     import pandas as pd
 
     paired = folder / "compare" / "paired.csv"
     if not paired.is_file():
         return {}
     table = pd.read_csv(paired)
-    table = table[table["metric"] == "detection_auc_grid"]
     out = {}
-    for row in table.itertuples():
-        if REFERENCE not in (row.a, row.b):
-            continue
-        other, sign = (row.b, 1.0) if row.a == REFERENCE else (row.a, -1.0)
-        ci = "" if pd.isna(row.ci_low) else " [{:+.3f}, {:+.3f}]".format(*sorted((sign * row.ci_low, sign * row.ci_high)))
-        p = "" if pd.isna(row.p_holm) else f", p={row.p_holm:.2g}"
-        out[other] = f"{sign * row.delta:+.3f}{ci}{p}"
+    for score, metric in SCORES.items():
+        for row in table[table["metric"] == metric].itertuples():
+            if REFERENCE not in (row.a, row.b):
+                continue
+            other, sign = (row.b, 1.0) if row.a == REFERENCE else (row.a, -1.0)
+            ci = "" if pd.isna(row.ci_low) else " [{:+.3f}, {:+.3f}]".format(*sorted((sign * row.ci_low, sign * row.ci_high)))
+            p = "" if pd.isna(row.p_holm) else f", p={row.p_holm:.2g}"
+            out[other, score] = f"{sign * row.delta:+.3f}{ci}{p}"
     return out
 
 
+def _mean(values: list, digits: int = 2) -> str:
+    values = [v for v in values if v is not None]
+    return f"{sum(values) / len(values):.{digits}f}" if values else ""
+
+
+def _auc(value: tuple) -> str:
+    auc, ci = value
+    return "n/a" if auc is None else f"{auc:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
 def ablation_report(out: Path, step_counts: list[int]) -> str:
-    lines = ["# Ablations and learning curves (grid detection AUC of the backbone pair distance, test split)", "",
-             "Δ: siamese-soft minus the arm, paired on the same test pairs (study-level bootstrap; across seeds "
-             "where there are several), Holm-corrected over every test of that step count's `train compare`. "
-             "Seconds: training wall clock on this machine.", ""]
+    lines = ["# Ablations and learning curves: grid detection AUC of label-free pair distances (test split)", "",
+             "Per arm, over its seeds: the mean grid detection AUC of the backbone and of the projection-head "
+             "distance, and Δ = siamese-soft minus the arm, paired on the same test pairs (`train compare`'s test: "
+             "study-level bootstrap, plus the spread over seeds where there are several; 95 % CI; p Holm-corrected "
+             "over every test of that step count). Seconds: mean training wall clock on this machine. Dissimilar "
+             "weight and bank share s < 0.5: network 1's last mixture fit, soft-label arms only (lesion pairs are "
+             "a few % of the training grid, so a share far above that means the labels push normal pairs apart).",
+             ""]
     for n in step_counts:
         folder = step_folder(out, n)
         rows = _arm_rows(folder)
         if not rows:
             continue
         deltas = _paired_vs_reference(folder)
-        lines += [f"## {n} steps", "",
-                  "| arm | seed | grid AUC [95 % CI] | lesion studies / pairs | Δ soft − arm | seconds "
-                  "| dissimilar weight, last fit | bank share s < 0.5 |", "|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            ci = f" [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]" if r["ci"] else ""
-            auc = "n/a" if r["auc"] is None else f"{r['auc']:.3f}{ci}"
-            seconds = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
-            mixture = [f"{r[k]:.2f}" if r.get(k) is not None else "" for k in ("w_dissimilar", "bank_dissimilar")]
-            lines.append(f"| {r['arm']} | {r['seed']} | {auc} | {r['studies']} / {r['pairs']} | "
-                         f"{deltas.get(r['arm'], '')} | {seconds} | {' | '.join(mixture)} |")
+        studies, pairs = rows[0]["positives"]
+        lines += [f"## {n} steps ({studies} lesion studies / {pairs} lesion pairs in the test grid)", "",
+                  "| arm | seeds | backbone AUC | Δ soft − arm, backbone | head AUC | Δ soft − arm, head | seconds "
+                  "| dissimilar weight | bank share s < 0.5 |", "|---|---|---|---|---|---|---|---|---|"]
+        arms = list(dict.fromkeys(r["arm"] for r in rows))
+        for arm in sorted(arms, key=lambda a: (a != REFERENCE, a)):
+            mine = [r for r in rows if r["arm"] == arm]
+            cells = [arm, str(len(mine))]
+            for score in SCORES:
+                cells += [_mean([r[score][0] for r in mine], 3) or "n/a", deltas.get((arm, score), "")]
+            cells += [_mean([r["seconds"] for r in mine], 0) or "—",
+                      _mean([r.get("w_dissimilar") for r in mine]), _mean([r.get("bank_dissimilar") for r in mine])]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "Each evaluation with its study-level 95 % CI:", "",
+                  "| arm | seed | backbone AUC [95 % CI] | head AUC [95 % CI] |", "|---|---|---|---|"]
+        lines += [f"| {r['arm']} | {r['seed']} | {_auc(r['backbone'])} | {_auc(r['head'])} |" for r in rows]
         lines.append("")
     return "\n".join(lines)
 
