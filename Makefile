@@ -47,7 +47,7 @@ study: venv
 		--out $(STUDY_OUT) $(foreach s,$(STUDY_SEEDS),--seeds $(s)) --steps $(STUDY_STEPS) --batch-size 32 \
 		--num-workers 1 --n-boot 200 --root $(STUDY_DIR)/archive
 
-# siamese-soft with one part changed at a time (docs/RESULTS.md "Ablations"), and learning curves of
+# siamese-soft with one part changed at a time (docs/RESULTS.md "Ablations"), SimCLR and LD at the same budget, and learning curves of
 # siamese-soft, siamese-hard and random at $(ABLATION_CURVE) steps, on the study's archive; resumes when rerun.
 ablation: venv
 	$(BIN)/python -m pipelines.demo --out $(STUDY_DIR) --studies $(STUDY_STUDIES) --seed $(DEMO_SEED) --build-only

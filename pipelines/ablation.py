@@ -4,8 +4,8 @@
         --out study250/ablation --steps 300 --seeds 0 --curve-steps 60 --curve-steps 300 --curve-steps 1000
 
 1. Ablations: every arm of `ABLATIONS` (siamese-soft with one part of PAPER.md section 1 changed, beside
-   siamese-hard and the random init) at `--steps`, on the same shards, budget and seeds -> <out>/steps-<N>/,
-   a study folder (runs/, evals/, compare/) of `pipelines.study`.
+   siamese-hard and the random init), then SimCLR and LD, at `--steps`, on the same shards, budget and seeds
+   -> <out>/steps-<N>/, a study folder (runs/, evals/, compare/) of `pipelines.study`.
 2. Learning curves: the `CURVE_ARMS` at every `--curve-steps` -> <out>/steps-<N>/ (the ablation's folder is
    reused where the step counts meet, so nothing is trained twice).
 3. <out>/ablation.md: per step count and arm, the grid detection AUC with its study-level 95 % CI, the
@@ -31,18 +31,24 @@ from pipelines.study import Arm, StudyConfig, run_study
 from prep.io import write_bytes_atomic
 
 REFERENCE = "siamese-soft"
-# one change each from the reference (PAPER.md section 1 and our choices in docs/ARCHITECTURE.md)
+# one change each from the reference (PAPER.md section 1 and our choices in docs/ARCHITECTURE.md), in the
+# order they run: the comparisons the question rests on first
 ABLATIONS = (
     Arm(REFERENCE, "siamese-soft"),
     Arm("siamese-hard", "siamese-hard"),  # soft vs hard labels: s = 1 for every aligned pair
-    Arm("soft-self-labels", "siamese-soft", (("label_source", "self"),)),  # each network labels its own pairs
-    Arm("soft-one-net", "siamese-soft", (("single_net", True),)),  # one network labelling itself
-    Arm("soft-bank-1024", "siamese-soft", (("gmm_bank", 1024),)),  # the mixture sees the last 32 batches only
-    Arm("soft-no-warmup", "siamese-soft", (("label_warmup", 0.0), ("gmm_min_fill", 256))),
-    Arm("soft-warmup-0.3", "siamese-soft", (("label_warmup", 0.3),)),
     Arm("soft-max-dissimilar-0.1", "siamese-soft", (("gmm_max_dissimilar", 0.1),)),  # asymmetry is rare
     Arm("random", "random"),  # the seeded init: what training adds
+    Arm("soft-one-net", "siamese-soft", (("single_net", True),)),  # one network labelling itself
+    # each network labels its own pairs; with --agreement 0 (the default) network 1 then trains exactly as
+    # soft-one-net does, which the table shows (a check of determinism, at twice the cost)
+    Arm("soft-self-labels", "siamese-soft", (("label_source", "self"),)),
+    Arm("soft-warmup-0.3", "siamese-soft", (("label_warmup", 0.3),)),
+    Arm("soft-no-warmup", "siamese-soft", (("label_warmup", 0.0), ("gmm_min_fill", 256))),
+    Arm("soft-bank-1024", "siamese-soft", (("gmm_bank", 1024),)),  # the mixture sees the last 32 batches only
 )
+# the other methods at the same budget: what the Siamese family is up against
+OTHER_METHODS = (Arm("simclr", "simclr"), Arm("ld", "ld"))
+ALL_ARMS = ABLATIONS + OTHER_METHODS
 CURVE_ARMS = (REFERENCE, "siamese-hard", "random")
 
 
@@ -50,7 +56,7 @@ def step_folder(out: Path, steps: int) -> Path:
     return out / f"steps-{steps}"
 
 
-def run_ablation(base: StudyConfig, steps: int, curve_steps: tuple[int, ...], arms: tuple[Arm, ...] = ABLATIONS,
+def run_ablation(base: StudyConfig, steps: int, curve_steps: tuple[int, ...], arms: tuple[Arm, ...] = ALL_ARMS,
                  say: Callable[[str], None] = print) -> Path:
     """Ablations at `steps`, then the learning-curve arms at every other step count; writes ablation.md."""
     out = Path(base.out)
@@ -180,14 +186,14 @@ def main(
     steps: int = typer.Option(300, "--steps", min=1, help="Optimiser steps of every ablation arm. Default: 300."),
     curve_steps: List[int] = typer.Option([60, 300, 1000], "--curve-steps", help="Step counts of the learning curves (siamese-soft, siamese-hard, random). Default: 60 300 1000."),
     seeds: List[int] = typer.Option([0], "--seeds", help="Seeds per arm. Default: 0."),
-    arms: List[str] = typer.Option([a.name for a in ABLATIONS], "--arm", help="Arms to run, by name. Default: all of them."),
+    arms: List[str] = typer.Option([a.name for a in ALL_ARMS], "--arm", help="Arms to run, by name (repeatable). Default: every ablation, then simclr and ld."),
     batch_size: int = typer.Option(32, "--batch-size", min=2, help="Pairs per step, equal for every arm. Default: 32."),
     num_workers: int = typer.Option(1, "--num-workers", min=0, help="Loader worker processes per run. Default: 1."),
     n_boot: int = typer.Option(200, "--n-boot", min=0, help="Study-level bootstrap resamples. Default: 200."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto. Default: auto."),
 ) -> None:
     """Run the ablation arms and learning curves; rerunning resumes."""
-    known = {a.name: a for a in ABLATIONS}
+    known = {a.name: a for a in ALL_ARMS}
     if unknown := sorted(set(arms) - set(known)):
         typer.echo(f"ablation: bad_option: unknown arm(s) {unknown}; choose from {sorted(known)}", err=True)
         raise typer.Exit(2)
