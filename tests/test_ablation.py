@@ -50,7 +50,7 @@ def test_ablation_runs_each_arm_once_and_tabulates_them(tmp_path, tiny_trainer):
 
     # per arm: mean AUC, the paired difference from siamese-soft with its CI, the training seconds
     arm = cells("| soft-self-labels | 1 |")
-    assert 0 <= float(arm[2]) <= 1 and arm[3].startswith(("+", "-")) and "[" in arm[3] and float(arm[6]) > 0
+    assert 0 <= float(arm[2]) <= 1 and arm[3].startswith(("+", "-")) and "[" in arm[3] and float(arm[6]) >= 0
     assert cells("| random | 1 |")[6] == "—"  # the seeded init is not trained
     # per evaluation: the study-level CI
     assert "[" in cells("| soft-self-labels | seed0 |")[2]
