@@ -142,3 +142,132 @@ def test_bounded_dissimilar_weight_holds_and_keeps_the_split():
     assert free.weights[1].item() == pytest.approx(0.4, abs=0.02)
     assert bounded.weights[1].item() == pytest.approx(0.1) and bounded.weights.sum().item() == pytest.approx(1.0)
     assert bounded.means[0].item() < 0.5 < bounded.means[1].item()
+
+
+# ---------------------------------------------------------------- mixture modes (issue 19): free | anchored | map
+
+N_MODES = 5000
+CROSS_STUDY = (1.2, 0.1)  # mean, sd of the shuffled-pair (another woman's) distances in these samples
+
+
+def _lesion_free_samples():
+    """Right-skewed, single-peaked aligned-pair distances without any outlier (the free EM splits these)."""
+    g = torch.Generator().manual_seed(11)
+    gamma6 = torch.distributions.Gamma(torch.tensor(6.0, dtype=torch.float64), torch.tensor(20.0, dtype=torch.float64))
+    torch.manual_seed(11)  # Gamma.sample draws from the global RNG
+    return {
+        "gamma6": gamma6.sample((N_MODES,)),  # mean 0.3
+        "lognormal0.35": 0.3 * torch.exp(0.35 * torch.randn(N_MODES, generator=g, dtype=torch.float64)),
+    }
+
+
+def _cross_study(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return CROSS_STUDY[0] + CROSS_STUDY[1] * torch.randn(n, generator=g, dtype=torch.float64)
+
+
+def _fitted(mode, aligned, negatives, refits=30):
+    """The issue's protocol: a bank of the sample, 30 warm-started refits of 10 EM iterations each."""
+    lab = SoftLabeler(N_MODES, "bank", DEFAULTS.gmm_refit_every, 10, DEFAULTS.gmm_var_floor, DEFAULTS.gmm_min_sep,
+                      min_fill=4, mode=mode, prior_prevalence=DEFAULTS.gmm_prior_prevalence)  # fmt: skip
+    lab.observe(aligned, negatives)
+    for _ in range(refits):
+        lab.maybe_refit(step=0, force=True)
+    return lab
+
+
+@pytest.mark.parametrize("sample", ["gamma6", "lognormal0.35"])
+def test_without_outliers_anchored_and_map_keep_the_weight_where_free_splits_the_bulk(sample):
+    aligned = _lesion_free_samples()[sample]
+    negatives = _cross_study(N_MODES, seed=12)
+    weight = {}
+    for mode in ("free", "anchored", "map"):
+        lab = _fitted(mode, aligned, negatives if mode == "anchored" else None)
+        weight[mode] = lab.mixture.weights[1].item()
+        assert lab.stats("g_")["g_w1"].item() == weight[mode]  # the logged dissimilar weight is the fit's
+    prior = DEFAULTS.gmm_prior_prevalence
+    assert weight["anchored"] < 0.05
+    assert abs(weight["map"] - prior) < 0.05
+    assert weight["free"] > max(weight["anchored"], weight["map"]) + 0.15  # the free EM takes a share of the bulk
+
+
+@pytest.mark.parametrize("mode", ["free", "anchored", "map"])
+def test_outliers_at_the_cross_study_distance_are_labelled_dissimilar_in_every_mode(mode):
+    bulk = _lesion_free_samples()["gamma6"]
+    planted = _cross_study(N_MODES * 3 // 100, seed=13)  # 3 % of the aligned pairs as far apart as two different women
+    aligned = torch.cat([bulk[: N_MODES - planted.numel()], planted])
+    lab = _fitted(mode, aligned, _cross_study(N_MODES, seed=12) if mode == "anchored" else None)
+    assert lab.labels(planted).max().item() < 0.5
+    assert (lab.labels(bulk) < 0.5).double().mean().item() < 0.05  # and the bulk stays similar
+    assert lab.stats("g_")["g_bank_s_below_half"].item() == pytest.approx(
+        (lab.labels(aligned) < 0.5).double().mean().item())
+
+
+def test_anchored_weight_grows_only_with_aligned_pairs_at_cross_study_distances():
+    bulk = _lesion_free_samples()["lognormal0.35"]
+    negatives = _cross_study(N_MODES, seed=12)
+    weights = []
+    for share in (0.0, 0.1, 0.3):
+        k = int(share * N_MODES)
+        weights.append(_fitted("anchored", torch.cat([bulk[k:], _cross_study(k, seed=14)]), negatives).mixture.weights[1].item())
+    assert weights[0] < 0.01
+    assert weights[1] == pytest.approx(0.1, abs=0.02) and weights[2] == pytest.approx(0.3, abs=0.02)
+
+
+@pytest.mark.parametrize("mode", ["anchored", "map"])
+def test_posterior_of_the_new_modes_is_non_increasing_in_d(mode):
+    # negatives with two modes, one below the aligned bulk's far tail: the raw anchored posterior is not monotone
+    g = torch.Generator().manual_seed(15)
+    negatives = torch.cat([0.9 + 0.03 * torch.randn(2000, generator=g), 1.4 + 0.1 * torch.randn(8000, generator=g)])
+    aligned = torch.cat([0.3 + 0.1 * torch.randn(9500, generator=g), 1.0 + 0.1 * torch.randn(500, generator=g)])
+    lab = _fitted(mode, aligned.double(), negatives.double() if mode == "anchored" else None, refits=3)
+    d = torch.linspace(0.0, 4.0, 4001, dtype=torch.float64)
+    s = lab.labels(d)
+    assert bool((s[1:] <= s[:-1]).all()) and s[0].item() > 0.99 and s[-1].item() < 0.01
+
+
+def test_map_weight_moves_from_the_prior_towards_the_data_with_the_strength():
+    bulk = _lesion_free_samples()["gamma6"]
+    k = int(0.2 * N_MODES)  # a real 20 % of far pairs
+    aligned = torch.cat([bulk[k:], _cross_study(k, seed=16)])
+    weights = []
+    for strength in (0.0, N_MODES, 100 * N_MODES):
+        lab = SoftLabeler(N_MODES, "bank", 10, 10, 1e-4, 1e-2, 4, mode="map", prior_prevalence=0.03,
+                          prior_strength=strength)  # fmt: skip
+        lab.observe(aligned)
+        for _ in range(30):
+            lab.maybe_refit(step=0, force=True)
+        weights.append(lab.mixture.weights[1].item())
+        assert lab.mixture.variances[0].item() == lab.mixture.variances[1].item()  # tied
+    assert weights[0] == pytest.approx(0.2, abs=0.01)  # no prior: the data's share
+    assert weights[1] == pytest.approx((0.2 + 0.03) / 2, abs=0.01)  # strength = bank: halfway
+    assert weights[2] == pytest.approx(0.03, abs=0.01)
+
+
+def test_anchored_labeller_checkpoint_round_trip_and_scope():
+    g = torch.Generator().manual_seed(17)
+    lab = SoftLabeler(64, "bank", 10, 10, 1e-4, 1e-2, 8, mode="anchored")
+    for _ in range(5):  # the rings wrap
+        lab.observe(0.3 + 0.05 * torch.randn(20, generator=g), 1.2 + 0.1 * torch.randn(20, generator=g))
+    assert lab.maybe_refit(step=0, force=True)
+    twin = SoftLabeler(64, "bank", 10, 10, 1e-4, 1e-2, 8, mode="anchored")
+    twin.load_state_dict(lab.state_dict())
+    d = torch.linspace(0, 2, 101, dtype=torch.float64)
+    assert torch.equal(twin.labels(d), lab.labels(d))
+    assert torch.equal(twin.neg_bank.in_push_order(), lab.neg_bank.in_push_order())
+    more = (0.3 + 0.05 * torch.randn(20, generator=g), 1.2 + 0.1 * torch.randn(20, generator=g))
+    for labeler in (lab, twin):  # the restored labeller continues exactly like the original
+        labeler.observe(*more)
+        labeler.maybe_refit(step=0, force=True)
+    assert torch.equal(twin.mixture.as_tensor(), lab.mixture.as_tensor()) and torch.equal(twin.labels(d), lab.labels(d))
+    smaller = SoftLabeler(16, "bank", 10, 10, 1e-4, 1e-2, 8, mode="anchored")
+    smaller.load_state_dict(lab.state_dict())  # a forced resume with a smaller bank keeps the newest negatives
+    assert torch.equal(smaller.neg_bank.in_push_order(), lab.neg_bank.in_push_order()[-16:])
+    with pytest.raises(ValueError, match="another --gmm-mode"):
+        twin.load_state_dict(_labeler(64).state_dict())
+    with pytest.raises(ValueError, match="shuffled-pair distances"):
+        lab.observe(torch.rand(4))
+    batch = SoftLabeler(64, "batch", 10, 10, 1e-4, 1e-2, 8, mode="anchored")
+    batch.observe(torch.rand(8), torch.full((8,), 5.0))
+    batch.observe(torch.rand(8), torch.full((8,), 1.0))
+    assert batch.neg_bank.contents().max().item() == 1.0  # the negative bank follows the scope

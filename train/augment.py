@@ -1,9 +1,10 @@
 """Augmentations as small pure functions.
 
 Geometry runs on uint16 NumPy patches in the loader workers, identically for both members of a pair
-so the registration that aligned them is not undone. Intensity (gamma, noise) and the per-image views
-of single-image methods run on the device on float tensors in [0, 1]; they draw from the device's
-global torch RNG (or an explicit generator), whose state every checkpoint saves, so resumes replay them.
+so the registration that aligned them is not undone. Intensity (gamma, noise; per image, or per pair with
+`--pair-photometric shared`) and the per-image views of single-image methods run on the device on float
+tensors in [0, 1]; they draw from the device's global torch RNG (or an explicit generator), whose state
+every checkpoint saves, so resumes replay them.
 """
 
 from __future__ import annotations
@@ -51,27 +52,51 @@ def pair_geometry(
     return np.ascontiguousarray(ipsi), np.ascontiguousarray(contra)
 
 
+def draw_gamma(like: torch.Tensor, gen: torch.Generator | None, max_log_gamma: float) -> torch.Tensor:
+    """One gamma per image of `like`, shape (n, 1, 1, 1): log g ~ U(-max_log_gamma, max_log_gamma)."""
+    u = torch.rand((like.shape[0], 1, 1, 1), generator=gen, device=like.device, dtype=like.dtype)
+    return torch.exp((2 * u - 1) * max_log_gamma)
+
+
+def draw_noise(like: torch.Tensor, gen: torch.Generator | None, max_sigma: float) -> torch.Tensor:
+    """A Gaussian noise field shaped like `like`, with one sigma ~ U(0, max_sigma) per image."""
+    sigma = max_sigma * torch.rand((like.shape[0], 1, 1, 1), generator=gen, device=like.device, dtype=like.dtype)
+    return sigma * torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype)
+
+
 def random_gamma(x: torch.Tensor, gen: torch.Generator | None, max_log_gamma: float) -> torch.Tensor:
     """Per-image gamma `x ** g` with log g ~ U(-max_log_gamma, max_log_gamma); x in [0, 1]."""
     if max_log_gamma <= 0:
         return x
-    u = torch.rand((x.shape[0], 1, 1, 1), generator=gen, device=x.device, dtype=x.dtype)
-    gamma = torch.exp((2 * u - 1) * max_log_gamma)
-    return x.clamp_min(0).pow(gamma)
+    return x.clamp_min(0).pow(draw_gamma(x, gen, max_log_gamma))
 
 
 def gaussian_noise(x: torch.Tensor, gen: torch.Generator | None, max_sigma: float) -> torch.Tensor:
     """Additive Gaussian noise with a per-image sigma ~ U(0, max_sigma), clipped back to [0, 1]."""
     if max_sigma <= 0:
         return x
-    sigma = max_sigma * torch.rand((x.shape[0], 1, 1, 1), generator=gen, device=x.device, dtype=x.dtype)
-    noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-    return (x + sigma * noise).clamp(0, 1)
+    return (x + draw_noise(x, gen, max_sigma)).clamp(0, 1)
 
 
 def intensity(x: torch.Tensor, gen: torch.Generator | None, max_log_gamma: float, max_noise: float) -> torch.Tensor:
     """Gamma then noise, independently per image."""
     return gaussian_noise(random_gamma(x, gen, max_log_gamma), gen, max_noise)
+
+
+def shared_intensity(
+    ipsi: torch.Tensor, contra: torch.Tensor, gen: torch.Generator | None, max_log_gamma: float, max_noise: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gamma then noise with one draw per pair: pair i's two patches get the same gamma and the same noise
+    field, so the augmentation adds no left/right difference of its own."""
+    if ipsi.shape != contra.shape:
+        raise ValueError(f"pair members differ in shape: {tuple(ipsi.shape)} vs {tuple(contra.shape)}")
+    if max_log_gamma > 0:
+        gamma = draw_gamma(ipsi, gen, max_log_gamma)
+        ipsi, contra = ipsi.clamp_min(0).pow(gamma), contra.clamp_min(0).pow(gamma)
+    if max_noise > 0:
+        noise = draw_noise(ipsi, gen, max_noise)
+        ipsi, contra = (ipsi + noise).clamp(0, 1), (contra + noise).clamp(0, 1)
+    return ipsi, contra
 
 
 def random_resized_flip(
@@ -105,3 +130,16 @@ def augment(x01: torch.Tensor, cfg, step: int = 0, gen: torch.Generator | None =
     """
     log_gamma = math.log(cfg.aug_gamma) if cfg.aug_gamma > 1 else 0.0
     return standardise(intensity(x01, gen, log_gamma, cfg.aug_noise))
+
+
+def augment_pair(
+    ipsi01: torch.Tensor, contra01: torch.Tensor, cfg, step: int = 0, gen: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`augment` for the two patches of aligned pairs, with `cfg.pair_photometric` deciding the draws:
+    independent (each image its own gamma and noise, as `augment`; the same draws in the same order) or
+    shared (one gamma and one noise field per pair, `shared_intensity`)."""
+    if cfg.pair_photometric == "independent":
+        return augment(ipsi01, cfg, step, gen), augment(contra01, cfg, step, gen)
+    log_gamma = math.log(cfg.aug_gamma) if cfg.aug_gamma > 1 else 0.0
+    ipsi01, contra01 = shared_intensity(ipsi01, contra01, gen, log_gamma, cfg.aug_noise)
+    return standardise(ipsi01), standardise(contra01)

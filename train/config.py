@@ -40,6 +40,7 @@ def knob(
 
 
 SCOPES = ("bank", "batch", "epoch")
+GMM_MODES = ("free", "anchored", "map")
 
 
 @dataclass
@@ -63,6 +64,7 @@ class PretrainConfig:
     head_hidden: int = knob(512, "Projection-head hidden width.", "Method", min=1)
     # siamese (PAPER.md section 1)
     margin: float = knob(1.0, "Contrastive margin m (distance units; embeddings on the unit sphere).", "Siamese", min=0.0)
+    pair_margin: float | None = knob(None, "Margin for aligned pairs in proportion to their dissimilar label 1 - s, apart from --margin, which stays the cross-study negatives' margin: a small asymmetry need not be pushed as far as another woman's breast [default: --margin].", "Siamese", min=0.0)
     label_source: str = knob("peer", "peer: each network learns from the other's soft labels; self: from its own.", "Siamese", choices=("peer", "self"))
     single_net: bool = knob(False, "Ablation: one network labelling itself.", "Siamese", flag="--single-net/--two-nets")
     agreement: float = knob(0.0, "Weight lambda of the agreement term mean (d1 - d2)^2.", "Siamese", min=0.0)
@@ -76,6 +78,9 @@ class PretrainConfig:
     gmm_em_iters: int = knob(10, "EM iterations per refit (warm-started, float64).", "Siamese", min=1)
     gmm_var_floor: float = knob(1e-4, "Variance floor of each component (distance units squared).", "Siamese", min=0.0)
     gmm_max_dissimilar: float = knob(1.0, "Upper bound on the dissimilar (higher-mean) component's weight: a prior that asymmetric pairs are rare (1: free, the paper's plain EM).", "Siamese", min=0.0, max=1.0)
+    gmm_mode: str = knob("free", "Mixture of the soft labels: free (both Gaussians free, the paper's EM) | anchored (the dissimilar component is the density of a bank of shuffled-pair, i.e. cross-study, distances; EM fits only the similar Gaussian and the weight) | map (tied variances, a Beta prior on the dissimilar weight: see --gmm-prior-prevalence, --gmm-prior-strength).", "Siamese", choices=GMM_MODES)
+    gmm_prior_prevalence: float = knob(0.03, "--gmm-mode map: prior mean of the dissimilar weight (about the share of lesion pairs in a screening grid).", "Siamese", min=0.0, max=1.0)
+    gmm_prior_strength: float | None = knob(None, "--gmm-mode map: the Beta prior's strength in pseudo-pairs; with a full bank of the same size the fitted weight lies about halfway between the data's and the prior's [default: --gmm-bank].", "Siamese", min=0.0)
     gmm_min_sep: float = knob(1e-2, "Collapse guard: a fit whose means are closer than this is rejected (distance units).", "Siamese", min=0.0)
     # label diagnostic (evaluation only: never feeds training)
     val_where: str | None = knob(None, "Label diagnostic: pandas query over --manifest for labelled validation pairs, e.g. \"split == 'test'\" (never the training selection); logs the AUC of 1 - s and of d for lesion pairs. Off when unset.", "Label diagnostic", runtime=True)
@@ -99,6 +104,7 @@ class PretrainConfig:
     # intensity augmentation (device)
     aug_gamma: float = knob(1.25, "Intensity gamma drawn in [1/G, G] per image (<= 1 disables).", "Augmentation", min=0.0)
     aug_noise: float = knob(0.02, "Largest Gaussian-noise sigma per image, in [0, 1] intensity units (0 disables).", "Augmentation", min=0.0)
+    pair_photometric: str = knob("independent", "Gamma and noise of a pair's two patches: independent (one draw per image) | shared (one draw per pair, the same gamma and the same noise field on both, so the left/right intensity difference a lesion makes is not trained away). Siamese methods only; the default awaits the soft-label study (issue 19).", "Augmentation", choices=("independent", "shared"))
     # optimisation
     steps: int = knob(500, "Optimiser steps in total.", "Optimisation", min=1)
     batch_size: int = knob(64, "Global batch in pairs, split evenly over ranks.", "Optimisation", min=2)

@@ -2,8 +2,9 @@
 
 Do the mixture's soft labels carry signal? On a labelled validation selection of the manifest
 (`--val-where`, e.g. the test split: never the training stream), the loop's eval hook embeds fixed
-centre crops with the networks in eval mode and reports the ROC AUC of `1 - s` (and of the raw pair
-distance `d`) for lesion pairs (either side abnormal) against the rest. Nothing here feeds a gradient,
+centre crops and reports the ROC AUC of `1 - s` (and of the raw pair distance `d`) for lesion pairs
+(either side abnormal) against the rest, twice: clean (eval mode) and as in training (train mode with the
+training intensity augmentation: the distances the mixture is fitted on). Nothing here feeds a gradient,
 a mixture or the data stream: the labels are read from the manifest into this module only.
 """
 
@@ -84,8 +85,15 @@ def auc(lesion: np.ndarray, score: np.ndarray) -> float:
     return float(roc_auc_score(lesion, score))
 
 
+AUGMENT_SEED = 0  # the augmented pass draws the same gammas and noise at every diagnostic of a run
+
+
 class LabelProbe:
-    """Scores the validation pairs with a method's `label_scores` (eval mode, no gradient)."""
+    """Scores the validation pairs with a method's `label_scores` (no gradient) twice: clean (eval mode,
+    keys `val_*`) and as the mixture saw its distances in training (train mode, the training intensity
+    augmentation from a generator of its own, keys `val_aug_*`). The train-mode pass restores every
+    buffer (BatchNorm's running statistics) afterwards, and never draws from the global RNG, so training
+    is the same with the diagnostic on or off."""
 
     def __init__(self, pairs: ValidationPairs, device: torch.device, batch: int = 128):
         self.pairs, self.device, self.batch = pairs, device, batch
@@ -93,23 +101,35 @@ class LabelProbe:
     @torch.no_grad()
     def run(self, method: torch.nn.Module) -> dict[str, float]:
         was_training = method.training
-        method.eval()
-        try:
-            parts: dict[str, list[torch.Tensor]] = {}
-            for i in range(0, len(self.pairs.lesion), self.batch):
-                ipsi = unit_range(self.pairs.ipsi[i : i + self.batch].to(self.device))
-                contra = unit_range(self.pairs.contra[i : i + self.batch].to(self.device))
-                for name, value in method.label_scores(ipsi, contra).items():
-                    parts.setdefault(name, []).append(value.float().cpu())
-        finally:
-            method.train(was_training)
+        buffers = {name: b.clone() for name, b in method.named_buffers()}
         lesion = self.pairs.lesion
         record = {"val_pairs": float(len(lesion)), "val_lesion_pairs": float(lesion.sum())}
+        try:
+            method.eval()
+            record.update(self._scores(method, "val_", None))
+            method.train()
+            gen = torch.Generator(device=self.device).manual_seed(AUGMENT_SEED)
+            record.update(self._scores(method, "val_aug_", gen))
+        finally:
+            for name, b in method.named_buffers():
+                b.copy_(buffers[name])
+            method.train(was_training)
+        return record
+
+    def _scores(self, method: torch.nn.Module, prefix: str, gen: torch.Generator | None) -> dict[str, float]:
+        parts: dict[str, list[torch.Tensor]] = {}
+        for i in range(0, len(self.pairs.lesion), self.batch):
+            ipsi = unit_range(self.pairs.ipsi[i : i + self.batch].to(self.device))
+            contra = unit_range(self.pairs.contra[i : i + self.batch].to(self.device))
+            scores = method.label_scores(ipsi, contra) if gen is None else method.label_scores(ipsi, contra, gen)
+            for name, value in scores.items():
+                parts.setdefault(name, []).append(value.float().cpu())
+        lesion, record = self.pairs.lesion, {}
         for name, chunks in parts.items():
             values, net = torch.cat(chunks).numpy(), name[1:]
             if name.startswith("s"):  # 1 - s and d both rank "more dissimilar" higher
-                record[f"val_auc_1ms{net}"] = auc(lesion, 1 - values)
-                record[f"val_s_below_half{net}"] = float((values < 0.5).mean())
+                record[f"{prefix}auc_1ms{net}"] = auc(lesion, 1 - values)
+                record[f"{prefix}s_below_half{net}"] = float((values < 0.5).mean())
             else:
-                record[f"val_auc_d{net}"] = auc(lesion, values)
+                record[f"{prefix}auc_d{net}"] = auc(lesion, values)
         return record

@@ -7,13 +7,14 @@ siamese-soft, per step on B pairs (ipsi x, registered contra x'):
   L = L(d^1, s^2) + L(d^2, s^1)                       (--label-source peer; `self` uses s^k for d^k)
       + lambda mean (d^1 - d^2)^2                     (--agreement, 0 by default)
       + w_neg [L(d_neg^1, 0) + L(d_neg^2, 0)]         (--neg-pairs shuffled: ipsi vs the next pair's contra)
-  with L(d, s) = mean[s d^2 + (1 - s) max(0, m - d)^2]; s = 1 during the label warm-up.
+  with L(d, s) = mean[s d^2 + (1 - s) max(0, m - d)^2]; s = 1 during the label warm-up. The aligned pairs'
+  margin is --pair-margin (default --margin), the negatives' --margin.
 siamese-hard: one network, s = 1 for every true pair, the same negatives.
 
-Our choices (docs/ARCHITECTURE.md "Soft labels"): s is the mixture posterior clamped to be monotone in d
-(1 below the similar mean, 0 above the dissimilar one); the bank holds --gmm-bank distances whatever
---steps is; labels start after --label-warmup once the bank holds --gmm-min-fill distances, and the
-mixture is refitted every --gmm-refit-every steps. The loader orders each batch so the rolled negative
+Our choices (docs/ARCHITECTURE.md "Soft labels"): the mixture (--gmm-mode free | anchored | map, see
+train.gmm) and its monotone posterior s; the photometric draws per image or per pair (--pair-photometric);
+the bank holds --gmm-bank distances whatever --steps is; labels start after --label-warmup once the bank
+holds --gmm-min-fill distances, and the mixture is refitted every --gmm-refit-every steps. The loader orders each batch so the rolled negative
 of a pair comes from another study. Each network's gradient is clipped on its own (`clip_groups`).
 """
 
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from train import distributed
-from train.augment import augment
+from train.augment import augment_pair
 from train.gmm import SoftLabeler
 from train.losses import agreement, pair_distance, soft_contrastive
 from train.models import EmbeddingNet
@@ -59,11 +60,13 @@ class SiameseSoft(nn.Module):
         self.labelers = [
             SoftLabeler(
                 cfg.gmm_bank, cfg.gmm_scope, cfg.gmm_refit_every, cfg.gmm_em_iters, cfg.gmm_var_floor,
-                cfg.gmm_min_sep, cfg.gmm_min_fill, cfg.gmm_max_dissimilar,
+                cfg.gmm_min_sep, cfg.gmm_min_fill, cfg.gmm_max_dissimilar, mode=cfg.gmm_mode,
+                prior_prevalence=cfg.gmm_prior_prevalence, prior_strength=cfg.gmm_prior_strength,
             )
             for _ in range(0 if self.hard_labels else n_nets)
         ]  # fmt: skip
         self.epoch_steps = cfg.ckpt_every
+        self.pair_margin = cfg.margin if cfg.pair_margin is None else cfg.pair_margin
 
     def encoder(self) -> nn.Module:
         return self.nets[0].backbone
@@ -79,11 +82,17 @@ class SiameseSoft(nn.Module):
         return all(lab.mixture is not None or lab.ready for lab in self.labelers)
 
     @torch.no_grad()
-    def label_scores(self, ipsi: torch.Tensor, contra: torch.Tensor) -> dict[str, torch.Tensor]:
+    def label_scores(
+        self, ipsi: torch.Tensor, contra: torch.Tensor, augment_gen: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
         """For the label diagnostic (never training): each network's pair distance `d{k}` and, once a
-        mixture exists, its soft label `s{k}`, on un-augmented [0, 1] images; call in eval mode."""
+        mixture exists, its soft label `s{k}`, on [0, 1] images: clean (the caller sets eval mode), or with
+        `augment_gen` augmented as in training (`--pair-photometric`), drawing from that generator only."""
         n = ipsi.shape[0]
-        x = standardise(torch.cat([ipsi, contra]))
+        if augment_gen is None:
+            x = standardise(torch.cat([ipsi, contra]))
+        else:
+            x = torch.cat(augment_pair(ipsi, contra, self.cfg, gen=augment_gen))
         out = {}
         for k, net in enumerate(self.nets, start=1):
             z = net(x).float()
@@ -96,7 +105,7 @@ class SiameseSoft(nn.Module):
     def training_step(self, ipsi: torch.Tensor, contra: torch.Tensor, step: int):
         cfg = self.cfg
         n = ipsi.shape[0]
-        x = torch.cat([augment(ipsi, cfg, step), augment(contra, cfg, step)])
+        x = torch.cat(augment_pair(ipsi, contra, cfg, step))
         dists, neg_dists, stds = [], [], []
         for net in self.nets:
             z = net(x).float()
@@ -109,8 +118,9 @@ class SiameseSoft(nn.Module):
         if step > 0 and step % self.epoch_steps == 0:  # `epoch` scope: fit on the finished data epoch
             fit = self._labels_in_use(step)
             refits += sum(int(labeler.end_epoch(fit)) for labeler in self.labelers)
-        for labeler, d in zip(self.labelers, dists):
-            labeler.observe(distributed.gather_detached(d))
+        anchored = cfg.gmm_mode == "anchored"
+        for labeler, d, d_neg in zip(self.labelers, dists, neg_dists):
+            labeler.observe(distributed.gather_detached(d), distributed.gather_detached(d_neg) if anchored else None)
         use_labels = self._labels_in_use(step)
         if use_labels:
             # the schedule counts completed steps, as the loop's logs do, so refits land on --log-every steps
@@ -123,7 +133,7 @@ class SiameseSoft(nn.Module):
             targets = own
 
         logs: dict[str, torch.Tensor | float] = {}
-        pair_terms = [soft_contrastive(d, s.detach(), cfg.margin) for d, s in zip(dists, targets)]
+        pair_terms = [soft_contrastive(d, s.detach(), self.pair_margin) for d, s in zip(dists, targets)]
         loss = torch.stack(pair_terms).sum()
         logs["loss_pairs"] = loss.detach()
         if len(self.nets) == 2 and cfg.agreement > 0:
@@ -144,6 +154,7 @@ class SiameseSoft(nn.Module):
         logs["gmm_refits"] = float(refits)
         logs["d_pos"] = torch.stack([d.detach().mean() for d in dists]).mean()
         logs["d_neg"] = torch.stack([d.detach().mean() for d in neg_dists]).mean()
+        logs["d_pos_over_neg"] = logs["d_pos"] / logs["d_neg"].clamp_min(1e-12)
         logs["emb_std"] = torch.stack(stds).mean()
         for k, labeler in enumerate(self.labelers, start=1):
             logs.update(labeler.stats(f"gmm{k}_"))
