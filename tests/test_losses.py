@@ -54,3 +54,36 @@ def test_nt_xent_gathered_negatives_match_a_single_big_batch():
     # two "ranks" of 3 images each, each seeing everyone's views as negatives
     halves = [nt_xent(z1[i : i + 3], z2[i : i + 3], 0.2, z1, z2, offset=i) for i in (0, 3)]
     assert (sum(halves) / 2).item() == pytest.approx(whole.item(), rel=1e-6)
+
+
+def test_pair_margin_applies_to_aligned_pairs_and_margin_to_cross_study_negatives(tiny_trainer):
+    """--pair-margin: an aligned pair labelled dissimilar is pushed to its own margin; the negatives keep --margin."""
+    from dataclasses import replace
+
+    from train.config import PretrainConfig
+    from train.gmm import Mixture
+    from train.methods.siamese import SiameseSoft
+    from train.normalisation import standardise
+
+    ipsi, contra = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(0)).chunk(2)
+    ipsi, contra = torch.cat([ipsi, ipsi * 0.5]), torch.cat([contra, contra.flip(-1)])
+    settings = tiny_trainer.config(aug_gamma=1.0, aug_noise=0.0, label_warmup=0, gmm_refit_every=1000, single_net=True,
+                                   label_source="self")  # fmt: skip
+    parts = {}
+    for pair_margin in (None, 0.3):
+        torch.manual_seed(0)
+        method = SiameseSoft(replace(PretrainConfig(), **settings, pair_margin=pair_margin)).eval()
+        with torch.no_grad():
+            z = method.nets[0](standardise(torch.cat([ipsi, contra])))
+        d, d_neg = pair_distance(z[:6], z[6:]), pair_distance(z[:6], torch.roll(z[6:], 1, dims=0))
+        lo, hi = d.min().item(), d.max().item()  # a mixture that labels part of these pairs dissimilar
+        method.labelers[0].mixture = Mixture(*(torch.tensor(v, dtype=torch.float64)
+                                               for v in ([lo, hi], [(hi - lo) ** 2 / 4] * 2, [0.5, 0.5])))  # fmt: skip
+        _, logs = method.training_step(ipsi, contra, step=1)
+        s = method.labelers[0].labels(d)
+        assert bool(((s > 0.01) & (s < 0.99)).any()) and bool((d < 0.3).any())
+        margin = 1.0 if pair_margin is None else pair_margin
+        assert logs["loss_pairs"].item() == pytest.approx(soft_contrastive(d, s, margin).item(), rel=1e-5)
+        assert logs["loss_neg"].item() == pytest.approx(soft_contrastive(d_neg, 0.0, 1.0).item(), rel=1e-5)
+        parts[pair_margin] = (logs["loss_pairs"].item(), logs["loss_neg"].item())
+    assert parts[0.3][0] < parts[None][0] and parts[0.3][1] == parts[None][1]

@@ -229,3 +229,79 @@ def test_export_command_rewrites_the_encoder_from_a_checkpoint(straight, tmp_pat
     assert not all(torch.equal(final[k], at_160[k]) for k in final)  # a different step, different weights
     bad = CliRunner().invoke(app, ["export", str(tmp_path / "nothing.pt")])
     assert bad.exit_code == 2 and "no_encoder" in bad.output and "does not exist" in bad.output
+
+
+@pytest.mark.slow
+def test_anchored_shared_run_resumes_exactly_and_logs_every_label_diagnostic(cfg, tmp_path):
+    """--gmm-mode anchored with --pair-photometric shared and a --pair-margin: the shuffled-pair bank and its
+    density live in the checkpoint, a stopped run continues exactly like a straight one, and the label
+    diagnostic (on for the straight run only: it may not change training) logs clean and train-mode scores."""
+    data = write_shards(tmp_path / "data", n_shards=2, per_shard=16)
+    arm = dict(steps=24, ckpt_every=8, log_every=4, num_workers=0, gmm_mode="anchored", pair_photometric="shared",
+               pair_margin=0.5, gmm_min_fill=32, gmm_refit_every=4, label_warmup=2)  # fmt: skip
+    straight = tmp_path / "straight"
+    pretrain(cfg(data["shards"], straight, manifest=str(data["manifest"]), val_where="split == 'training'",
+                 val_every=8, **arm))  # fmt: skip
+    stopped = tmp_path / "stopped"
+    assert pretrain(cfg(data["shards"], stopped, stop_at=12, **arm))["step"] == 12
+    assert pretrain(cfg(data["shards"], stopped, **arm))["step"] == 24
+
+    reference, resumed = (torch.load(run / "last.pt", weights_only=True) for run in (straight, stopped))
+    for name, tensor in reference["method"].items():
+        assert torch.equal(resumed["method"][name], tensor), name
+    for k in ("labeler0", "labeler1"):
+        saved = reference["extra"][k]
+        assert saved["neg_count"] == 24 * 16 and saved["neg_density"] is not None and saved["mixture"] is not None
+        for key in ("bank", "neg_bank", "neg_density", "mixture"):
+            assert torch.equal(resumed["extra"][k][key], saved[key]), (k, key)
+
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    refits = [r for r in records if r.get("gmm_refits", 0) > 0]
+    assert refits and all({"gmm1_w1", "gmm2_w1", "gmm1_bank_s_below_half", "d_pos", "d_neg", "d_pos_over_neg"}
+                          <= set(r) for r in refits)  # fmt: skip
+    diagnostics = [r for r in records if "val_auc_d1" in r]
+    assert [r["step"] for r in diagnostics] == [8, 16, 24]
+    assert {"val_auc_1ms1", "val_aug_auc_1ms1", "val_aug_auc_d2", "val_aug_s_below_half2"} <= set(diagnostics[-1])
+    assert all(0 <= diagnostics[-1][k] <= 1 for k in ("val_aug_auc_d1", "val_aug_auc_1ms2"))
+
+
+def test_label_probe_scores_augmented_train_mode_distances_and_leaves_the_method_as_it_was(tiny_trainer):
+    from train.diagnostics import LabelProbe, ValidationPairs
+
+    g = torch.Generator().manual_seed(4)
+    pixels = (torch.rand(2, 40, 1, 16, 16, generator=g) * 65535).to(torch.int32).to(torch.uint16)
+    pairs = ValidationPairs(pixels[0], pixels[1], lesion=(torch.arange(40) % 3 == 0).numpy())
+    method = SiameseSoft(replace(PretrainConfig(), **tiny_trainer.config(**RUN, pair_photometric="shared")))
+    method.train()
+    buffers = {k: v.clone() for k, v in method.named_buffers()}
+    rng = torch.get_rng_state()
+    record = LabelProbe(pairs, torch.device("cpu"), batch=16).run(method)
+    assert method.training and torch.equal(torch.get_rng_state(), rng)  # the training RNG stream is untouched
+    assert all(torch.equal(v, buffers[k]) for k, v in method.named_buffers())  # BatchNorm statistics too
+    assert record["val_auc_d1"] != record["val_aug_auc_d1"] and record["val_auc_d2"] != record["val_aug_auc_d2"]
+    assert LabelProbe(pairs, torch.device("cpu"), batch=16).run(method) == record  # the same draws every time
+
+
+def test_new_soft_label_options_have_help_with_their_default_and_are_validated(shards, tmp_path):
+    result = CliRunner().invoke(app, ["pretrain", "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+    text = " ".join(result.output.split())
+    for flag, default in (("--gmm-mode", "free"), ("--pair-photometric", "independent"), ("--pair-margin", "--margin"),
+                          ("--gmm-prior-prevalence", "0.03"), ("--gmm-prior-strength", "--gmm-bank")):  # fmt: skip
+        assert flag in text and default in text.split(flag, 1)[1][:700], flag
+    refused = CliRunner().invoke(app, ["pretrain", "--shards", str(shards["shards"]), "--out", str(tmp_path),
+                                       "--gmm-mode", "tight"])  # fmt: skip
+    assert refused.exit_code == 2 and "--gmm-mode 'tight': choose one of free|anchored|map" in refused.output
+    with pytest.raises(ConfigError, match="--gmm-prior-prevalence must be <= 1"):
+        PretrainConfig(gmm_prior_prevalence=1.5).validate()
+
+
+def test_a_study_arm_sets_the_new_soft_label_options():
+    from pipelines.study import Arm, StudyConfig, pretrain_config
+
+    arm = Arm("soft-anchored-shared", "siamese-soft", (("gmm_mode", "anchored"), ("pair_photometric", "shared"),
+                                                       ("pair_margin", 0.5)))  # fmt: skip
+    config = pretrain_config(StudyConfig(shards="s", manifests="m", out="o"), arm, seed=1)
+    assert (config.gmm_mode, config.pair_photometric, config.pair_margin, config.tag) == (
+        "anchored", "shared", 0.5, "soft-anchored-shared")
+    method = SiameseSoft(config)
+    assert all(lab.mode == "anchored" and lab.neg_bank is not None for lab in method.labelers)
