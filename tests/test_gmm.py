@@ -209,7 +209,8 @@ def test_anchored_weight_grows_only_with_aligned_pairs_at_cross_study_distances(
     weights = []
     for share in (0.0, 0.1, 0.3):
         k = int(share * N_MODES)
-        weights.append(_fitted("anchored", torch.cat([bulk[k:], _cross_study(k, seed=14)]), negatives).mixture.weights[1].item())
+        aligned = torch.cat([bulk[k:], _cross_study(k, seed=14)])
+        weights.append(_fitted("anchored", aligned, negatives).mixture.weights[1].item())
     assert weights[0] < 0.01
     assert weights[1] == pytest.approx(0.1, abs=0.02) and weights[2] == pytest.approx(0.3, abs=0.02)
 

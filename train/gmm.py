@@ -253,9 +253,10 @@ def anchored_posterior(x: torch.Tensor, mix: Mixture, density: GridDensity) -> t
     """s(d) of the anchored mode, made non-increasing: 1 for d <= mu0; above it the running minimum over the
     density's grid of the raw posterior (linear between grid points, the grid's last value beyond it).
 
-    The raw posterior is not monotone in general: the negatives' density may have several modes, and where
-    the similar Gaussian's tail is heavier than the kernel density's (far above the negatives, or below mu0)
-    the raw s climbs back towards 1. The running minimum is the largest non-increasing function below it.
+    The raw posterior is not monotone in general: the negatives' density may have several modes; above the
+    last negative the similar Gaussian's tail outlasts the kernel density's and the raw s climbs back to 1;
+    below mu0 the kernel density's lower tail can outweigh the Gaussian's and pull s down for near-identical
+    pairs. The running minimum is the largest non-increasing function below the raw posterior above mu0.
     """
     d = x.to(torch.float64)
     points = density.points

@@ -14,8 +14,9 @@ siamese-hard: one network, s = 1 for every true pair, the same negatives.
 Our choices (docs/ARCHITECTURE.md "Soft labels"): the mixture (--gmm-mode free | anchored | map, see
 train.gmm) and its monotone posterior s; the photometric draws per image or per pair (--pair-photometric);
 the bank holds --gmm-bank distances whatever --steps is; labels start after --label-warmup once the bank
-holds --gmm-min-fill distances, and the mixture is refitted every --gmm-refit-every steps. The loader orders each batch so the rolled negative
-of a pair comes from another study. Each network's gradient is clipped on its own (`clip_groups`).
+holds --gmm-min-fill distances, and the mixture is refitted every --gmm-refit-every steps. The loader orders
+each batch so the rolled negative of a pair comes from another study. Each network's gradient is clipped on
+its own (`clip_groups`).
 """
 
 from __future__ import annotations
