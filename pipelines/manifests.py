@@ -54,8 +54,10 @@ PAIRS_SCHEMA = pa.schema([
     ("area_ratio", pa.float64()), ("rotation_deg", pa.float64()), ("scale", pa.float64()), ("reg_ok", pa.bool_()),
     ("reason", pa.string()), ("n_samples", pa.int64()), ("seconds", pa.float64()), ("seed", pa.int64()),
     ("status", pa.string()),
-    # "affine", or "affine+deformable" when a deformable refinement maps the patch centres (prep.register)
+    # the transform the patch centres map through (prep.register): "affine"
     ("transform", pa.string()),
+    # QC's second criterion (mm, the worse direction) and the pair-identity flags (prep.register), null: none
+    ("outline_p90_mm", pa.float64()), ("identity_flag", pa.string()),
     # which re-take each side's image is (pipelines.plan.retake_choice); null when each side had one image
     ("retake_choice", pa.string()),
 ])
