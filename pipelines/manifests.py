@@ -54,6 +54,12 @@ PAIRS_SCHEMA = pa.schema([
     ("area_ratio", pa.float64()), ("rotation_deg", pa.float64()), ("scale", pa.float64()), ("reg_ok", pa.bool_()),
     ("reason", pa.string()), ("n_samples", pa.int64()), ("seconds", pa.float64()), ("seed", pa.int64()),
     ("status", pa.string()),
+    # the transform the patch centres map through (prep.register): "affine"
+    ("transform", pa.string()),
+    # QC's second criterion (mm, the worse direction) and the pair-identity flags (prep.register), null: none
+    ("outline_p90_mm", pa.float64()), ("identity_flag", pa.string()),
+    # which re-take each side's image is (pipelines.plan.retake_choice); null when each side had one image
+    ("retake_choice", pa.string()),
 ])
 
 # The label fields are read by evaluation only (ARCHITECTURE.md "Shards and manifests").

@@ -116,6 +116,7 @@ def process_planned_pair(planned: PlannedPair, options: BuildOptions) -> PairOut
                 "dataset": planned.left.dataset, "split": planned.split, "study_id": planned.study_id,
                 "view": planned.view, "left_image_id": planned.left.image_id,
                 "right_image_id": planned.right.image_id, "seed": planned.seed,
+                "retake_choice": planned.retake_choice,
                 "status": "ok" if reason is None else "rejected", "n_samples": len(samples)}
     if reason and not pair_row.get("reason"):
         pair_row["reason"] = reason

@@ -8,8 +8,9 @@ Plan-stage reject reasons (rejects.parquet `stage == "plan"`):
   image level: the `prep.decode.UnsupportedImage` reason of the header check (unreadable, for_processing,
     multi_frame, colour, bad_geometry, no_pixel_spacing unless `--assume-spacing-mm`, ...), `missing_file`,
     `unknown_laterality`, `unknown_view`
-  pair level: `duplicate_view` (a side has more than one usable image for the view; a refused one
-    beside a usable one keeps its own image-level reason), `unpaired` (the study -- the
+  pair level: `retake_not_chosen` (a side has several usable images of the view, re-takes: the pair uses one
+    of them, chosen by `choose_retake`, and the others are rejected; a refused one beside a usable one keeps its
+    own image-level reason), `unpaired` (the study -- the
     pairing unit: a patient for CBIS-DDSM or `--pair-by patient` -- has images of one side only),
     `missing_partner` (the other side has images, but none of this view), `laterality_disagreement` /
     `view_disagreement` (labels vs header tags; the whole pair is rejected), `partner_rejected` (the other
@@ -107,6 +108,8 @@ class PlannedPair:
     seed: int
     left: ImageRecord
     right: ImageRecord
+    # how the images were chosen among a side's re-takes (pairs.parquet `retake_choice`); None: one image a side
+    retake_choice: str | None = None
 
 
 @dataclass
@@ -171,9 +174,37 @@ def image_reject_reason(record: ImageRecord, assume_spacing_mm: float | None = N
     return None
 
 
+RETAKE_RULE = "first_image_id"
+
+
+def choose_retake(images: list[ImageRecord]) -> ImageRecord:
+    """The image a pair uses among one side's usable images of a view (re-takes): the first by image_id.
+
+    Deterministic and header-only (the plan reads no pixels). The headers the plan keeps carry no acquisition
+    time, so the rule claims no order of acquisition; every re-take of a screening view shows the same breast,
+    and the pair's registration QC still judges whichever image is chosen.
+    """
+    return min(images, key=lambda m: m.image_id)
+
+
+def retake_choice(sides: dict[str, list[ImageRecord]]) -> str | None:
+    """pairs.parquet `retake_choice`: the rule and the candidates per side ("first_image_id L1/2 R1/1"), None
+    when each side has one image."""
+    if all(len(sides[lat]) == 1 for lat in LATERALITIES):
+        return None
+    return f"{RETAKE_RULE} " + " ".join(f"{lat}1/{len(sides[lat])}" for lat in LATERALITIES)
+
+
 def pair_images(records: list[ImageRecord], assume_spacing_mm: float | None = None,
                 ) -> tuple[list[tuple[ImageRecord, ImageRecord]], list[dict]]:
     """(left, right) per (study, view) and the plan rejects of every image that is not in a pair."""
+    pairs, rejects = plan_pairs(records, assume_spacing_mm)
+    return [(left, right) for left, right, _ in pairs], rejects
+
+
+def plan_pairs(records: list[ImageRecord], assume_spacing_mm: float | None = None,
+               ) -> tuple[list[tuple[ImageRecord, ImageRecord, str | None]], list[dict]]:
+    """`pair_images` with each pair's `retake_choice`."""
     by_pair: dict[tuple[str, str], list[ImageRecord]] = {}
     rejects: list[dict] = []
     reason_of = functools.partial(image_reject_reason, assume_spacing_mm=assume_spacing_mm)
@@ -193,17 +224,24 @@ def pair_images(records: list[ImageRecord], assume_spacing_mm: float | None = No
     for (study_id, view), members in sorted(by_pair.items()):
         sides = {lat: [m for m in members if m.laterality == lat] for lat in LATERALITIES}
         # an image the header check refused beside a usable one of the same side and view (OPTIMAM's FOR
-        # PROCESSING twin of a FOR PRESENTATION image) is rejected for its own reason, not as a duplicate
+        # PROCESSING twin of a FOR PRESENTATION image) is rejected for its own reason, not as a re-take
         for lat in LATERALITIES:
             refused = [(m, reason_of(m)) for m in sides[lat] if reason_of(m)]
             if refused and len(refused) < len(sides[lat]):
                 rejects += [reject_row(m, *problem, level="image") for m, problem in refused]
                 sides[lat] = [m for m in sides[lat] if not reason_of(m)]
                 members = [m for m in members if not any(m is r for r, _ in refused)]
-        if any(len(sides[lat]) > 1 for lat in LATERALITIES):
-            lats = "".join(m.laterality for m in members)
-            rejects += [reject_row(m, "duplicate_view", f"{view} images per side: {lats}", "pair") for m in members]
-            continue
+        choice = None
+        if sides["L"] and sides["R"]:
+            choice = retake_choice(sides)
+            for lat in LATERALITIES:
+                if len(sides[lat]) > 1:
+                    chosen = choose_retake(sides[lat])
+                    detail = f"{lat}-{view} re-take; the pair uses {chosen.image_id} ({RETAKE_RULE})"
+                    rejects += [reject_row(m, *reason_of(m), level="image") if reason_of(m) else
+                                reject_row(m, "retake_not_chosen", detail, "image")
+                                for m in sides[lat] if m is not chosen]
+                    sides[lat] = [chosen]
         if not sides["L"] or not sides["R"]:
             one_sided = len(sides_of_study[study_id]) == 1
             for m in members:
@@ -229,7 +267,7 @@ def pair_images(records: list[ImageRecord], assume_spacing_mm: float | None = No
                                f"{m.header.get('laterality_tag')}-{m.header.get('view_tag')}" for m in (left, right))
             rejects += [reject_row(m, flags[0], detail, "pair") for m in (left, right)]
             continue
-        pairs.append((left, right))
+        pairs.append((left, right, choice))
     return pairs, rejects
 
 
@@ -249,18 +287,18 @@ def study_bucket(study_id: str) -> int:
 
 def make_plan(records: list[ImageRecord], options: BuildOptions) -> Plan:
     """Pair, reject and group the images; groups are hash(study) buckets within each split."""
-    pairs, rejects = pair_images(records, options.assume_spacing_mm)
+    pairs, rejects = plan_pairs(records, options.assume_spacing_mm)
     groups: list[ShardGroup] = []
-    for split in sorted({left.split for left, _ in pairs}):
-        split_pairs = [(l, r) for l, r in pairs if l.split == split]
+    for split in sorted({left.split for left, _, _ in pairs}):
+        split_pairs = [p for p in pairs if p[0].split == split]
         n_groups = max(1, math.ceil(len(split_pairs) / options.group_pairs))
         buckets: dict[int, list[PlannedPair]] = {}
-        for left, right in split_pairs:
+        for left, right, choice in split_pairs:
             group = study_bucket(left.study_id) % n_groups
             seed = derive_seed(options.prep.seed, options.dataset, left.study_id, left.view)
             buckets.setdefault(group, []).append(
                 PlannedPair(split=split, study_id=left.study_id, view=left.view, group=group, seed=seed,
-                            left=left, right=right))
+                            left=left, right=right, retake_choice=choice))
         groups += [ShardGroup(split, g, sorted(ps, key=lambda p: (p.study_id, p.view)))
                    for g, ps in sorted(buckets.items())]
     paired = {r.image_id for g in groups for p in g.pairs for r in (p.left, p.right)}

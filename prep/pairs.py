@@ -188,6 +188,9 @@ def _pair_row(forward: Registration, backward: Registration) -> dict:
         "scale": forward.scale,
         "reg_ok": bool(forward.reg_ok and backward.reg_ok),
         "reason": reason,
+        "transform": "affine",
+        "outline_p90_mm": max(forward.outline_p90_mm, backward.outline_p90_mm),
+        "identity_flag": forward.identity_flag or backward.identity_flag,
     }
 
 
@@ -196,6 +199,7 @@ def _empty_pair_row(reason: str) -> dict:
     return {
         "affine_l_to_r": None, "affine_r_to_l": None, "method": "none", "ecc_mask": nan, "ecc_intensity": nan,
         "dice": nan, "area_ratio": nan, "rotation_deg": nan, "scale": nan, "reg_ok": False, "reason": reason,
+        "transform": "affine", "outline_p90_mm": nan, "identity_flag": None,
     }
 
 

@@ -27,8 +27,11 @@ A pair is fitted once (L -> R); R -> L is its inverse (`inverse_registration`), 
 No non-rigid step: dense warps register unilateral lesions away, which would poison the labels.
 
 QC (`_judge`) decides `reg_ok`: outline agreement (blurred-mask ECC), shared-pattern agreement
-(`_pattern_agreement`, what stage C maximised), that the fit sits on the agreement peak (`_off_peak`: a wrong
-affine scores higher when moved towards the right one), Dice of the aligned masks, rotation and scale bounds.
+(`_pattern_agreement`, what stage C maximised), a second criterion in mm that the correlation does not make
+(`_outline_p90_mm`: the anterior skin line mapped through the fit must lie on the other breast's skin line), that
+the fit sits on the agreement peak (`_off_peak`: a wrong affine scores higher when moved towards the right one),
+Dice of the aligned masks, rotation and scale bounds. Pair identity (`_identity_flag`) flags, without rejecting,
+a pair whose breasts disagree in shared pattern, size or density beyond what one woman's do.
 `judge_affine` applies the same QC to any given affine. Degenerate input gives `reg_ok=False` with a reason
 code instead of an exception. Accuracy, QC and speed: benchmarks/registration_bench.py, docs/PERFORMANCE.md.
 
@@ -55,6 +58,7 @@ REASONS = (
     "bad_input",
     "ecc_failed",
     "low_ecc",
+    "outline_mismatch",
     "off_peak",
     "low_dice",
     "rotation_out_of_bounds",
@@ -70,6 +74,21 @@ MIN_ECC_SHARED = 0.5
 # shift mm): an affine off the agreement peak is wrong by about that much, whatever its absolute score
 PEAK_PROBES = ((0.0, (4.0, 0.0)), (0.0, (-4.0, 0.0)), (0.0, (0.0, 4.0)), (0.0, (0.0, -4.0)), (3.0, (0.0, 0.0)),
                (-3.0, (0.0, 0.0)))
+# the anterior skin line of the ipsi breast mapped through the fit must lie this close (mm, 90th percentile of
+# its points) to the contra skin line: a geometric check in mm that the shared-pattern correlation does not make
+# (right fits on generator 2.0: <= 2 mm, on the real CBIS-DDSM MLO films up to 6.8 mm; fits 10 mm off: 8-10 mm;
+# the 8 mm wrong fit the shared pattern preferred, generator 2.0 seed 138 MLO: 7.6 mm, caught by a thin margin)
+MAX_OUTLINE_P90_MM = 7.5
+# pair identity (flags, not rejections: two women's breasts can agree as well as one woman's, so these mark a
+# pair for a look instead of dropping it): shared-pattern agreement below this is weaker than most right pairs
+# (synthetic right pairs 0.66-0.96, mismatched pairs that pass QC 0.50-0.67; real films 0.60-0.87) ...
+IDENTITY_MIN_SHARED = 0.7
+# ... the two breast areas differ by more than this factor (right pairs on generator 2.0: 0.86-1.21) ...
+IDENTITY_MAX_AREA_RATIO = 1.43
+# ... or their dense-tissue fractions (`_dense_fraction`) differ by more than this (right pairs: <= 0.19)
+IDENTITY_MAX_DENSITY_GAP = 0.3
+# the dense fraction is measured this far (mm) inside the skin line, away from the compression fall-off
+DENSITY_INSET_MM = 15.0
 # (iterations, eps) of the outline ECC and the finer levels of the affine fit
 _ECC_CRITERIA = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-5)
 # the coarse starts: one near the answer converges in a few iterations; a far one would wander for all of them
@@ -114,6 +133,9 @@ class Registration:
     scale: float  # sqrt(|det|) of the linear part
     reg_ok: bool
     reason: str | None
+    outline_p90_mm: float = float("nan")  # 90th percentile distance of the mapped skin line to the contra one
+    # pair-identity flags ("weak_shared_pattern", "area_ratio", "density_gap", comma-joined) or None
+    identity_flag: str | None = None
 
 
 def to_homogeneous(affine: np.ndarray) -> np.ndarray:
@@ -280,6 +302,9 @@ class RegistrationGrid:
     to_grid: np.ndarray  # (2, 3) canonical px -> grid px
     area_mm2: float  # breast area measured on the canonical mask
     problem: str | None  # a REASONS code when this image cannot be registered
+    skin_line: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 2)))  # (N, 2) grid px
+    skin_distance: np.ndarray | None = None  # float32 grid px: distance of every pixel to the skin line
+    dense_fraction: float = float("nan")  # see `_dense_fraction`
 
 
 def registration_grid(image: np.ndarray, mask: np.ndarray, mm_per_px: float, cfg: PrepConfig) -> RegistrationGrid:
@@ -310,11 +335,73 @@ def grid_from_small(small_image: np.ndarray, small_mask: np.ndarray, to_grid: np
     small_mask = np.asarray(small_mask, np.float32)
     sigma = max(cfg.reg_blur_mm / cfg.reg_mm_per_px, 0.5)
     problem = "empty_mask" if area_mm2 == 0 else "tiny_breast" if area_mm2 < MIN_BREAST_AREA_MM2 else None
+    usable = problem is None
     return RegistrationGrid(
         image=small_image, mask=small_mask, blurred_mask=cv2.GaussianBlur(small_mask, (0, 0), sigma),
-        levels=_pyramid(small_image, small_mask, cfg.reg_mm_per_px) if problem is None else (), to_grid=np.asarray(to_grid, np.float64), area_mm2=area_mm2,
-        problem=problem,
+        levels=_pyramid(small_image, small_mask, cfg.reg_mm_per_px) if usable else (), to_grid=np.asarray(to_grid, np.float64), area_mm2=area_mm2,
+        problem=problem, skin_line=_skin_line(small_mask) if usable else np.zeros((0, 2)),
+        skin_distance=_skin_distance(small_mask) if usable else None,
+        dense_fraction=_dense_fraction(small_image, small_mask, cfg.reg_mm_per_px) if usable else float("nan"),
     )
+
+
+def _skin_line(mask: np.ndarray) -> np.ndarray:
+    """(N, 2) grid px of the anterior skin line: the breast's farthest pixel from the chest wall on every row,
+    except rows where the breast runs off the canvas (top, bottom or the far edge)."""
+    inside = mask > 0.5
+    h, w = inside.shape
+    rows = np.nonzero(inside.any(axis=1))[0]
+    far = w - 1 - np.argmax(inside[rows, ::-1], axis=1)
+    keep = (far < w - 2) & (rows > 1) & (rows < h - 2)
+    return np.stack([far[keep], rows[keep]], axis=1).astype(np.float64)
+
+
+def _skin_distance(mask: np.ndarray) -> np.ndarray:
+    """Distance (grid px) of every pixel to the breast's boundary pixels, where the breast's cut by the canvas
+    edge counts as boundary: where the canvas cuts the breast (MLO axilla, chest wall) the outline says nothing."""
+    inside = (mask > 0.5).astype(np.uint8)
+    eroded = cv2.erode(inside, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    boundary = inside - eroded
+    return cv2.distanceTransform(1 - boundary, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+
+
+def _dense_fraction(image: np.ndarray, mask: np.ndarray, mm_per_px: float) -> float:
+    """Share of the breast interior (DENSITY_INSET_MM inside the skin line) brighter than halfway between its
+    2nd and 98th intensity percentiles: a per-image density estimate, compared between the two sides."""
+    depth = cv2.distanceTransform((mask > 0.99).astype(np.uint8), cv2.DIST_L2, 3) * mm_per_px
+    values = image[depth > DENSITY_INSET_MM]
+    if values.size < MIN_LEVEL_PX**2:
+        return float("nan")
+    lo, hi = np.percentile(values, (2, 98))
+    return float(np.mean(values > 0.5 * (lo + hi)))
+
+
+def _outline_p90_mm(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_affine: np.ndarray,
+                    mm_per_px: float) -> float:
+    """90th percentile distance (mm) from the ipsi skin line mapped through the fit to the contra skin line;
+    points that leave the contra canvas do not count (NaN when too few stay)."""
+    if contra.skin_distance is None or len(ipsi.skin_line) < MIN_LEVEL_PX:
+        return float("nan")
+    mapped = apply_affine(ipsi.skin_line, grid_affine)
+    h, w = contra.skin_distance.shape
+    on = (mapped[:, 0] >= 0) & (mapped[:, 0] <= w - 1) & (mapped[:, 1] >= 0) & (mapped[:, 1] <= h - 1)
+    if on.sum() < MIN_LEVEL_PX:
+        return float("nan")
+    cols, rows = np.round(mapped[on]).astype(int).T
+    return float(np.percentile(contra.skin_distance[rows, cols], 90) * mm_per_px)
+
+
+def _identity_flag(ipsi: RegistrationGrid, contra: RegistrationGrid, ecc_intensity: float) -> str | None:
+    """Pair-identity flags (see IDENTITY_MIN_SHARED): a pair whose breasts disagree beyond what one woman's do."""
+    flags = []
+    if not ecc_intensity >= IDENTITY_MIN_SHARED:
+        flags.append("weak_shared_pattern")
+    ratio = contra.area_mm2 / ipsi.area_mm2
+    if not 1.0 / IDENTITY_MAX_AREA_RATIO <= ratio <= IDENTITY_MAX_AREA_RATIO:
+        flags.append("area_ratio")
+    if abs(ipsi.dense_fraction - contra.dense_fraction) > IDENTITY_MAX_DENSITY_GAP:
+        flags.append("density_gap")
+    return ",".join(flags) or None
 
 
 def _fit_outline(ipsi: RegistrationGrid, contra: RegistrationGrid, cfg: PrepConfig) -> tuple[np.ndarray, str]:
@@ -423,11 +510,14 @@ def _judge(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_affine: np.nda
 
     singular = np.linalg.svd(affine[:, :2], compute_uv=False)
     lo, hi = cfg.scale_bounds
+    outline = _outline_p90_mm(ipsi, contra, grid_affine, cfg.reg_mm_per_px)
     reason = None
     if method == "moments":
         reason = "ecc_failed"  # neither ECC stage converged
     elif not ecc_mask >= MIN_ECC_MASK or not ecc_intensity >= MIN_ECC_SHARED:
         reason = "low_ecc"
+    elif outline > MAX_OUTLINE_P90_MM:
+        reason = "outline_mismatch"
     elif _off_peak(ipsi, contra, grid_affine, ecc_intensity, cfg.reg_mm_per_px):
         reason = "off_peak"
     elif abs(rotation) > cfg.max_rotation_deg:
@@ -439,7 +529,8 @@ def _judge(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_affine: np.nda
     return Registration(
         affine=affine, method=method, ecc_mask=ecc_mask, ecc_intensity=ecc_intensity, dice=float(dice),
         area_ratio=contra.area_mm2 / ipsi.area_mm2, rotation_deg=float(rotation), scale=float(scale),
-        reg_ok=reason is None, reason=reason,
+        reg_ok=reason is None, reason=reason, outline_p90_mm=outline,
+        identity_flag=_identity_flag(ipsi, contra, ecc_intensity),
     )
 
 

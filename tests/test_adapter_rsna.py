@@ -88,11 +88,14 @@ def test_a_bad_cancer_flag_is_a_clear_error(archive, tmp_path):
 def test_build_pairs_complete_views_and_rejects_the_rest_with_reasons(archive, tmp_path):
     summary, tables = tiny_build("rsna-2022", archive[0], tmp_path)
     assert {(p["study_id"], p["view"]) for p in tables["pairs"]} == {
-        ("10006", "CC"), ("10006", "MLO"), ("10011", "CC"), ("10025", "MLO")}
+        ("10006", "CC"), ("10006", "MLO"), ("10011", "CC"), ("10025", "CC"), ("10025", "MLO")}
     assert all(p["reg_ok"] for p in tables["pairs"])
     reasons = {(r["study_id"], r["laterality"], r["view"], r["reason"]) for r in tables["rejects"]}
     assert reasons == {("10011", "L", "MLO", "missing_partner"), ("10025", "R", "AT", "unknown_view"),
-                       ("10025", "L", "CC", "duplicate_view"), ("10025", "R", "CC", "duplicate_view")}
+                       ("10025", "L", "CC", "retake_not_chosen")}
+    # the re-taken L-CC pairs, and pairs.parquet says how its image was chosen
+    assert {(p["study_id"], p["view"]): p["retake_choice"] for p in tables["pairs"]}[("10025", "CC")] == \
+        "first_image_id L1/2 R1/1"
     decoded = {r["image_id"]: r for r in tables["images"] if r["study_id"] == "10006"}
     assert {(r["transfer_syntax"], r["voi_kind"], r["inverted"], r["status"]) for r in decoded.values()} == {
         (JPEG2000Lossless, "sigmoid", True, "ok")}

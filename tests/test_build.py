@@ -42,7 +42,7 @@ def test_build_writes_verified_shards_and_manifests(synth_archive, reference_bui
     rejects = pq.read_table(out / "manifests" / "rejects.parquet").to_pylist()
     truncated = [r for r in rejects if r["image_id"] in truth["traps"]["truncated_file"]]
     assert [(r["stage"], r["reason"]) for r in truncated] == [("decode", "unreadable")]
-    assert {"duplicate_view", "missing_partner", "laterality_disagreement", "for_processing"} <= set(summary["rejects"])
+    assert {"retake_not_chosen", "missing_partner", "laterality_disagreement", "for_processing"} <= set(summary["rejects"])
     build_json = json.loads((out / "manifests" / "build.json").read_text())
     assert build_json["config"] == OPTIONS.to_dict() and build_json["counts"]["n_samples"] == summary["n_samples"]
     wids = json.loads((out / "manifests" / "wids.json").read_text())

@@ -37,14 +37,13 @@ def test_complete_studies_give_one_pair_per_view():
         ("s1", "CC", "L", "R"), ("s1", "MLO", "L", "R"), ("s2", "CC", "L", "R"), ("s2", "MLO", "L", "R")]
 
 
-def test_missing_and_duplicate_views_reject_the_pair_with_their_reason():
+def test_a_missing_view_rejects_the_other_side_and_re_takes_still_pair():
     # VinDr's dbca9d28 study: L-CC twice, R-CC, R-MLO, no L-MLO
-    images = [record("s", "L", "CC", "lcc1"), record("s", "L", "CC", "lcc2"), record("s", "R", "CC", "rcc"),
+    images = [record("s", "L", "CC", "lcc2"), record("s", "L", "CC", "lcc1"), record("s", "R", "CC", "rcc"),
               record("s", "R", "MLO", "rmlo")]
     pairs, rejects = pair_images(images)
-    assert pairs == []
-    assert reasons(rejects) == {"lcc1": "duplicate_view", "lcc2": "duplicate_view", "rcc": "duplicate_view",
-                                "rmlo": "missing_partner"}
+    assert [(l.image_id, r.image_id) for l, r in pairs] == [("lcc1", "rcc")]
+    assert reasons(rejects) == {"lcc2": "retake_not_chosen", "rmlo": "missing_partner"}
 
 
 def test_header_problems_reject_the_image_and_its_partner():
@@ -65,17 +64,15 @@ def test_a_refused_twin_beside_a_usable_image_is_not_a_duplicate():
     pairs, rejects = pair_images(images)
     assert [(l.view, l.image_id, r.image_id) for l, r in pairs] == [("CC", "sLCC", "sRCC"), ("MLO", "sLMLO", "sRMLO")]
     assert reasons(rejects) == {"raw": "for_processing"}
-    # two usable images of one side are still duplicates, whatever else is refused beside them
+    # two usable images of one side are re-takes: one pairs, whatever else is refused beside them
     images.append(record("s", "L", "CC", "again"))
     pairs, rejects = pair_images(images)
-    assert [p[0].view for p in pairs] == ["MLO"]
-    assert reasons(rejects) == {"raw": "for_processing", "sLCC": "duplicate_view", "again": "duplicate_view",
-                                "sRCC": "duplicate_view"}
-    # an image refused only for its missing spacing is usable once a spacing is assumed: then it is a duplicate
+    assert [(l.view, l.image_id, r.image_id) for l, r in pairs] == [("CC", "again", "sRCC"), ("MLO", "sLMLO", "sRMLO")]
+    assert reasons(rejects) == {"raw": "for_processing", "sLCC": "retake_not_chosen"}
+    # an image refused only for its missing spacing is usable once a spacing is assumed: then it is a re-take
     images = four_views("s") + [record("s", "L", "CC", "nospacing", header_error="no_pixel_spacing")]
     assert reasons(pair_images(images)[1]) == {"nospacing": "no_pixel_spacing"}
-    assert reasons(pair_images(images, assume_spacing_mm=0.05)[1]) == {
-        "sLCC": "duplicate_view", "nospacing": "duplicate_view", "sRCC": "duplicate_view"}
+    assert reasons(pair_images(images, assume_spacing_mm=0.05)[1]) == {"sLCC": "retake_not_chosen"}
 
 
 def test_unknown_laterality_is_rejected_not_dropped():
@@ -132,8 +129,15 @@ def test_every_synthetic_trap_is_rejected_with_its_reason(synth_archive, archive
     for study in traps["missing_view"]:
         study_reasons = {r["reason"] for r in archive_plan.rejects if r["study_id"] == study}
         assert "missing_partner" in study_reasons
+    # the re-taken view pairs: one of the side's two images, the other rejected as a re-take not chosen
     for image in traps["duplicate_view"]:
-        assert by_image[image] == {"duplicate_view"}
+        study = next(r.study_id for r in archive_plan.records if r.image_id == image)
+        retakes = [r.image_id for r in archive_plan.records if (r.study_id, r.laterality, r.view) == (study, "L", "CC")]
+        cc = [p for p in archive_plan.pairs if (p.study_id, p.view) == (study, "CC")]
+        assert len(retakes) == 2 and len(cc) == 1 and cc[0].left.image_id in retakes
+        assert cc[0].retake_choice == "first_image_id L1/2 R1/1"
+        unchosen = [i for i in retakes if i != cc[0].left.image_id]
+        assert [by_image.get(i) for i in unchosen] == [{"retake_not_chosen"}]
     for image in traps["wrong_laterality_tag"]:
         assert by_image[image] == {"laterality_disagreement"}
     assert traps["for_processing"]

@@ -256,8 +256,37 @@ def test_qc_rejects_a_deliberately_wrong_affine(realistic, rotation_deg, shift_m
     wrong[:, 2] += np.asarray(shift_mm) / REAL_CFG.mm_per_px
     verdict = judge_affine(left.grid, right.grid, wrong, REAL_CFG)
     assert verdict.dice > 0.9
-    assert not verdict.reg_ok and verdict.reason in {"low_ecc", "off_peak"}
+    assert not verdict.reg_ok and verdict.reason in {"low_ecc", "outline_mismatch", "off_peak"}
     assert judge_affine(left.grid, right.grid, right_fit.affine, REAL_CFG).reg_ok
+
+
+@pytest.mark.parametrize("shift_mm", [(10.0, 0.0), (0.0, -10.0), (7.0, 7.0)])
+def test_the_skin_line_criterion_alone_rejects_a_shifted_fit(realistic, shift_mm):
+    """QC's second criterion, in mm and blind to the shared pattern: the right fit's mapped skin line lies on the
+    other breast's (<= 2.5 mm at the 90th percentile), a fit 10 mm off does not (> MAX_OUTLINE_P90_MM)."""
+    from prep.register import MAX_OUTLINE_P90_MM, judge_affine
+
+    _, canon, _ = realistic
+    left, right = canon["L"], canon["R"]
+    right_fit = register_grids(left.grid, right.grid, REAL_CFG)
+    assert right_fit.outline_p90_mm <= 2.5
+    wrong = right_fit.affine.copy()
+    wrong[:, 2] += np.asarray(shift_mm) / REAL_CFG.mm_per_px
+    verdict = judge_affine(left.grid, right.grid, wrong, REAL_CFG)
+    assert verdict.outline_p90_mm > MAX_OUTLINE_P90_MM and not verdict.reg_ok
+
+
+def test_another_womans_breast_is_rejected_or_flagged(realistic):
+    """Pair identity: this study's L-CC against other studies' R-CC is never silently accepted, and its own pair
+    carries no flag."""
+    from prep.synth.study import make_study
+
+    _, canon, _ = realistic
+    assert register_grids(canon["L"].grid, canon["R"].grid, REAL_CFG).identity_flag is None
+    for seed in (4, 5):
+        other = _canonical_pair(make_study(seed, "small"), "CC")
+        reg = register_grids(canon["L"].grid, other["R"].grid, REAL_CFG)
+        assert not reg.reg_ok or reg.identity_flag, (seed, reg.ecc_intensity, reg.area_ratio)
 
 
 def test_qc_rejects_a_mismatched_pair(realistic):
