@@ -75,6 +75,19 @@ def pretrain_config(cfg: StudyConfig, arm: Arm, seed: int):
     ).validate()  # fmt: skip
 
 
+def ensure_pretrained(config, say: Callable[[str], None] = print) -> bool:
+    """Pretrain one validated `pretrain_config` unless its run already holds an exported encoder (an unfinished
+    run continues from its last.pt); True when it trained."""
+    from train.loop import pretrain
+    from train.models import ENCODER_FILE
+
+    if (Path(config.out) / ENCODER_FILE).is_file():
+        return False
+    say(f"pretrain {Path(config.out).parent.name} seed {config.seed} ({config.steps} steps)")
+    pretrain(config)
+    return True
+
+
 def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     """Pretrain + evaluate every (method, seed) not finished yet, then compare them all."""
     import torch
@@ -82,10 +95,8 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     from prep.io import write_json_atomic
     from train.compare import compare_evaluations
     from train.evaluate import EvalConfig, evaluate_encoder
-    from train.loop import pretrain
     from train.methods import METHODS
     from train.metrics import Bootstrap
-    from train.models import ENCODER_FILE
 
     arms = cfg.study_arms()
     unknown = sorted({arm.method for arm in arms} - set(METHODS))
@@ -101,10 +112,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
         for seed in cfg.seeds:
             run_dir = out / "runs" / arm.name / f"seed{seed}"
             eval_dir = out / "evals" / arm.name / f"seed{seed}"
-            if not (run_dir / ENCODER_FILE).is_file():
-                say(f"pretrain {arm.name} seed {seed} ({cfg.steps} steps)")
-                pretrain(configs[arm.name, seed])
-                done["pretrained"] += 1
+            done["pretrained"] += ensure_pretrained(configs[arm.name, seed], say)
             if (eval_dir / "metrics.json").is_file():
                 done["skipped"] += 1
                 continue

@@ -127,7 +127,7 @@ def censor(ln_c75: np.ndarray, auc: np.ndarray, log_c: np.ndarray) -> tuple[np.n
 class CDResult:
     cells: pd.DataFrame  # method, kind, diameter_mm, contrast, contrast_x, n_trials, n_studies, auc, auc_lo, auc_hi
     thresholds: pd.DataFrame  # method, kind, diameter_mm, c75, c75_lo, c75_hi, censored, lo_censored, hi_censored, slope
-    deltas: pd.DataFrame  # a, b, kind, diameter_mm ("all" = mean over diameters), delta_ln_c75, ci_lo, ci_hi, p, p_holm
+    deltas: pd.DataFrame  # a, b, kind, diameter_mm ("all" = mean over diameters), delta_ln_c75, CI, sd, p, family, p_holm
     cell_size: dict
     n_studies: int
     n_boot: int
@@ -164,8 +164,8 @@ def analyse(table: pd.DataFrame, cfg: CDConfig = CDConfig(),
     `table` columns: trial_id, study (the background / twin study: the resampling unit), kind, diameter_mm,
     contrast (the cell's requested contrast), method, score_on, score_off, and optionally contrast_measured
     (then each curve is fitted against the cell's median measured contrast). `comparisons`: (a, b) method
-    pairs for Δ ln c75 = ln c75(a) - ln c75(b); all of them, per diameter and as the mean over diameters of a
-    kind, are one Holm family.
+    pairs for Δ ln c75 = ln c75(a) - ln c75(b), per diameter and as the mean over a kind's diameters (the
+    headline rows, one Holm family; the per-diameter rows are another).
     """
     table = check_table(table)
     methods = sorted(table["method"].unique())
@@ -239,8 +239,11 @@ def analyse(table: pd.DataFrame, cfg: CDConfig = CDConfig(),
 
 def paired_deltas(held: np.ndarray, methods, kinds, diameters, comparisons, cfg: CDConfig) -> pd.DataFrame:
     """Δ ln c75 = ln c75(a) - ln c75(b) on the same resamples, per diameter and averaged over a kind's diameters
-    (negative: a detects at lower contrast). Two-sided bootstrap p = 2 min(P(Δ* <= 0), P(Δ* >= 0)) with the
-    (count + 1) / (B + 1) correction; Holm over every row."""
+    (negative: a detects at lower contrast). CI: percentile; p: two-sided, normal reference with the bootstrap
+    SD (as `train.metrics.paired_auc_test`; no resolution floor of 1 / n_boot). Holm families: the headline rows
+    (mean over diameters: one per comparison and kind), and separately all per-diameter rows."""
+    from scipy import stats
+
     index = {m: i for i, m in enumerate(methods)}
     rows = []
     for a, b in comparisons:
@@ -253,15 +256,21 @@ def paired_deltas(held: np.ndarray, methods, kinds, diameters, comparisons, cfg:
             if valid.any():
                 series.append(("all", diff[ki, valid].mean(0)))
             for diameter, values in series:
-                boot = values[1:]
-                n = len(boot)
-                p = min(1.0, 2 * min(((boot <= 0).sum() + 1) / (n + 1), ((boot >= 0).sum() + 1) / (n + 1)))
+                boot = values[1:][np.isfinite(values[1:])]
+                sd = float(boot.std(ddof=1)) if len(boot) > 1 else np.nan
+                if sd > 0:
+                    p = float(2 * stats.norm.sf(abs(values[0]) / sd))
+                else:
+                    p = 1.0 if values[0] == 0 else (0.0 if sd == 0 else np.nan)
                 interval = percentile_ci(boot, cfg.level) or [np.nan, np.nan]
                 rows.append({"a": a, "b": b, "kind": kind, "diameter_mm": diameter, "delta_ln_c75": float(values[0]),
-                             "ratio_c75": float(np.exp(values[0])), "ci_lo": interval[0], "ci_hi": interval[1], "p": p})
+                             "ratio_c75": float(np.exp(values[0])), "ci_lo": interval[0], "ci_hi": interval[1],
+                             "sd": sd, "p": p, "family": "headline" if diameter == "all" else "per diameter"})
     frame = pd.DataFrame(rows, columns=["a", "b", "kind", "diameter_mm", "delta_ln_c75", "ratio_c75", "ci_lo",
-                                        "ci_hi", "p"])
-    frame["p_holm"] = holm(frame["p"].tolist()) if len(frame) else []
+                                        "ci_hi", "sd", "p", "family"])
+    frame["p_holm"] = np.nan
+    for _, members in frame.groupby("family").groups.items():
+        frame.loc[members, "p_holm"] = holm(frame.loc[members, "p"].fillna(1.0).tolist())
     return frame
 
 
