@@ -19,8 +19,17 @@ STUDY_OUT ?= $(STUDY_DIR)/study
 ABLATION_STEPS ?= 300
 ABLATION_SEEDS ?= 0 1 2
 ABLATION_CURVE ?= 60 300 1000
+# contrast-detail benchmark (docs/CONTRAST_DETAIL.md): archive seed and size, trials per cell, pretraining budget
+CD_DIR ?= cd
+CD_SEED ?= 0
+CD_SIZE ?= small
+CD_TRIALS ?= 45
+CD_STEPS ?= 300
+CD_TRAIN_SEED ?= 0
+CD_METHODS ?= random siamese-hard siamese-soft simclr ld
+CD_BOOT ?= 2000
 
-.PHONY: venv demo test bench study ablation clean-demo
+.PHONY: venv demo test bench study ablation cd clean-demo
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -54,6 +63,13 @@ ablation: venv
 	$(BIN)/python -m pipelines.ablation --shards $(STUDY_DIR)/shards --manifests $(STUDY_DIR)/manifests \
 		--out $(STUDY_DIR)/ablation --steps $(ABLATION_STEPS) $(foreach s,$(ABLATION_SEEDS),--seeds $(s)) \
 		$(foreach n,$(ABLATION_CURVE),--curve-steps $(n))
+
+# the contrast-detail benchmark: archive -> shards -> pretrain each method once -> matched trial patches -> scores
+# -> $(CD_DIR)/cd.md, cd_curves.png, cd.json; resumes when rerun.
+cd: venv
+	$(BIN)/python -m pipelines.contrast_detail --out $(CD_DIR) --seed $(CD_SEED) --size $(CD_SIZE) \
+		--trials-per-cell $(CD_TRIALS) --steps $(CD_STEPS) --train-seed $(CD_TRAIN_SEED) \
+		$(foreach m,$(CD_METHODS),--methods $(m)) --n-boot $(CD_BOOT)
 
 bench: venv
 	$(BIN)/python benchmarks/prep_bench.py

@@ -55,6 +55,7 @@ class CDJobConfig:
     steps: int = 300
     batch_size: int = 32
     backbone: str = "resnet18"
+    crop_px: int | None = None  # training crop; None: train pretrain's rule (7/8 of the patch)
     train_seed: int = 0
     num_workers: int = 1
     pretrain_overrides: dict = field(default_factory=dict)
@@ -110,7 +111,7 @@ def study_config(cfg: CDJobConfig, shards: Path, manifests: Path):
 
     return StudyConfig(shards=str(shards), manifests=str(manifests), out=str(Path(cfg.out)), seeds=(cfg.train_seed,),
                        methods=cfg.methods, steps=cfg.steps, batch_size=cfg.batch_size, backbone=cfg.backbone,
-                       num_workers=cfg.num_workers, device=cfg.device, pretrain_overrides=dict(cfg.pretrain_overrides))
+                       crop_px=cfg.crop_px, num_workers=cfg.num_workers, device=cfg.device, pretrain_overrides=dict(cfg.pretrain_overrides))
 
 
 def pretrain_all(cfg: CDJobConfig, shards: Path, manifests: Path, say: Callable[[str], None]) -> dict[str, Path]:
