@@ -182,16 +182,19 @@ def pixel_baseline_scores(patches: dict) -> dict[str, tuple[np.ndarray, np.ndarr
             for name in PIXEL_METHODS}
 
 
-def matched_filter_scores(trials: pd.DataFrame, patches: dict, mm_per_px: float) -> tuple[np.ndarray, np.ndarray]:
-    """The reference that sees the lesion: cdgen's matched filter with each trial's own template on the ipsi
-    patch (lesion-on vs twin), at the first (centred) position."""
+def matched_filter_scores(patches: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The reference that sees the lesion: cdgen's matched filter (`prep.synth.contrast_detail.
+    matched_filter_score`) with each trial's own template, its lesion-on minus twin ipsi patch, applied to both
+    ipsi patches at the centred position. Not a method: it anchors each cell's difficulty."""
     from prep.synth.contrast_detail import matched_filter_score
 
-    rows = trials.set_index("trial_id").loc[patches["trial_id"]].reset_index()
+    on_patches = patches["ipsi_on"][:, 0].astype(np.float64)
+    off_patches = patches["ipsi_off"][:, 0].astype(np.float64)
     on, off = [], []
-    for i, trial in enumerate(rows.to_dict("records")):
-        on.append(matched_filter_score(patches["ipsi_on"][i, 0], trial, mm_per_px))
-        off.append(matched_filter_score(patches["ipsi_off"][i, 0], trial, mm_per_px))
+    for lesion_on, twin in zip(on_patches, off_patches):
+        template = lesion_on - twin
+        on.append(matched_filter_score(lesion_on, template))
+        off.append(matched_filter_score(twin, template))
     return np.asarray(on, float), np.asarray(off, float)
 
 
@@ -237,7 +240,7 @@ def score_all(cfg: CDJobConfig, runs: dict[str, Path], trials: pd.DataFrame, pat
             scored(method + HEAD_SUFFIX, lambda: encoder_scores(stacked, patches, cfg.embed_batch, device))
     for name, pair in pixel_baseline_scores(patches).items():
         scored(name, lambda pair=pair: pair)
-    scored(MATCHED_FILTER, lambda: matched_filter_scores(trials, patches, cfg.mm_per_px))
+    scored(MATCHED_FILTER, lambda: matched_filter_scores(patches))
 
     keep = ["trial_id", "twin_study_id", "kind", "diameter_mm", "contrast_requested", "contrast_measured", "density"]
     info = trials[[c for c in keep if c in trials.columns]].rename(
