@@ -101,7 +101,13 @@ def fit_power_law_beta(patches: np.ndarray, f_min: float = 1 / 64, f_max: float 
 
 def quantum_noise(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """Signal-dependent noise (variance proportional to the signal, as photon counts); zero stays zero."""
-    noisy = image + sigma * np.sqrt(np.clip(image, 0.0, None)) * rng.standard_normal(image.shape).astype(np.float32)
+    return apply_quantum_noise(image, sigma, rng.standard_normal(image.shape).astype(np.float32))
+
+
+def apply_quantum_noise(image: np.ndarray, sigma: float, draws: np.ndarray) -> np.ndarray:
+    """`quantum_noise` with its standard-normal `draws` given: the same draws on an image that differs only
+    inside a region give an image that differs only inside that region (a lesion-on / lesion-off twin)."""
+    noisy = image + sigma * np.sqrt(np.clip(image, 0.0, None)) * draws
     return np.clip(noisy, 0.0, 1.0).astype(np.float32)
 
 

@@ -232,6 +232,132 @@ def _box_cell(value: float) -> str:
     return f"{value:.2f}"
 
 
+class ArchiveWriter:
+    """Writes studies into one VinDr-layout archive: DICOMs, mask PNGs and the rows of the three CSVs and of
+    truth.json, accumulated in call order (`add_study`), then the CSVs, LICENSE, truth.json and SHA256SUMS
+    (`finish`). Shared by `write_archive` and the contrast-detail archive (`prep.synth.contrast_detail`)."""
+
+    def __init__(self, out: Path, summary: ArchiveSummary):
+        self.out = out
+        self.summary = summary
+        self.breast_rows: list[list] = []
+        self.finding_rows: list[list] = []
+        self.metadata_rows: list[list] = []
+        self.truth_images: dict[str, dict] = {}
+        self.truth_pairs: list[dict] = []
+        self.intact_sha: dict[str, str] = {}
+
+    def add_study(
+        self, study: SynthStudy, *, study_uid: str, series_uid: str, sop_uids: list[str], encodings: list[dict],
+        split: str, vendor: str, patient_id: str, age: int, image_traps: list[str | None] | None = None,
+        lesion_masks: list | None = None,
+    ) -> tuple[str, list[str]]:
+        """Write one study; returns (study_id, image ids in `study.images` order).
+
+        image_traps: per image, the data-quality trap it carries (`TRAP_KINDS`) or None.
+        lesion_masks: per image, the mask to store under ground_truth/masks/ (default: the image's own)."""
+        study_id, series_id = _md5(study_uid), _md5(series_uid)
+        manufacturer, model, _ = DEVICES[vendor]
+        first_of: dict[tuple[str, str], str] = {}
+        image_ids = []
+        traps = image_traps or [None] * len(study.images)
+        masks = lesion_masks or [img.lesion_mask for img in study.images]
+        for img, enc, sop_uid, trap, lesion_mask in zip(study.images, encodings, sop_uids, traps, masks):
+            image_id = _md5(sop_uid)
+            image_ids.append(image_id)
+            first_of.setdefault((img.laterality, img.view), image_id)
+            ds = to_dicom_dataset(
+                img.image, img.spacing_mm, photometric=enc["photometric"], transfer_syntax=enc["transfer_syntax"],
+                voi=enc["voi"], bits_stored=enc["bits_stored"], rescale=enc["rescale"], lut_gamma=enc["lut_gamma"],
+                padding_mask=img.image <= 0, laterality="L" if trap == "wrong_laterality_tag" else img.laterality,
+                view=img.view, manufacturer=manufacturer, model=model,
+                presentation_intent="FOR PROCESSING" if trap == "for_processing" else "FOR PRESENTATION",
+                study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, patient_id=patient_id,
+                patient_age=f"{age:03d}Y")
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            data = buf.getvalue()
+            rel = f"images/{study_id}/{image_id}.dicom"
+            self.intact_sha[rel] = hashlib.sha256(data).hexdigest()
+            if trap == "truncated_file":
+                data = data[: len(data) // 2]  # an interrupted copy: listed in the CSVs, undecodable
+            write_bytes_atomic(self.out / rel, data)
+            self.summary.images += 1
+            self.summary.bytes += len(data)
+            self.summary.transfer_syntaxes[ds.file_meta.TransferSyntaxUID.name] += 1
+            self.summary.photometrics[enc["photometric"]] += 1
+            self.summary.voi_kinds[enc["voi"]] += 1
+
+            rows, cols = img.image.shape
+            common = [study_id, series_id, image_id, img.laterality, img.view, rows, cols,
+                      study.breast_birads[img.laterality], f"DENSITY {study.density}"]
+            self.breast_rows.append([*common, split])
+            for f in img.findings:
+                self.summary.findings[f["category"]] += 1
+                self.finding_rows.append([*common, str([f["category"]]), f["birads"], *(
+                    _box_cell(f[k]) for k in ("xmin", "ymin", "xmax", "ymax")), split])
+            if not img.findings:
+                self.finding_rows.append([*common, "['No Finding']", "", "", "", "", "", split])
+            self.metadata_rows.append(metadata_row(ds, image_id, series_id))
+
+            mask_rel = None
+            if lesion_mask is not None and lesion_mask.any():
+                mask_rel = f"masks/{image_id}.png"
+                self.write_mask(mask_rel, lesion_mask)
+            self.truth_images[image_id] = {
+                "study_id": study_id, "laterality": img.laterality, "view": img.view,
+                "stored_chest_wall": img.stored_chest_wall, "spacing_mm": [img.spacing_mm, img.spacing_mm],
+                "photometric": enc["photometric"], "transfer_syntax": str(enc["transfer_syntax"]),
+                "lesion_mask": mask_rel, "lesion_kind": img.lesion_kind,
+                "findings": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in f.items()}
+                             for f in img.findings],
+            }
+        for view, points in study.correspondences.items():
+            self.truth_pairs.append({
+                "study_id": study_id, "view": view, "left_image_id": first_of[("L", view)],
+                "right_image_id": first_of[("R", view)],
+                "correspondences": np.round(points, 3).tolist(),
+            })
+        return study_id, image_ids
+
+    def write_mask(self, rel: str, mask: np.ndarray) -> None:
+        """A boolean mask as ground_truth/<rel> (uint8 PNG, 255 = inside)."""
+        ok, png = cv2.imencode(".png", mask.astype(np.uint8) * 255)
+        if not ok:
+            raise SynthError("mask_encode_failed", rel)
+        write_bytes_atomic(self.out / "ground_truth" / rel, png.tobytes())
+
+    def finish(self, truth: dict) -> None:
+        """The CSVs, LICENSE, ground_truth/truth.json (`truth` plus the images and pairs) and SHA256SUMS."""
+        out = self.out
+        write_bytes_atomic(out / "breast-level_annotations.csv", _csv_bytes(BREAST_LEVEL_COLUMNS, self.breast_rows))
+        write_bytes_atomic(out / "finding_annotations.csv", _csv_bytes(FINDING_COLUMNS, self.finding_rows))
+        write_bytes_atomic(out / "metadata.csv", _csv_bytes(METADATA_COLUMNS, self.metadata_rows))
+        write_bytes_atomic(out / "LICENSE.txt", _LICENSE.encode())
+        truth = {**truth, "images": self.truth_images, "pairs": self.truth_pairs}
+        write_bytes_atomic(out / "ground_truth" / "truth.json", json.dumps(truth, indent=1, sort_keys=True).encode())
+        # checksums of the archive as released: a truncated copy fails verification, as it would on VinDr
+        sums = []
+        for path in sorted(p for p in out.rglob("*") if p.is_file()):
+            rel = path.relative_to(out).as_posix()
+            if rel == "SHA256SUMS.txt" or rel.startswith("ground_truth/"):
+                continue
+            sums.append(f"{self.intact_sha.get(rel) or hashlib.sha256(path.read_bytes()).hexdigest()}  {rel}\n")
+        write_bytes_atomic(out / "SHA256SUMS.txt", "".join(sums).encode())
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse a non-empty `out` unless `overwrite` (then clear the generated folders); create it."""
+    if out.exists() and not out.is_dir():
+        raise SynthError("out_not_dir", f"{out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise SynthError("out_not_empty", f"{out} is not empty (pass --overwrite to replace an archive)")
+        for name in ("images", "ground_truth"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
 def write_archive(
     out: Path | str,
     n_studies: int = DEFAULT_STUDIES,
@@ -255,24 +381,14 @@ def write_archive(
         raise SynthError("bad_size", f"--size must be one of {SIZES}, got {size!r}")
     if not 0.0 <= prevalence <= 1.0:
         raise SynthError("bad_prevalence", f"--lesion-prevalence must be in [0, 1], got {prevalence}")
-    if out.exists() and not out.is_dir():
-        raise SynthError("out_not_dir", f"{out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise SynthError("out_not_empty", f"{out} is not empty (pass --overwrite to replace an archive)")
-        for name in ("images", "ground_truth"):
-            shutil.rmtree(out / name, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out(out, overwrite)
 
     plans = plan_studies(n_studies, seed, prevalence)
     encodings = _image_encodings(plans, seed)
     summary = ArchiveSummary(out=out, studies=n_studies)
+    writer = ArchiveWriter(out, summary)
     traps: dict[str, list[str]] = {k: [] for k in (*TRAP_KINDS, "bilateral_benign")}
     benign_asymmetry: list[str] = []  # image ids showing an unlabelled benign focal asymmetry
-    breast_rows, finding_rows, metadata_rows = [], [], []
-    truth_images: dict[str, dict] = {}
-    truth_pairs: list[dict] = []
-    intact_sha: dict[str, str] = {}
 
     for plan in plans:
         study: SynthStudy = make_study(
@@ -280,111 +396,49 @@ def write_archive(
             bilateral_benign=plan.bilateral_benign, box_outside=plan.trap == "box_outside",
             images=_study_images(plan), alt_shape_right=plan.alt_shape_right,
             benign_asymmetry=plan.benign_asymmetry, film=film)
-        study_uid = _uid(seed, plan.index, "study")
-        series_uid = _uid(seed, plan.index, "series")
-        study_id, series_id = _md5(study_uid), _md5(series_uid)
+        image_traps = _image_traps(plan, study)
+        study_id, image_ids = writer.add_study(
+            study, study_uid=_uid(seed, plan.index, "study"), series_uid=_uid(seed, plan.index, "series"),
+            sop_uids=[_uid(seed, plan.index, "image", j) for j in range(len(study.images))],
+            encodings=encodings[plan.index], split=plan.split, vendor=plan.vendor,
+            patient_id=f"{PLANTED_PATIENT_ID}{seed:04d}{plan.index:05d}", age=plan.age, image_traps=image_traps)
         if plan.trap == "missing_view":
             traps["missing_view"].append(study_id)
         if plan.bilateral_benign:
             traps["bilateral_benign"].append(study_id)
-        manufacturer, model, _ = DEVICES[plan.vendor]
-        first_of: dict[tuple[str, str], str] = {}
-        seen: Counter = Counter()
-        for j, (img, enc) in enumerate(zip(study.images, encodings[plan.index])):
-            sop_uid = _uid(seed, plan.index, "image", j)
-            image_id = _md5(sop_uid)
-            key = (img.laterality, img.view)
-            seen[key] += 1
-            first_of.setdefault(key, image_id)
-            tag_laterality = img.laterality
-            trap = None
-            if plan.trap == "duplicate_view" and key == ("L", "CC") and seen[key] == 2:
-                trap = "duplicate_view"
-            elif plan.trap == "wrong_laterality_tag" and key == ("R", "CC"):
-                trap, tag_laterality = "wrong_laterality_tag", "L"
-            elif plan.trap == "truncated_file" and key == ("R", "MLO"):
-                trap = "truncated_file"
-            elif plan.trap == "for_processing" and key == ("L", "CC"):
-                trap = "for_processing"
-            elif plan.trap == "box_outside" and img.findings:
-                trap = "box_outside"
+        for img, image_id, trap in zip(study.images, image_ids, image_traps):
             if trap:
                 traps[trap].append(image_id)
             if study.benign_asymmetry_side == img.laterality:
                 benign_asymmetry.append(image_id)
-            ds = to_dicom_dataset(
-                img.image, img.spacing_mm, photometric=enc["photometric"], transfer_syntax=enc["transfer_syntax"],
-                voi=enc["voi"], bits_stored=enc["bits_stored"], rescale=enc["rescale"], lut_gamma=enc["lut_gamma"],
-                padding_mask=img.image <= 0, laterality=tag_laterality, view=img.view, manufacturer=manufacturer,
-                model=model, presentation_intent="FOR PROCESSING" if trap == "for_processing" else "FOR PRESENTATION",
-                study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid,
-                patient_id=f"{PLANTED_PATIENT_ID}{seed:04d}{plan.index:05d}", patient_age=f"{plan.age:03d}Y")
-            buf = io.BytesIO()
-            ds.save_as(buf, enforce_file_format=True)
-            data = buf.getvalue()
-            rel = f"images/{study_id}/{image_id}.dicom"
-            intact_sha[rel] = hashlib.sha256(data).hexdigest()
-            if trap == "truncated_file":
-                data = data[: len(data) // 2]  # an interrupted copy: listed in the CSVs, undecodable
-            write_bytes_atomic(out / rel, data)
-            summary.images += 1
-            summary.bytes += len(data)
-            summary.transfer_syntaxes[ds.file_meta.TransferSyntaxUID.name] += 1
-            summary.photometrics[enc["photometric"]] += 1
-            summary.voi_kinds[enc["voi"]] += 1
-
-            rows, cols = img.image.shape
-            common = [study_id, series_id, image_id, img.laterality, img.view, rows, cols,
-                      study.breast_birads[img.laterality], f"DENSITY {study.density}"]
-            breast_rows.append([*common, plan.split])
-            for f in img.findings:
-                summary.findings[f["category"]] += 1
-                finding_rows.append([*common, str([f["category"]]), f["birads"], *(
-                    _box_cell(f[k]) for k in ("xmin", "ymin", "xmax", "ymax")), plan.split])
-            if not img.findings:
-                finding_rows.append([*common, "['No Finding']", "", "", "", "", "", plan.split])
-            metadata_rows.append(metadata_row(ds, image_id, series_id))
-
-            mask_rel = None
-            if img.lesion_mask is not None and img.lesion_mask.any():
-                mask_rel = f"masks/{image_id}.png"
-                ok, png = cv2.imencode(".png", img.lesion_mask.astype(np.uint8) * 255)
-                if not ok:
-                    raise SynthError("mask_encode_failed", image_id)
-                write_bytes_atomic(out / "ground_truth" / mask_rel, png.tobytes())
-            truth_images[image_id] = {
-                "study_id": study_id, "laterality": img.laterality, "view": img.view,
-                "stored_chest_wall": img.stored_chest_wall, "spacing_mm": [img.spacing_mm, img.spacing_mm],
-                "photometric": enc["photometric"], "transfer_syntax": str(enc["transfer_syntax"]),
-                "lesion_mask": mask_rel, "lesion_kind": img.lesion_kind,
-                "findings": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in f.items()}
-                             for f in img.findings],
-            }
-        for view, points in study.correspondences.items():
-            truth_pairs.append({
-                "study_id": study_id, "view": view, "left_image_id": first_of[("L", view)],
-                "right_image_id": first_of[("R", view)],
-                "correspondences": np.round(points, 3).tolist(),
-            })
         if on_study:
             on_study(plan.index + 1, n_studies)
 
-    write_bytes_atomic(out / "breast-level_annotations.csv", _csv_bytes(BREAST_LEVEL_COLUMNS, breast_rows))
-    write_bytes_atomic(out / "finding_annotations.csv", _csv_bytes(FINDING_COLUMNS, finding_rows))
-    write_bytes_atomic(out / "metadata.csv", _csv_bytes(METADATA_COLUMNS, metadata_rows))
-    write_bytes_atomic(out / "LICENSE.txt", _LICENSE.encode())
-    truth = {"seed": seed, "size": size, "generator_version": GENERATOR_VERSION, "film": film,
-             "lesion_prevalence": prevalence, "images": truth_images, "pairs": truth_pairs, "traps": traps,
-             "normal_variants": {"benign_focal_asymmetry": benign_asymmetry}}
-    write_bytes_atomic(out / "ground_truth" / "truth.json", json.dumps(truth, indent=1, sort_keys=True).encode())
-    # checksums of the archive as released: a truncated copy fails verification, as it would on VinDr
-    sums = []
-    for path in sorted(p for p in out.rglob("*") if p.is_file()):
-        rel = path.relative_to(out).as_posix()
-        if rel == "SHA256SUMS.txt" or rel.startswith("ground_truth/"):
-            continue
-        sums.append(f"{intact_sha.get(rel) or hashlib.sha256(path.read_bytes()).hexdigest()}  {rel}\n")
-    write_bytes_atomic(out / "SHA256SUMS.txt", "".join(sums).encode())
+    writer.finish({"seed": seed, "size": size, "generator_version": GENERATOR_VERSION, "film": film,
+                   "lesion_prevalence": prevalence, "traps": traps,
+                   "normal_variants": {"benign_focal_asymmetry": benign_asymmetry}})
     summary.traps = {k: len(v) for k, v in traps.items()}
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _image_traps(plan: StudyPlan, study: SynthStudy) -> list[str | None]:
+    """Per image of a planned study, the data-quality trap it carries, or None."""
+    seen: Counter = Counter()
+    out = []
+    for img in study.images:
+        key = (img.laterality, img.view)
+        seen[key] += 1
+        trap = None
+        if plan.trap == "duplicate_view" and key == ("L", "CC") and seen[key] == 2:
+            trap = "duplicate_view"
+        elif plan.trap == "wrong_laterality_tag" and key == ("R", "CC"):
+            trap = "wrong_laterality_tag"
+        elif plan.trap == "truncated_file" and key == ("R", "MLO"):
+            trap = "truncated_file"
+        elif plan.trap == "for_processing" and key == ("L", "CC"):
+            trap = "for_processing"
+        elif plan.trap == "box_outside" and img.findings:
+            trap = "box_outside"
+        out.append(trap)
+    return out

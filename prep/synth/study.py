@@ -57,15 +57,33 @@ _MAX_ELASTIC_MM = 2.0  # per side: what the best L/R affine cannot absorb (measu
 _BODY_MARGIN_MM = 45.0
 
 
-def image_geometry(vendor: str, size: str, alt_shape: bool = False) -> tuple[int, int, float]:
-    """(rows, cols, spacing_mm) of a vendor's detector at `size` ('full' or 'small' = 1/5 pixels)."""
+def image_geometry(vendor: str, size: str, alt_shape: bool = False,
+                   spacing_mm: float | None = None) -> tuple[int, int, float]:
+    """(rows, cols, spacing_mm) of a vendor's detector at `size` ('full' or 'small' = 1/5 pixels); with
+    `spacing_mm`, the detector's physical field sampled at that spacing instead (`size` is then ignored)."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     shapes = DEVICES[vendor][2]
     rows, cols, spacing = shapes[1 if alt_shape and len(shapes) > 1 else 0]
+    if spacing_mm is not None:
+        return int(round(rows * spacing / spacing_mm)), int(round(cols * spacing / spacing_mm)), float(spacing_mm)
     if size == "small":
         return int(round(rows / SMALL_FACTOR)), int(round(cols / SMALL_FACTOR)), spacing * SMALL_FACTOR
     return rows, cols, spacing
+
+
+@dataclass
+class RenderLayers:
+    """What a lesion needs to be composited into a rendered view afterwards (`make_study(keep_layers=True)`),
+    all in the side's canonical orientation (chest wall at x = 0): the image before quantum noise, the noise's
+    standard-normal draws, the image after noise (before mirroring and artefacts), the pectoral muscle, and
+    every breast pixel's distance from the skin line (mm)."""
+
+    clean: np.ndarray
+    noise_draws: np.ndarray
+    noisy: np.ndarray
+    pectoral: np.ndarray
+    inside_mm: np.ndarray
 
 
 @dataclass
@@ -81,6 +99,7 @@ class SynthImage:
     spacing_mm: float
     stored_chest_wall: str  # "left" for L, "right" for R
     lesion_kind: str | None = None  # e.g. "spiculated mass", "calcification cluster" (None: no finding)
+    layers: RenderLayers | None = None  # only with make_study(keep_layers=True)
 
 
 @dataclass
@@ -300,6 +319,8 @@ def make_study(
     artefacts: bool = True,
     benign_asymmetry: bool = False,
     film: bool = False,
+    spacing_mm: float | None = None,
+    keep_layers: bool = False,
 ) -> SynthStudy:
     """Render one study in memory (no DICOM, no files).
 
@@ -314,6 +335,10 @@ def make_study(
     film: a digitised screen-film look like the CBIS-DDSM films: film base and grain instead of a clean
       background, a scanner border and a burned-in film label ("LCC", "RMLO"); replaces the digital
       artefacts. Geometry, masks and correspondences are unchanged.
+    spacing_mm: sample the detector's physical field at this spacing instead of `size`'s (e.g. 0.1 mm/px,
+      where calcifications are resolvable).
+    keep_layers: each image keeps its `RenderLayers` (for compositing controlled lesions afterwards,
+      `prep.synth.contrast_detail`); the rendered arrays do not change.
     """
     rng = np.random.default_rng(rng_seed)
     if finding is not None and finding not in CATEGORIES:
@@ -333,7 +358,7 @@ def make_study(
         view_images = [(lat, v) for lat, v in images if v == view]
         if not view_images:
             continue
-        geom = {lat: image_geometry(vendor, size, alt_shape_right and lat == "R") for lat in ("L", "R")}
+        geom = {lat: image_geometry(vendor, size, alt_shape_right and lat == "R", spacing_mm) for lat in ("L", "R")}
         spacing = geom["L"][2]
         rows_max = max(g[0] for g in geom.values())
         cols_max = max(g[1] for g in geom.values())
@@ -416,7 +441,9 @@ def make_study(
                 dots = np.stack([bx / spacing, by / spacing], 1)
                 radii = benign_dots[2] / 2 / spacing
                 image = _composite(image, 0.95 * anatomy.calcification_layer((rows, cols), dots, radii), "max", breast)
-            image = anatomy.quantum_noise(image, _QUANTUM_NOISE, rng)
+            draws = rng.standard_normal(image.shape).astype(np.float32)
+            clean, image = image, anatomy.apply_quantum_noise(image, _QUANTUM_NOISE, draws)
+            layers = RenderLayers(clean, draws, image, pectoral, distance) if keep_layers else None
             if lat not in first_canonical:
                 first_canonical[lat] = (transform, breast)
             if lat == "R":  # VinDr stores R breasts with the chest wall on the right edge
@@ -433,7 +460,7 @@ def make_study(
                                        np.ascontiguousarray(breast), None if lesion_mask is None
                                        else np.ascontiguousarray(lesion_mask), findings, spacing,
                                        "right" if lat == "R" else "left",
-                                       lesion.params["kind"] if has_lesion and findings else None))
+                                       lesion.params["kind"] if has_lesion and findings else None, layers))
         if "L" in first_canonical and "R" in first_canonical:
             (t_l, mask_l), (t_r, mask_r) = first_canonical["L"], first_canonical["R"]
             correspondences[view] = _correspondences(t_l, t_r, mask_l, mask_r, spacing, rng)
