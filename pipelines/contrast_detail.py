@@ -21,6 +21,7 @@ Every stage resumes: a finished stage (its output present) is skipped, so a reru
 from __future__ import annotations
 
 import io
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ MATCHED_FILTER = "matched_filter"
 SUPERVISED = "supervised"
 HEAD_SUFFIX = "/head"
 ARCHIVE_DONE = "archive.json"  # written after the generator returns: the archive is complete
+TIMINGS_FILE = "timings.json"  # seconds of every stage that did work, and of every method's scoring
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,7 @@ def comparisons_for(methods: list[str]) -> list[tuple[str, str]]:
 
 
 def run_contrast_detail(cfg: CDJobConfig, say: Callable[[str], None] = print) -> dict:
-    from pipelines.cd_extract import extract_patches
+    from pipelines.cd_extract import PATCHES_FILE, extract_patches
     from prep.io import write_bytes_atomic, write_json_atomic
     from train.cd_report import plot_curves, render_markdown
     from train.contrast_detail import CDConfig, analyse
@@ -272,23 +274,36 @@ def run_contrast_detail(cfg: CDJobConfig, say: Callable[[str], None] = print) ->
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "cd_job.json", asdict(cfg))
-    stage_seconds = {}
+    timings_path = out / TIMINGS_FILE
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {"stages": {}, "score": {}}
 
-    def stage(name: str, fn):
-        t = time.perf_counter()
+    def stage(name: str, done: Callable[[], bool], fn):
+        """Run a stage; its seconds are recorded only when it did work, so a resumed run keeps the costs."""
         say(f"== {name}")
+        finished_before = done()
+        t = time.perf_counter()
         result = fn()
-        stage_seconds[name] = time.perf_counter() - t
+        if not finished_before:
+            timings["stages"][name] = time.perf_counter() - t
+            write_json_atomic(timings_path, timings)
         return result
 
-    archive = stage("synthesize", lambda: synthesize(cfg, say))
-    shards, manifests = stage("build", lambda: build(cfg, archive, say))
-    runs = stage("pretrain", lambda: pretrain_all(cfg, shards, manifests, say))
+    from train.models import ENCODER_FILE
+
+    archive = stage("synthesize", (out / ARCHIVE_DONE).is_file, lambda: synthesize(cfg, say))
+    shards, manifests = stage("build", (out / "manifests" / "build.json").is_file, lambda: build(cfg, archive, say))
+    runs = stage("pretrain", lambda: all((out / "runs" / m / f"seed{cfg.train_seed}" / ENCODER_FILE).is_file()
+                                         for m in cfg.methods), lambda: pretrain_all(cfg, shards, manifests, say))
     _, supervised_note = supervised_ceiling(cfg, shards, manifests, say)
     trials = test_trials(archive)
-    table, patches = stage("extract", lambda: extract_patches(trials, archive, out / "patches", prep_config(cfg),
-                                                               jitter=cfg.jitter, workers=cfg.workers, say=say))
-    scores, score_seconds = stage("score", lambda: score_all(cfg, runs, table, patches, say))
+    table, patches = stage("extract", (out / "patches" / PATCHES_FILE).is_file,
+                           lambda: extract_patches(trials, archive, out / "patches", prep_config(cfg),
+                                                   jitter=cfg.jitter, workers=cfg.workers, say=say))
+    # scoring records its seconds per method (score_all), not as a stage
+    scores, score_seconds = stage("score", lambda: True, lambda: score_all(cfg, runs, table, patches, say))
+    if score_seconds:
+        timings["score"].update(score_seconds)
+        write_json_atomic(timings_path, timings)
     _write_parquet(scores, out / "cd_scores.parquet")
 
     def analysis():
@@ -299,16 +314,17 @@ def run_contrast_detail(cfg: CDJobConfig, say: Callable[[str], None] = print) ->
                       "seconds_per_trial": float(table["seconds"].median()) if "seconds" in table else None,
                       "failed": table.loc[table["status"] != "ok", "status"].value_counts().to_dict()}
         meta = {"job": asdict(cfg), "extraction": extraction, "supervised": supervised_note,
-                "score_seconds": score_seconds, "stage_seconds": stage_seconds}
+                "score_seconds": timings["score"], "stage_seconds": timings["stages"]}
         payload = {**result.to_dict(), **meta}
         write_json_atomic(out / "cd.json", payload)
         figure = plot_curves(result, out / "cd_curves.png")
         write_bytes_atomic(out / "cd.md", render_markdown(result, meta, figure.name).encode())
         return result
 
-    stage("analyse", analysis)
+    say("== analyse")
+    analysis()
     say(f"contrast-detail report: {out / 'cd.md'} ({time.perf_counter() - started:.0f} s)")
-    return {"markdown": str(out / "cd.md"), "json": str(out / "cd.json"), "stage_seconds": stage_seconds}
+    return {"markdown": str(out / "cd.md"), "json": str(out / "cd.json"), "timings": timings}
 
 
 app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0])

@@ -90,7 +90,7 @@ def render_markdown(result: CDResult, meta: dict, figure: str) -> str:
     costs = meta.get("score_seconds") or {}
     if costs or meta.get("stage_seconds"):
         lines += ["", "## Cost of this run", "",
-                  "Stages (s, this invocation; a skipped stage costs ~0): "
+                  "Stages (s, measured when each stage did its work; a resumed run keeps them): "
                   + ", ".join(f"{k} {v:.0f}" for k, v in (meta.get("stage_seconds") or {}).items())
                   + (f". Extraction: median {extraction['seconds_per_trial']:.2f} s per trial (one process)"
                      if extraction.get("seconds_per_trial") else "")
