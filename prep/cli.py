@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from prep.commands import build, inspect, synth, verify
+from prep.commands import build, inspect, synth, synth_cd, verify
 
 app = typer.Typer(
     name="prep",
@@ -15,6 +15,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("synth")(synth.synth)
+app.command("synth-cd")(synth_cd.synth_cd)
 app.command("inspect")(inspect.inspect)
 app.command("build-shards")(build.build_shards)
 app.command("verify")(verify.verify)
