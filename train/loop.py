@@ -119,6 +119,18 @@ def _as_float(logs: dict) -> dict[str, float]:
     return {k: float(v) for k, v in logs.items()}
 
 
+def configure_backends(deterministic: bool, device: torch.device) -> None:
+    """Deterministic kernels when asked (else cuDNN autotuning on CUDA); flush denormals on CPU."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # tiny weights late in training otherwise slow CPU kernels many-fold
+
+
 def pretrain(cfg: PretrainConfig) -> dict:
     """Train (or resume) the run `cfg.out`; returns a summary dict. The CLI is a thin wrapper."""
     info = distributed.setup(cfg.device)
@@ -134,14 +146,7 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
     # 1. processes and device
     cfg.validate(info.world_size)
     device = info.device
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)  # tiny weights late in training otherwise slow CPU kernels many-fold
+    configure_backends(cfg.deterministic, device)
     run_dir = Path(cfg.out)
     say = print if info.is_main else (lambda *a, **k: None)
 
