@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -136,3 +137,40 @@ def test_help_lists_every_knob_and_bad_options_are_refused(make_cfg, tmp_path):
                       (dict(label_fraction=0.0), "--label-fraction")):  # fmt: skip
         with pytest.raises(ConfigError, match=flag):
             make_cfg(tmp_path, **bad).validate()
+
+
+def _write_finetune(root, method, fraction, seed, signal):
+    """A fine-tuning result in `train finetune`'s layout whose test scores carry `signal` (lesion shift in noise sds)."""
+    out = root / method / f"seed{seed}" / f"frac{fraction:g}"
+    out.mkdir(parents=True)
+    studies = np.repeat([f"s{i:03d}" for i in range(60)], 2)
+    label = np.tile([True, False], 60) & (np.arange(120) % 6 < 3)  # a positive in every third study
+    rng = np.random.default_rng(zlib.crc32(f"{method}/{fraction}/{seed}".encode()))
+    score = rng.normal(size=120) + signal * label
+    scores = pd.DataFrame({"key": [f"k{i:03d}" for i in range(120)], "study_id": studies, "label": label,
+                           "target": label.astype(int), "score": score})  # fmt: skip
+    scores.to_parquet(out / "test_scores.parquet", index=False)
+    result = {"task": "ipsi_abnormal", "kind": "binary", "primary": roc_auc_score(label, score), "test": {},
+              "run": {"method": method, "seed": seed, "label_fraction": fraction}}  # fmt: skip
+    (out / "finetune.json").write_text(json.dumps(result))
+    return result["primary"]
+
+
+def test_compare_tabulates_label_efficiency_with_paired_holm_tests(tmp_path):
+    aucs = {}
+    for method, signal in (("siamese-soft", 2.5), ("random-init", 0.0)):
+        for fraction in (0.01, 1.0):
+            for seed in (0, 1, 2):
+                aucs[method, fraction, seed] = _write_finetune(tmp_path / "ft", method, fraction, seed, signal)
+    out = tmp_path / "compare"
+    result = CliRunner().invoke(app, ["compare", str(tmp_path / "ft"), "--out", str(out), "--n-boot", "200"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "finetune.csv")
+    assert len(table) == 4 and (table["n"] == 3).all()
+    row = table[(table["method"] == "siamese-soft") & (table["label_fraction"] == 1.0)].iloc[0]
+    assert row["mean"] == pytest.approx(np.mean([aucs["siamese-soft", 1.0, s] for s in range(3)]))
+    paired = pd.read_csv(out / "finetune_paired.csv")
+    assert len(paired) == 2 and set(paired["metric"]) == {"ipsi_abnormal@0.01", "ipsi_abnormal@1"}
+    assert (paired["verdict"] == "better").all() and (paired["p_holm"] >= paired["p"]).all()
+    md = (out / "compare.md").read_text()
+    assert "## Fine-tuning: label efficiency" in md and "| random-init |" in md and (out / "finetune_curves.png").is_file()
