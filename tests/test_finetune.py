@@ -174,3 +174,19 @@ def test_compare_tabulates_label_efficiency_with_paired_holm_tests(tmp_path):
     assert (paired["verdict"] == "better").all() and (paired["p_holm"] >= paired["p"]).all()
     md = (out / "compare.md").read_text()
     assert "## Fine-tuning: label efficiency" in md and "| random-init |" in md and (out / "finetune_curves.png").is_file()
+
+
+def test_study_finetunes_every_run_at_each_fraction(fixture, tmp_path):
+    from pipelines.study import StudyConfig, run_study
+
+    cfg = StudyConfig(shards=str(fixture["shards"]), manifests=str(fixture["manifest"]), out=str(tmp_path / "study"),
+                      seeds=(0,), methods=("random",), steps=4, batch_size=8, backbone="test_resnet", crop_px=24,
+                      num_workers=0, device="cpu", n_boot=50, detection_only=True, finetune_fractions=(0.5, 1.0))  # fmt: skip
+    summary = run_study(cfg, say=lambda line: None)
+    assert summary["finetuned"] == 2
+    for fraction in ("0.5", "1"):
+        result = json.loads((tmp_path / "study" / "finetunes" / "random" / "seed0" / f"frac{fraction}" / "finetune.json").read_text())
+        assert result["run"]["method"] == "random" and result["run"]["steps"] == 4
+    md = (tmp_path / "study" / "compare" / "compare.md").read_text()
+    assert "## Fine-tuning: label efficiency" in md and "50% labels" in md
+    assert run_study(cfg, say=lambda line: None)["finetuned"] == 0  # finished fine-tunings are skipped
