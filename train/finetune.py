@@ -68,10 +68,11 @@ from train.loop import (
     _should_stop,
     _write_logs,
     autocast_dtype,
-    clip_gradients,
     configure_backends,
     default_crop,
+    in_process_group,
     lr_lambda,
+    optimiser_step,
     param_groups,
     versions,
 )
@@ -388,13 +389,7 @@ def validation_score(model, rows: pd.DataFrame, cfg: FinetuneConfig, device, n_c
 
 def finetune(cfg: FinetuneConfig) -> Path:
     """Train (or resume) the fine-tuning run `cfg.out` and test it; returns the run dir."""
-    info = distributed.setup(cfg.device)
-    previous_determinism = torch.are_deterministic_algorithms_enabled()
-    try:
-        return _finetune(cfg, info)
-    finally:
-        torch.use_deterministic_algorithms(previous_determinism)
-        distributed.teardown()
+    return in_process_group(cfg, _finetune)
 
 
 def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo) -> Path:
@@ -497,14 +492,7 @@ def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo) -> Path:
                 x01, y = x01.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     loss = F.cross_entropy(net(augment(x01, cfg, step)).float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    clip_gradients([trainable], cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
+                optimiser_step(loss, optimizer, scheduler, scaler, [trainable], cfg.grad_clip)
                 step += 1
                 window["steps"] += 1
                 record = None
