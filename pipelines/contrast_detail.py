@@ -61,6 +61,7 @@ class CDJobConfig:
     train_seed: int = 0
     num_workers: int = 1
     pretrain_overrides: dict = field(default_factory=dict)
+    finetune_overrides: dict = field(default_factory=dict)  # other FinetuneConfig fields of the supervised ceiling
     jitter: int = 0  # extra jittered centres per trial (the lesion's box stays inside the patch)
     workers: int = 2  # build Dask workers and extraction processes
     embed_batch: int = 256
@@ -130,17 +131,30 @@ def pretrain_all(cfg: CDJobConfig, shards: Path, manifests: Path, say: Callable[
 
 
 def supervised_ceiling(cfg: CDJobConfig, shards: Path, manifests: Path, say: Callable[[str], None]):
-    """The supervised ceiling's scorer, or (None, why not). USES THE LESION LABELS of the training split.
-
-    Hook for `train.finetune` (supervised fine-tuning from the manifests, the same backbone and budget): when
-    this checkout has no such module the arm is left out and cd.md says so."""
+    """(run dir | None, note): the supervised ceiling, which USES THE LESION LABELS of the training split: the
+    same backbone from the same random init trained by `train.finetune` to tell lesion patches (`ipsi_abnormal`,
+    finding-centred samples included) from the rest, at the pretraining budget (steps, batch, crop, seed).
+    Its trial score is the lesion probability of the ipsi patch (`train.finetune.score_patches`)."""
     if not cfg.supervised:
-        return None, "supervised ceiling not requested"
+        return None, "not requested (--no-supervised)"
     try:
-        import train.finetune  # noqa: F401
+        from train.finetune import RESULT_FILE, finetune
+        from train.finetune_config import FinetuneConfig
     except ImportError:
-        return None, "supervised ceiling not run: this checkout has no train.finetune"
-    return None, "supervised ceiling not run: train.finetune is present but not wired into the benchmark yet"
+        return None, "not run: this checkout has no train.finetune"
+    out = Path(cfg.out) / "runs" / SUPERVISED / f"seed{cfg.train_seed}"
+    config = FinetuneConfig(**{
+        "manifest": str(manifests / "samples.parquet"), "shards": str(shards), "task": "ipsi_abnormal",
+        "init": "random", "backbone": cfg.backbone, "crop_px": cfg.crop_px, "steps": cfg.steps,
+        "batch_size": cfg.batch_size, "num_workers": cfg.num_workers, "device": cfg.device, "seed": cfg.train_seed,
+        "deterministic": True, "progress": False, "n_boot": 200, "tag": SUPERVISED, "out": str(out),
+        **cfg.finetune_overrides}).validate()  # fmt: skip
+    if not (out / RESULT_FILE).is_file():
+        say(f"finetune the supervised ceiling ({cfg.steps} steps, lesion labels of the training split)")
+        finetune(config)
+    return out, (f"`{SUPERVISED}`: {cfg.backbone} from random init trained WITH THE LESION LABELS of the training "
+                 f"split (train finetune, task ipsi_abnormal, {cfg.steps} steps); score = lesion probability of the "
+                 "ipsi patch")
 
 
 # ---------------------------------------------------------------- stages 4-5
@@ -208,8 +222,18 @@ def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
     write_bytes_atomic(path, buffer.getvalue())
 
 
+def classifier_scores(run: Path, patches: dict, batch_size: int, device) -> tuple[np.ndarray, np.ndarray]:
+    """(score_on, score_off): a fine-tuned classifier's lesion probability of each ipsi patch, averaged over
+    positions."""
+    from train.finetune import score_patches
+
+    n, positions, p, _ = patches["ipsi_on"].shape
+    return tuple(score_patches(run, patches[k].reshape(-1, p, p), device=device, batch_size=batch_size)
+                 .reshape(n, positions).mean(1) for k in ("ipsi_on", "ipsi_off"))
+
+
 def score_all(cfg: CDJobConfig, runs: dict[str, Path], trials: pd.DataFrame, patches: dict,
-              say: Callable[[str], None]) -> tuple[pd.DataFrame, dict]:
+              say: Callable[[str], None], supervised: Path | None = None) -> tuple[pd.DataFrame, dict]:
     """Every method's (score_on, score_off) per trial, one resumable file per method; returns the long score
     table and the measured seconds per method (scored in this call)."""
     import torch
@@ -240,6 +264,8 @@ def score_all(cfg: CDJobConfig, runs: dict[str, Path], trials: pd.DataFrame, pat
         if head is not None:
             stacked = torch.nn.Sequential(backbone, head)
             scored(method + HEAD_SUFFIX, lambda: encoder_scores(stacked, patches, cfg.embed_batch, device))
+    if supervised is not None:
+        scored(SUPERVISED, lambda: classifier_scores(supervised, patches, cfg.embed_batch, device))
     for name, pair in pixel_baseline_scores(patches).items():
         scored(name, lambda pair=pair: pair)
     scored(MATCHED_FILTER, lambda: matched_filter_scores(patches))
@@ -294,13 +320,15 @@ def run_contrast_detail(cfg: CDJobConfig, say: Callable[[str], None] = print) ->
     shards, manifests = stage("build", (out / "manifests" / "build.json").is_file, lambda: build(cfg, archive, say))
     runs = stage("pretrain", lambda: all((out / "runs" / m / f"seed{cfg.train_seed}" / ENCODER_FILE).is_file()
                                          for m in cfg.methods), lambda: pretrain_all(cfg, shards, manifests, say))
-    _, supervised_note = supervised_ceiling(cfg, shards, manifests, say)
+    ceiling = out / "runs" / SUPERVISED / f"seed{cfg.train_seed}" / "finetune.json"
+    supervised_run, supervised_note = stage("supervised", lambda: not cfg.supervised or ceiling.is_file(),
+                                            lambda: supervised_ceiling(cfg, shards, manifests, say))
     trials = test_trials(archive)
     table, patches = stage("extract", (out / "patches" / PATCHES_FILE).is_file,
                            lambda: extract_patches(trials, archive, out / "patches", prep_config(cfg),
                                                    jitter=cfg.jitter, workers=cfg.workers, say=say))
     # scoring records its seconds per method (score_all), not as a stage
-    scores, score_seconds = stage("score", lambda: True, lambda: score_all(cfg, runs, table, patches, say))
+    scores, score_seconds = stage("score", lambda: True, lambda: score_all(cfg, runs, table, patches, say, supervised_run))
     if score_seconds:
         timings["score"].update(score_seconds)
         write_json_atomic(timings_path, timings)

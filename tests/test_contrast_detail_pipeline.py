@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 
-from pipelines.contrast_detail import MATCHED_FILTER, CDJobConfig, run_contrast_detail
+from pipelines.contrast_detail import MATCHED_FILTER, SUPERVISED, CDJobConfig, run_contrast_detail
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -21,7 +21,7 @@ def test_benchmark_writes_its_report_and_resumes(tmp_path, tiny_trainer):
                          "contrasts": (0.02, 0.32)},
         methods=("random", "siamese-hard"), steps=2, batch_size=8, backbone=tiny["backbone"], crop_px=tiny["crop_px"],
         num_workers=0, pretrain_overrides={"embed_dim": tiny["embed_dim"], "head_hidden": tiny["head_hidden"]},
-        workers=0, n_boot=200, device="cpu",
+        finetune_overrides={"val_fraction": 0.0, "n_boot": 0}, workers=0, n_boot=200, device="cpu",
     )  # fmt: skip
     said: list[str] = []
     run_contrast_detail(cfg, say=said.append)
@@ -30,7 +30,8 @@ def test_benchmark_writes_its_report_and_resumes(tmp_path, tiny_trainer):
         assert (out / name).is_file(), name
 
     report = json.loads((out / "cd.json").read_text())
-    methods = {"random", "siamese-hard", "siamese-hard/head", "pixel_l2", "mean_intensity_diff", MATCHED_FILTER}
+    methods = {"random", "siamese-hard", "siamese-hard/head", SUPERVISED, "pixel_l2", "mean_intensity_diff",
+               MATCHED_FILTER}
     assert {row["method"] for row in report["thresholds"]} == methods  # a c75 row per method
     scores = pd.read_parquet(out / "cd_scores.parquet")
     assert set(scores["method"]) == methods and scores.groupby("method").size().nunique() == 1
@@ -42,8 +43,8 @@ def test_benchmark_writes_its_report_and_resumes(tmp_path, tiny_trainer):
     stamps = {p: p.stat().st_mtime_ns for p in [out / "patches" / "patches.npz", *(out / "scores").glob("*.parquet")]}
     said.clear()
     run_contrast_detail(cfg, say=said.append)
-    assert not [line for line in said if line.startswith(("pretrain", "scored", "patches:"))], said
+    assert not [line for line in said if line.startswith(("pretrain", "finetune", "scored", "patches:"))], said
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     costs = json.loads((out / "cd.json").read_text())
-    assert set(costs["stage_seconds"]) == {"synthesize", "build", "pretrain", "extract"}  # kept from the first run
+    assert set(costs["stage_seconds"]) == {"synthesize", "build", "pretrain", "supervised", "extract"}  # kept from the first run
     assert MATCHED_FILTER in costs["score_seconds"]
