@@ -16,11 +16,22 @@ STUDY_STEPS ?= 60
 STUDY_STUDIES ?= 250
 STUDY_DIR ?= study250
 STUDY_OUT ?= $(STUDY_DIR)/study
+# label fractions at which `make study` also fine-tunes every run's encoder (empty: none), e.g. "0.01 0.1 1"
+STUDY_FINETUNE ?=
 ABLATION_STEPS ?= 300
 ABLATION_SEEDS ?= 0 1 2
 ABLATION_CURVE ?= 60 300 1000
+# contrast-detail benchmark (docs/CONTRAST_DETAIL.md): archive seed and size, trials per cell, pretraining budget
+CD_DIR ?= cd
+CD_SEED ?= 0
+CD_SIZE ?= small
+CD_TRIALS ?= 45
+CD_STEPS ?= 300
+CD_TRAIN_SEED ?= 0
+CD_METHODS ?= random siamese-hard siamese-soft simclr ld
+CD_BOOT ?= 2000
 
-.PHONY: venv demo test bench study ablation clean-demo
+.PHONY: venv demo test bench study ablation cd clean-demo
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,7 +56,7 @@ study: venv
 		--steps $(STUDY_STEPS)
 	$(BIN)/python -m pipelines.study --shards $(STUDY_DIR)/shards --manifests $(STUDY_DIR)/manifests \
 		--out $(STUDY_OUT) $(foreach s,$(STUDY_SEEDS),--seeds $(s)) --steps $(STUDY_STEPS) --batch-size 32 \
-		--num-workers 1 --n-boot 200 --root $(STUDY_DIR)/archive
+		--num-workers 1 --n-boot 200 --root $(STUDY_DIR)/archive $(foreach f,$(STUDY_FINETUNE),--finetune-fractions $(f))
 
 # siamese-soft with one part changed at a time (docs/RESULTS.md "Ablations"), SimCLR and LD at the same budget, and learning curves of
 # siamese-soft, siamese-hard and random at $(ABLATION_CURVE) steps, on the study's archive; resumes when rerun.
@@ -54,6 +65,13 @@ ablation: venv
 	$(BIN)/python -m pipelines.ablation --shards $(STUDY_DIR)/shards --manifests $(STUDY_DIR)/manifests \
 		--out $(STUDY_DIR)/ablation --steps $(ABLATION_STEPS) $(foreach s,$(ABLATION_SEEDS),--seeds $(s)) \
 		$(foreach n,$(ABLATION_CURVE),--curve-steps $(n))
+
+# the contrast-detail benchmark: archive -> shards -> pretrain each method once -> matched trial patches -> scores
+# -> $(CD_DIR)/cd.md, cd_curves.png, cd.json; resumes when rerun.
+cd: venv
+	$(BIN)/python -m pipelines.contrast_detail --out $(CD_DIR) --seed $(CD_SEED) --size $(CD_SIZE) \
+		--trials-per-cell $(CD_TRIALS) --steps $(CD_STEPS) --train-seed $(CD_TRAIN_SEED) \
+		$(foreach m,$(CD_METHODS),--methods $(m)) --n-boot $(CD_BOOT)
 
 bench: venv
 	$(BIN)/python benchmarks/prep_bench.py

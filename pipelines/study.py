@@ -4,7 +4,8 @@
         --seeds 0 1 2 --methods random siamese-soft siamese-hard simclr ld --steps 500
 
 Layout under --out: runs/<method>/seed<k>/ (train pretrain), evals/<method>/seed<k>/ (train evaluate),
-compare/compare.md + compare.csv + paired.csv (Holm-corrected paired tests), study.json (the settings). Finished runs (encoder.safetensors) and
+with --finetune-fractions finetunes/<method>/seed<k>/frac<f>/ (train finetune of that run's encoder at the same
+step budget), compare/compare.md + compare.csv + paired.csv (Holm-corrected paired tests), study.json (the settings). Finished runs (encoder.safetensors) and
 evaluations (metrics.json) are skipped, so an interrupted study resumes; an unfinished run continues from
 its last.pt. Pretraining reads the training split's label-agnostic samples only; evaluation reads every
 sample of the manifest once. Runs are deterministic, so a second study reproduces the table.
@@ -52,6 +53,8 @@ class StudyConfig:
     pretrain_overrides: dict = field(default_factory=dict)  # any other PretrainConfig field, same for all methods
     arms: tuple[Arm, ...] = ()  # rows of the study; empty: one arm per method, with no overrides
     detection_only: bool = False  # evaluate the test split's detection AUCs only (no probes): ablations
+    finetune_fractions: tuple[float, ...] = ()  # fine-tune every run's encoder at these label fractions (empty: none)
+    finetune_task: str = "ipsi_abnormal"
 
     def study_arms(self) -> tuple[Arm, ...]:
         return self.arms or tuple(Arm(m, m) for m in self.methods)
@@ -75,6 +78,48 @@ def pretrain_config(cfg: StudyConfig, arm: Arm, seed: int):
     ).validate()  # fmt: skip
 
 
+def ensure_pretrained(config, say: Callable[[str], None] = print) -> bool:
+    """Pretrain one validated `pretrain_config` unless its run already holds an exported encoder (an unfinished
+    run continues from its last.pt); True when it trained."""
+    from train.loop import pretrain
+    from train.models import ENCODER_FILE
+
+    if (Path(config.out) / ENCODER_FILE).is_file():
+        return False
+    say(f"pretrain {Path(config.out).parent.name} seed {config.seed} ({config.steps} steps)")
+    pretrain(config)
+    return True
+
+
+def finetune_config(cfg: StudyConfig, arm: Arm, seed: int, fraction: float):
+    """Fine-tuning of one run's encoder at one label fraction: the study's step budget, batch, lr and seed."""
+    from train.finetune_config import FinetuneConfig
+
+    return FinetuneConfig(
+        encoder=str(Path(cfg.out) / "runs" / arm.name / f"seed{seed}"), manifest=str(_manifest(cfg)), shards=cfg.shards,
+        task=cfg.finetune_task, train_split=cfg.train_split, test_split=cfg.test_split, label_fraction=fraction,
+        crop_px=cfg.crop_px, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, num_workers=cfg.num_workers,
+        device=cfg.device, seed=seed, deterministic=True, progress=False, n_boot=cfg.n_boot, tag=arm.name,
+        out=str(Path(cfg.out) / "finetunes" / arm.name / f"seed{seed}" / f"frac{fraction:g}"),
+    ).validate()  # fmt: skip
+
+
+def run_finetunes(cfg: StudyConfig, say: Callable[[str], None] = print) -> int:
+    """Fine-tune every (arm, seed) encoder at every label fraction not done yet; returns how many ran."""
+    from train.finetune import RESULT_FILE, finetune
+
+    done = 0
+    for arm in cfg.study_arms():
+        for seed in cfg.seeds:
+            for fraction in cfg.finetune_fractions:
+                ft = finetune_config(cfg, arm, seed, fraction)
+                if not (Path(ft.out) / RESULT_FILE).is_file():
+                    say(f"finetune {arm.name} seed {seed} at {fraction:.0%} labels ({cfg.steps} steps)")
+                    finetune(ft)
+                    done += 1
+    return done
+
+
 def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     """Pretrain + evaluate every (method, seed) not finished yet, then compare them all."""
     import torch
@@ -82,10 +127,8 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     from prep.io import write_json_atomic
     from train.compare import compare_evaluations
     from train.evaluate import EvalConfig, evaluate_encoder
-    from train.loop import pretrain
     from train.methods import METHODS
     from train.metrics import Bootstrap
-    from train.models import ENCODER_FILE
 
     arms = cfg.study_arms()
     unknown = sorted({arm.method for arm in arms} - set(METHODS))
@@ -101,10 +144,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
         for seed in cfg.seeds:
             run_dir = out / "runs" / arm.name / f"seed{seed}"
             eval_dir = out / "evals" / arm.name / f"seed{seed}"
-            if not (run_dir / ENCODER_FILE).is_file():
-                say(f"pretrain {arm.name} seed {seed} ({cfg.steps} steps)")
-                pretrain(configs[arm.name, seed])
-                done["pretrained"] += 1
+            done["pretrained"] += ensure_pretrained(configs[arm.name, seed], say)
             if (eval_dir / "metrics.json").is_file():
                 done["skipped"] += 1
                 continue
@@ -117,7 +157,10 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
                 device=device,
             )  # fmt: skip
             done["evaluated"] += 1
-    result = compare_evaluations([out / "evals"], out / "compare", Bootstrap(n_boot=cfg.n_boot))
+    if cfg.finetune_fractions:
+        done["finetuned"] = run_finetunes(cfg, say)
+    compared = [out / "evals"] + ([out / "finetunes"] if cfg.finetune_fractions else [])
+    result = compare_evaluations(compared, out / "compare", Bootstrap(n_boot=cfg.n_boot))
     say(f"{result['n_evaluations']} evaluations compared -> {result['markdown']}")
     return {**done, "compare": str(result["markdown"])}
 
@@ -141,22 +184,26 @@ def main(
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto. Default: auto."),
     n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Study-level bootstrap resamples per evaluation CI and per paired test. Default: 1000."),
     root: Optional[Path] = typer.Option(None, "--root", help="Archive root for each evaluation's heat map. Default: none (skipped)."),
+    finetune_fractions: List[float] = typer.Option([], "--finetune-fractions", help="Also fine-tune every run's encoder end to end at these fractions of the labelled training studies, at the same --steps (repeatable, e.g. 0.01 0.1 1); label-efficiency table in compare.md. Default: none."),
+    finetune_task: str = typer.Option("ipsi_abnormal", "--finetune-task", help="Label column the fine-tuning predicts. Default: ipsi_abnormal."),
 ) -> None:
     """Run the comparison study; re-running resumes and skips finished runs and evaluations."""
     cfg = StudyConfig(
         shards=shards, manifests=str(manifests), out=str(out), seeds=tuple(seeds), methods=tuple(methods), steps=steps,
         batch_size=batch_size, backbone=backbone, crop_px=crop_px, lr=lr, num_workers=num_workers, device=device,
-        n_boot=n_boot, root=str(root) if root else None,
+        n_boot=n_boot, root=str(root) if root else None, finetune_fractions=tuple(finetune_fractions),
+        finetune_task=finetune_task,
     )  # fmt: skip
     from train.checkpoint import CheckpointError
     from train.compare import CompareError
     from train.data import DataError
     from train.evaluate import EvaluationError
+    from train.finetune import FinetuneError
     from train.loop import ConfigError
 
     try:
         run_study(cfg)
-    except (CheckpointError, CompareError, DataError, EvaluationError, ConfigError) as exc:
+    except (CheckpointError, CompareError, DataError, EvaluationError, ConfigError, FinetuneError) as exc:
         typer.echo(f"study: {exc.reason}: {exc.detail}", err=True)
         raise typer.Exit(1) from None
     except ValueError as exc:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import typer
 
-from train.commands import compare, evaluate, export, pretrain
+from train.commands import compare, evaluate, export, finetune, pretrain
 
 app = typer.Typer(
     name="train",
     help="Label-free pretraining on contralateral patch pairs (Siamese soft labels and baselines), "
-    "encoder export, evaluation and comparison reports.",
+    "encoder export, evaluation, fine-tuning and comparison reports.",
     no_args_is_help=True,
     rich_markup_mode="rich",
     add_completion=False,
@@ -21,6 +21,7 @@ app.command("pretrain")(pretrain.pretrain)
 app.command("export")(export.export)
 app.command("evaluate")(evaluate.evaluate)
 app.command("compare")(compare.compare)
+app.command("finetune")(finetune.finetune)
 
 if __name__ == "__main__":
     app()

@@ -395,6 +395,7 @@ def compare_evaluations(paths: list[str | Path], out: str | Path, boot: Bootstra
            "## Highest means (description, not a claim)", "", *best_means(table), ""]
     if notes:
         md += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    md += finetune_section(paths, out, boot)
     out = Path(out)
     write_bytes_atomic(out / "compare.md", "\n".join(md).encode())
     write_bytes_atomic(out / "compare.csv", _table_csv(table, metrics).encode())
@@ -428,3 +429,178 @@ def _tests_csv(tests: list[PairTest]) -> str:
         writer.writerow([t.a, t.b, t.metric, " ".join(map(str, t.seeds)), r["scope"], r["delta"], ci[0], ci[1],
                          r["p"], t.p_holm, t.verdict, r["n_pos_studies"], r["n_pos"], r["n_neg"]])
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------- fine-tuning: label efficiency (`train finetune` runs)
+
+FINETUNE_FILE = "finetune.json"
+
+
+@dataclass
+class FinetuneRun:
+    path: Path
+    result: dict
+
+    @property
+    def method(self) -> str:
+        return self.result["run"]["method"]
+
+    @property
+    def seed(self):
+        return self.result["run"]["seed"]
+
+    @property
+    def fraction(self) -> float:
+        return float(self.result["run"]["label_fraction"])
+
+    @property
+    def task(self) -> str:
+        return self.result["task"]
+
+    def scores(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / "test_scores.parquet").set_index("key").sort_index()
+
+
+def find_finetunes(paths: list[str | Path]) -> list[FinetuneRun]:
+    """Every `train finetune` result (finetune.json) in or under the given paths."""
+    files = {}
+    for p in map(Path, paths):
+        found = [p] if p.is_file() and p.name == FINETUNE_FILE else sorted(p.rglob(FINETUNE_FILE)) if p.is_dir() else []
+        files.update({f.resolve(): None for f in found})
+    runs = [FinetuneRun(f.parent, json.loads(f.read_text())) for f in files]
+    return sorted(runs, key=lambda r: (r.task, r.method, r.fraction, str(r.seed), str(r.path)))
+
+
+def finetune_table(runs: list[FinetuneRun]) -> dict[tuple[str, str], dict[float, dict]]:
+    """{(task, method): {label fraction: t_interval over seeds of the test primary metric + values + seeds}}."""
+    table: dict[tuple[str, str], dict[float, dict]] = {}
+    for r in runs:
+        if r.result.get("primary") is None:
+            continue
+        cell = table.setdefault((r.task, r.method), {}).setdefault(r.fraction, {"values": [], "seeds": []})
+        cell["values"].append(float(r.result["primary"]))
+        cell["seeds"].append(r.seed)
+    for cells in table.values():
+        for cell in cells.values():
+            cell.update(t_interval(cell["values"]))
+    return table
+
+
+def finetune_tests(runs: list[FinetuneRun], boot: Bootstrap) -> tuple[list[PairTest], list[str]]:
+    """Binary tasks: every method pair at every label fraction, AUC on the same test samples over shared seeds
+    (`paired_auc_test`); one Holm family over all fine-tuning tests."""
+    tests, notes = [], []
+    for (task, fraction) in sorted({(r.task, r.fraction) for r in runs}):
+        group = [r for r in runs if r.task == task and r.fraction == fraction]
+        if group[0].result["kind"] != "binary":
+            notes.append(f"{task}: multi-class, no paired test (macro AUC has no paired test here)")
+            continue
+        reference = group[0].scores()
+        y = reference["target"].to_numpy() == 1
+        by_method: dict[str, dict] = {}
+        for r in group:
+            s = r.scores()
+            if not s.index.equals(reference.index):
+                notes.append(f"{r.path}: other test samples than {group[0].path}: not paired")
+                continue
+            by_method.setdefault(r.method, {})[r.seed] = s["score"].to_numpy(dtype=float)
+        methods = sorted(by_method, key=lambda m: (m != PRIMARY, m))
+        for a, b in combinations(methods, 2):
+            seeds = sorted(set(by_method[a]) & set(by_method[b]), key=str)
+            if not seeds:
+                notes.append(f"{task} at {fraction:g}: {a} vs {b}: no seed fine-tuned for both: not paired")
+                continue
+            result = paired_auc_test(y, [by_method[a][s] for s in seeds], [by_method[b][s] for s in seeds],
+                                     reference["study_id"].astype(str).to_numpy(), boot)  # fmt: skip
+            tests.append(PairTest(a, b, f"{task}@{fraction:g}", seeds, result))
+    adjusted = iter(holm([t.result["p"] for t in tests if t.result["p"] is not None]))
+    for t in tests:
+        if t.result["p"] is not None:
+            t.p_holm = next(adjusted)
+    return tests, notes
+
+
+def _plot_finetune(table: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({task for task, _ in table})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for (t, method), cells in sorted(table.items()):
+            if t != task:
+                continue
+            fractions = sorted(cells)
+            means = np.array([cells[f]["mean"] for f in fractions])
+            lows = np.array([(cells[f]["ci"] or [cells[f]["mean"]] * 2)[0] for f in fractions])
+            highs = np.array([(cells[f]["ci"] or [cells[f]["mean"]] * 2)[1] for f in fractions])
+            ax.errorbar(fractions, means, yerr=[means - lows, highs - means], marker="o", capsize=3, label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("label fraction of the training studies")
+        ax.set_ylabel("test AUC (macro for multi-class), mean and 95 % t-interval over seeds")
+        ax.set_title(f"fine-tuning: {task}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "finetune_curves.png"
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
+    return path
+
+
+def finetune_section(paths: list[str | Path], out: str | Path, boot: Bootstrap = Bootstrap()) -> list[str]:
+    """The label-efficiency section of compare.md (empty without `train finetune` runs under `paths`); writes
+    finetune.csv, finetune_paired.csv and finetune_curves.png beside it."""
+    runs = find_finetunes(paths)
+    if not runs:
+        return []
+    out = Path(out)
+    table = finetune_table(runs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        tests, notes = finetune_tests(runs, boot)
+    fractions = sorted({r.fraction for r in runs})
+    md = ["## Fine-tuning: label efficiency", "",
+          "Test AUC of `train finetune` runs (macro one-vs-rest AUC for multi-class tasks) per starting encoder and "
+          "fraction of labelled training studies: mean over seeds with the 95 % t-interval and n. `random-init` "
+          "starts from random weights.", ""]  # fmt: skip
+    for task in sorted({task for task, _ in table}):
+        md += [f"### {task}", "", "| start | " + " | ".join(f"{f:.0%} labels" for f in fractions) + " |",
+               "|---|" + "---|" * len(fractions)]  # fmt: skip
+        for (t, method), cells in table.items():
+            if t == task:
+                md.append(f"| {method} | " + " | ".join(_cell(cells.get(f)) for f in fractions) + " |")
+        md.append("")
+    md += ["Paired tests: Δ = mean over shared seeds of AUC(first) - AUC(second) on the same test samples, 95 % CI "
+           f"from study-level resamples ({boot.n_boot}) plus the spread over seeds; Holm-corrected over the "
+           f"{len(tests)} fine-tuning tests (their own family); 'better' / 'worse' only where the corrected p < {ALPHA}.", ""]
+    for t in tests:
+        r = t.result
+        ci = f" [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]" if r["ci"] else ""
+        p = f", Holm p={t.p_holm:.2g}" if t.p_holm is not None else ""
+        scope = f"{len(t.seeds)} seeds" if len(t.seeds) > 1 else f"one seed ({t.seeds[0]}): test studies only"
+        md.append(f"- **{t.a} vs {t.b}**, {t.metric}: {t.verdict} (Δ {r['delta']:+.3f}{ci}{p}; {scope})")
+    md += ["", "![label efficiency](finetune_curves.png)", ""] + [f"- {n}" for n in notes] + ([""] if notes else [])
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["task", "method", "label_fraction", "n", "mean", "sd", "ci_low", "ci_high", "seeds"])
+    for (task, method), cells in table.items():
+        for f, s in sorted(cells.items()):
+            ci = s["ci"] or [None, None]
+            writer.writerow([task, method, f, s["n"], s["mean"], s["sd"], ci[0], ci[1], " ".join(map(str, s["seeds"]))])
+    write_bytes_atomic(out / "finetune.csv", buf.getvalue().encode())
+    write_bytes_atomic(out / "finetune_paired.csv", _tests_csv(tests).encode())
+    _plot_finetune(table, out)
+    return md
+
+
+def compare_finetunes(paths: list[str | Path], out: str | Path, boot: Bootstrap = Bootstrap()) -> dict:
+    """compare.md holding the label-efficiency section alone (paths with `train finetune` runs and no evaluations)."""
+    md = finetune_section(paths, out, boot)
+    if not md:
+        raise CompareError("no_evaluations", f"neither `train evaluate` nor `train finetune` results under {[str(p) for p in paths]}")
+    write_bytes_atomic(Path(out) / "compare.md", "\n".join(["# Method comparison", "", *md]).encode())
+    return {"markdown": Path(out) / "compare.md", "n_finetunes": len(find_finetunes(paths))}

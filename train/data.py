@@ -80,6 +80,50 @@ def _label_columns_in(where: str) -> list[str]:
     return [c for c in LABEL_FIELDS if re.search(rf"\b{c}\b", where)]
 
 
+def read_selection(
+    manifest: str | os.PathLike, where: str | None = None, include_finding: bool = False, label_free: bool = True
+):
+    """Rows of `samples.parquet` selected by a pandas `query` expression (a DataFrame).
+
+    `label_free`: label columns may not appear in `where` (pretraining is label-free, also through selection);
+    supervised readers (`PairDataset`, `train finetune`) pass False.
+    """
+    import pandas as pd
+
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise DataError("no_manifest", f"{manifest} does not exist")
+    table = pd.read_parquet(manifest)
+    if where:
+        if label_free and (leaked := _label_columns_in(where)):
+            raise DataError("label_in_selection", f"--where uses label field(s) {leaked}; pretraining is label-free")
+        try:
+            table = table.query(where)
+        except Exception as exc:  # pandas raises many types for a bad expression
+            raise DataError("bad_where", f"{where!r}: {exc}") from exc
+    if not include_finding and "sampling" in table.columns:
+        table = table[table["sampling"] != "finding"]
+    if table.empty:
+        raise DataError("empty_selection", f"no samples of {manifest} match {where!r}")
+    return table
+
+
+def shard_urls(table, manifest: str | os.PathLike, shards_root: str | os.PathLike | None = None) -> list[str]:
+    """Paths of the shards holding the rows of `table` (a selection of `manifest`). Relative `shard` paths
+    resolve against `shards_root`, then the manifest's folder and its parents."""
+    manifest = Path(manifest)
+    bases = [Path(shards_root)] if shards_root else []
+    bases += [manifest.parent, *list(manifest.parents)[:3]]
+    urls = []
+    for shard in sorted(table["shard"].unique()):
+        candidates = [Path(shard)] if Path(shard).is_absolute() else [b / shard for b in bases]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise DataError("missing_shard", f"shard {shard} listed in {manifest} not found (tried {candidates})")
+        urls.append(str(found))
+    return urls
+
+
 def select_from_manifest(
     manifest: str | os.PathLike,
     where: str | None = None,
@@ -91,33 +135,8 @@ def select_from_manifest(
     Label columns may not appear in `where`: pretraining is label-free, also through selection.
     Relative `shard` paths resolve against `shards_root`, then the manifest's folder and its parents.
     """
-    import pandas as pd
-
-    manifest = Path(manifest)
-    if not manifest.is_file():
-        raise DataError("no_manifest", f"{manifest} does not exist")
-    table = pd.read_parquet(manifest)
-    if where:
-        if leaked := _label_columns_in(where):
-            raise DataError("label_in_selection", f"--where uses label field(s) {leaked}; pretraining is label-free")
-        try:
-            table = table.query(where)
-        except Exception as exc:  # pandas raises many types for a bad expression
-            raise DataError("bad_where", f"{where!r}: {exc}") from exc
-    if not include_finding and "sampling" in table.columns:
-        table = table[table["sampling"] != "finding"]
-    if table.empty:
-        raise DataError("empty_selection", f"no samples of {manifest} match {where!r}")
-    bases = [Path(shards_root)] if shards_root else []
-    bases += [manifest.parent, *list(manifest.parents)[:3]]
-    urls = []
-    for shard in sorted(table["shard"].unique()):
-        candidates = [Path(shard)] if Path(shard).is_absolute() else [b / shard for b in bases]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            raise DataError("missing_shard", f"shard {shard} listed in {manifest} not found (tried {candidates})")
-        urls.append(str(found))
-    return Selection(urls=urls, keys=frozenset(table["key"]), n_samples=len(table))
+    table = read_selection(manifest, where, include_finding)
+    return Selection(urls=shard_urls(table, manifest, shards_root), keys=frozenset(table["key"]), n_samples=len(table))
 
 
 def select(
@@ -272,3 +291,133 @@ def peek_meta(selection: Selection, include_finding: bool = False) -> dict:
         for sample in stream:
             return decode_json(sample)
     raise DataError("empty_selection", "no pretraining samples in the selected shards")
+
+
+# ---------------------------------------------------------------- public data API: PairDataset
+
+
+def label_codes(values) -> tuple[np.ndarray, list | None]:
+    """Manifest label values -> (model targets, classes). Bool and string columns are classes: the index
+    into their sorted distinct values (int64; bool gives False = 0, True = 1); numeric columns pass through as
+    float32 with classes None. List columns (finding_categories, finding_birads) are refused: a list is no
+    single target."""
+    import pandas as pd
+
+    series = pd.Series(values)
+    if series.map(lambda v: isinstance(v, (list, tuple, np.ndarray))).any():
+        raise DataError("list_label", f"label column {series.name!r} holds lists: choose a column with one value per sample")
+    if pd.api.types.is_bool_dtype(series) or series.map(lambda v: isinstance(v, (bool, np.bool_, str))).all():
+        classes = sorted(series.unique().tolist())
+        index = {c: i for i, c in enumerate(classes)}
+        return series.map(index).to_numpy(dtype=np.int64), classes
+    return series.to_numpy(dtype=np.float32), None
+
+
+class PairStream(torch.utils.data.IterableDataset):
+    """The stream behind `PairDataset` over an explicit `Selection`: `targets` maps a key to its tuple of label
+    values by column (None: no labels). Yields `(ipsi, contra)` or `(ipsi, contra, targets)`, float32 (1, H, W) in [0, 1].
+
+    Shards are split by rank, then by loader worker (`wds.split_by_node`, `wds.split_by_worker`). One pass
+    (`resampled=False`) reads each selected sample once, provided there are >= ranks x workers shards (a
+    worker without a shard yields nothing; under DDP use `resampled=True`, which never runs dry). Every random
+    draw (shard order, shuffle buffer, crop, flip) is seeded by (seed, epoch, rank, worker): `set_epoch(e)`
+    gives the next epoch's order."""
+
+    def __init__(self, selection: Selection, targets: dict[str, dict] | None = None, *, shuffle: int = 1000,
+                 seed: int = 0, resampled: bool = False, crop_px: int | None = None, max_shift_px: int | None = None,
+                 flip: bool = False, include_finding: bool = True):  # fmt: skip
+        super().__init__()
+        self.selection, self.targets = selection, targets
+        self.shuffle, self.seed, self.resampled = int(shuffle), seed, resampled
+        self.crop_px, self.max_shift_px, self.flip, self.include_finding = crop_px, max_shift_px, flip, include_finding
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _decode(self, src: Iterator[dict]):
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rng = np.random.default_rng([self.seed, self.epoch, rank, worker])
+        for sample in src:
+            ipsi, contra = decode_pair(sample)
+            if self.crop_px or self.flip:
+                crop = self.crop_px or min(ipsi.shape)
+                ipsi, contra = pair_geometry(ipsi, contra, rng, crop, self.max_shift_px, self.flip)
+            pair = (unit_range(torch.from_numpy(ipsi)[None]), unit_range(torch.from_numpy(contra)[None]))
+            if self.targets is None:
+                yield pair
+            else:
+                yield (*pair, {c: torch.as_tensor(v) for c, v in self.targets[sample["__key__"]].items()})
+
+    def _keep(self, src: Iterator[dict]) -> Iterator[dict]:
+        keys = self.selection.keys
+        for sample in src:
+            if keys is not None and sample["__key__"] not in keys:
+                continue
+            if not self.include_finding and decode_json(sample).get("sampling") == "finding":
+                continue
+            yield sample
+
+    def __iter__(self):
+        seed = stream_seed(self.seed, self.epoch)
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        if self.resampled:
+            shards = wds.ResampledShards(self.selection.urls, seed=seed, deterministic=True)
+        else:
+            shards = wds.SimpleShardList(self.selection.urls, seed=seed if self.shuffle > 1 else None)
+        stages = [shards, wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples(handler=wds.reraise_exception),
+                  wds.pipelinefilter(self._keep)()]  # fmt: skip
+        if self.shuffle > 1:
+            stages.append(wds.shuffle(self.shuffle, initial=self.shuffle, seed=wds.utils.make_seed(seed, rank, worker)))
+        stages.append(wds.pipelinefilter(self._decode)())
+        return iter(wds.DataPipeline(*stages))
+
+
+class PairDataset(PairStream):
+    """Patch pairs of a build for your own experiment: a `torch.utils.data.IterableDataset`.
+
+    `source`: a `samples.parquet` (rows selected by `where`, a pandas query; label columns allowed) or shards
+    (a directory, a glob or one tar: every sample, no labels). Each item is `(ipsi, contra)`, or with
+    `labels=[columns]` `(ipsi, contra, labels)`, `labels` a dict column -> tensor read from the manifest row of
+    the same key (never by position): bool and string columns as int64 class indices into `self.classes[column]`,
+    numeric columns as float32. Rows with a null in a requested column are left out (`self.n_unlabelled`).
+    Pixels are float32 tensors of shape (1, H, W) in [0, 1], exactly the stored uint16 / 65535 (16 bits
+    survive; `train.data.standardise` gives the encoders' input normalisation). `shuffle`: buffer size in
+    samples (0 or 1: manifest shard order, no shuffling); `crop_px` / `flip`: the same random crop and flips for
+    both members; `include_finding=False` drops finding-centred samples. Splitting by rank and worker, seeding
+    and `set_epoch` as in `PairStream`; `len(ds)` is the number of selected samples."""
+
+    def __init__(self, source: str | os.PathLike, where: str | None = None, labels: list[str] | None = None, *,
+                 shuffle: int = 1000, seed: int = 0, resampled: bool = False, crop_px: int | None = None,
+                 max_shift_px: int | None = None, flip: bool = False, include_finding: bool = True,
+                 shards_root: str | os.PathLike | None = None):  # fmt: skip
+        self.classes: dict[str, list | None] = {}
+        self.n_unlabelled = 0
+        targets = None
+        if str(source).endswith(".parquet"):
+            table = read_selection(source, where, include_finding=include_finding, label_free=False)
+            if labels:
+                missing = [c for c in labels if c not in table.columns]
+                if missing:
+                    raise DataError("unknown_label", f"labels {missing} are not columns of {source}")
+                present = table[list(labels)].notna().all(axis=1)
+                self.n_unlabelled = int((~present).sum())
+                table = table[present]
+                if table.empty:
+                    raise DataError("empty_selection", f"no selected sample of {source} has all of {labels}")
+                codes = {}
+                for column in labels:
+                    codes[column], self.classes[column] = label_codes(table[column].rename(column))
+                targets = {key: {c: codes[c][i].item() for c in labels} for i, key in enumerate(table["key"])}
+            selection = Selection(shard_urls(table, source, shards_root), frozenset(table["key"]), len(table))
+        elif labels or where:
+            raise DataError("labels_need_manifest", "labels and where are read from a manifest: give samples.parquet")
+        else:
+            selection = select(shards=str(source))
+        super().__init__(selection, targets, shuffle=shuffle, seed=seed, resampled=resampled, crop_px=crop_px,
+                         max_shift_px=max_shift_px, flip=flip, include_finding=include_finding)  # fmt: skip
+
+    def __len__(self) -> int:
+        if self.selection.n_samples is None:
+            raise TypeError("a shard source without a manifest has no known length")
+        return self.selection.n_samples

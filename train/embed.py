@@ -99,6 +99,33 @@ class Embeddings:
         return {**out, **self.pixel}
 
 
+def pooled_features(backbone, x_uint16: torch.Tensor, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled, z): the backbone's pooled features of uint16 patches (B, 1, H, W) after the one intensity
+    normalisation (`to_model_input`), and their L2-normalised float32 copy. The one forward of evaluation:
+    call it under `torch.inference_mode()` with the backbone in eval mode."""
+    pooled = backbone(to_model_input(x_uint16.to(device, non_blocking=True)))
+    return pooled, F.normalize(pooled.float(), dim=1)
+
+
+def embed_patches(backbone, patches: np.ndarray, *, batch_size: int = 256, device="cpu") -> np.ndarray:
+    """(N, F) float32 L2-normalised pooled features of uint16 patches (N, H, W), the same forward and
+    normalisation as `embed_pairs`; the backbone is put in eval mode."""
+    patches = np.asarray(patches)
+    if patches.dtype != np.uint16 or patches.ndim != 3:
+        raise EvaluationError("bad_patches", f"expected uint16 patches (N, H, W), got {patches.dtype} {patches.shape}")
+    if batch_size < 1:
+        raise EvaluationError("bad_batch_size", f"batch_size must be >= 1, got {batch_size}")
+    backbone.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(patches), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(patches[start : start + batch_size])[:, None])
+            out.append(pooled_features(backbone, x, device)[1].cpu().numpy())
+    if not out:
+        raise EvaluationError("no_samples", "no patches to embed")
+    return np.concatenate(out).astype(np.float32, copy=False)
+
+
 def _batches(samples: Iterable[EvalSample], size: int) -> Iterator[list[EvalSample]]:
     it = iter(samples)
     while chunk := list(itertools.islice(it, size)):
@@ -121,14 +148,13 @@ def embed_pairs(
     pixel: dict[str, list[np.ndarray]] = {}
     top: list[tuple[float, int, TopPair]] = []
     counter = itertools.count()
-    with torch.no_grad():
+    with torch.inference_mode():
         for chunk in _batches(samples, batch_size):
             ipsi_px, contra_px = np.stack([s.ipsi for s in chunk]), np.stack([s.contra for s in chunk])
             for name, values in pixel_scores(ipsi_px, contra_px).items():
                 pixel.setdefault(name, []).append(values)
             x = torch.from_numpy(np.concatenate([ipsi_px, contra_px])[:, None])
-            pooled = backbone(to_model_input(x.to(device)))
-            z = F.normalize(pooled.float(), dim=1)
+            pooled, z = pooled_features(backbone, x, device)
             zi, zc = z[: len(chunk)], z[len(chunk):]
             ipsi_feats.append(zi.cpu().numpy())
             contra_feats.append(zc.cpu().numpy())

@@ -94,6 +94,18 @@ def clip_gradients(groups: list[list[nn.Parameter]], max_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_(group, max_norm)
 
 
+def optimiser_step(loss, optimizer, scheduler, scaler, clip_groups: list[list[nn.Parameter]], grad_clip: float) -> None:
+    """Backward (through the AMP scaler), per-group gradient clipping, optimiser and schedule step."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        clip_gradients(clip_groups, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on biases and norm parameters."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
@@ -119,22 +131,9 @@ def _as_float(logs: dict) -> dict[str, float]:
     return {k: float(v) for k, v in logs.items()}
 
 
-def pretrain(cfg: PretrainConfig) -> dict:
-    """Train (or resume) the run `cfg.out`; returns a summary dict. The CLI is a thin wrapper."""
-    info = distributed.setup(cfg.device)
-    previous_determinism = torch.are_deterministic_algorithms_enabled()
-    try:
-        return _pretrain(cfg, info)
-    finally:
-        torch.use_deterministic_algorithms(previous_determinism)
-        distributed.teardown()
-
-
-def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
-    # 1. processes and device
-    cfg.validate(info.world_size)
-    device = info.device
-    if cfg.deterministic:
+def configure_backends(deterministic: bool, device: torch.device) -> None:
+    """Deterministic kernels when asked (else cuDNN autotuning on CUDA); flush denormals on CPU."""
+    if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -142,6 +141,30 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
         torch.backends.cudnn.benchmark = True
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # tiny weights late in training otherwise slow CPU kernels many-fold
+
+
+def in_process_group(cfg, body):
+    """`body(cfg, DistInfo)` inside the torchrun process group (or a single process) on `cfg.device`; the
+    global determinism setting and the group are restored/torn down afterwards."""
+    info = distributed.setup(cfg.device)
+    previous_determinism = torch.are_deterministic_algorithms_enabled()
+    try:
+        return body(cfg, info)
+    finally:
+        torch.use_deterministic_algorithms(previous_determinism)
+        distributed.teardown()
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Train (or resume) the run `cfg.out`; returns a summary dict. The CLI is a thin wrapper."""
+    return in_process_group(cfg, _pretrain)
+
+
+def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
+    # 1. processes and device
+    cfg.validate(info.world_size)
+    device = info.device
+    configure_backends(cfg.deterministic, device)
     run_dir = Path(cfg.out)
     say = print if info.is_main else (lambda *a, **k: None)
 
@@ -287,14 +310,7 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
                 contra = unit_range(contra.to(device, non_blocking=True))
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     loss, logs = run_step(ipsi, contra, step)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    clip_gradients(clip_groups, cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
+                optimiser_step(loss, optimizer, scheduler, scaler, clip_groups, cfg.grad_clip)
                 step += 1
                 window["steps"] += 1
 

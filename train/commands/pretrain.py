@@ -26,9 +26,10 @@ def _optional(tp):
     return tp
 
 
-def _parameters() -> list[inspect.Parameter]:
+def _parameters(config_class: type = PretrainConfig) -> list[inspect.Parameter]:
+    """Typer options generated from the `knob()` fields of a config dataclass (also `train finetune`'s)."""
     params = []
-    for f, tp in cli_fields():
+    for f, tp in cli_fields(config_class):
         meta = f.metadata
         decls = []
         if meta["flag"]:

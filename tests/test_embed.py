@@ -1,0 +1,46 @@
+"""`train.embed.embed_patches`: the same features as evaluation's pair embedding, one forward for both."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from train.embed import EvalSample, EvaluationError, embed_pairs, embed_patches
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _backbone() -> nn.Module:
+    """A small conv net with BatchNorm, so a forward in train mode would depend on the batch."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten())  # fmt: skip
+
+
+def _patches(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 65536, size=(n, 32, 32), dtype=np.uint16)
+
+
+def test_embed_patches_matches_the_pair_embedding_of_evaluation():
+    backbone, ipsi, contra = _backbone(), _patches(10, 1), _patches(10, 2)
+    samples = [EvalSample(f"k{i}", ipsi[i], contra[i], {}) for i in range(10)]
+    emb = embed_pairs(backbone, samples, batch_size=4, top_k=0)
+    np.testing.assert_allclose(embed_patches(backbone, ipsi, batch_size=3), emb.ipsi, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(embed_patches(backbone, contra), emb.contra, rtol=1e-5, atol=1e-6)
+
+
+def test_embed_patches_is_unit_norm_float32_and_independent_of_batching():
+    backbone, patches = _backbone().train(), _patches(9)
+    z = embed_patches(backbone, patches, batch_size=2)
+    assert z.dtype == np.float32 and z.shape == (9, 16)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(embed_patches(backbone, patches[3:4], batch_size=1), z[3:4], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((2, 8, 8), np.float32), np.zeros((8, 8), np.uint16)])
+def test_embed_patches_refuses_what_is_not_a_uint16_stack(bad):
+    with pytest.raises(EvaluationError) as exc:
+        embed_patches(_backbone(), bad)
+    assert exc.value.reason == "bad_patches"
