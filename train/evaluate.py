@@ -31,7 +31,7 @@ from threadpoolctl import threadpool_limits
 from prep.io import write_bytes_atomic, write_json_atomic
 from train.checkpoint import run_config, run_dir_of
 from train.data import DataError, select
-from train.embed import EvaluationError, Embeddings, embed_pairs, iter_samples, load_projection_head, manifest_labels
+from train.embed import EvaluationError, Embeddings, embed_batches, load_projection_head, manifest_labels, shard_batches
 from train.gmm import em_fit, initial_mixture
 from train.heatmap import study_heatmap
 from train.metrics import Bootstrap, detection_aucs
@@ -56,7 +56,8 @@ class EvalConfig:
     n_boot: int = 1000
     seed: int = 0
     knn_k: int = 20
-    batch_size: int = 64
+    batch_size: int = 128
+    num_workers: int = 1
     top_pairs: int = 12
     cv_folds: int = 5
     detection_only: bool = False  # embed the test split only: detection AUCs, no probes or kNN (ablations)
@@ -278,8 +279,9 @@ def evaluate_encoder(
     labels = manifest_labels(manifest) if manifest else None
     if on_total is not None:
         on_total(selection.n_samples)
-    emb = embed_pairs(backbone, iter_samples(selection.urls, selection.keys, labels), cfg.batch_size, device,
-                      head=head, top_k=cfg.top_pairs, on_batch=on_batch)
+    batches = shard_batches(selection.urls, selection.keys, read_json=labels is None, batch_size=cfg.batch_size,
+                            num_workers=cfg.num_workers, pin_memory=str(device).startswith("cuda"))
+    emb = embed_batches(backbone, batches, device, head=head, top_k=cfg.top_pairs, on_batch=on_batch, labels=labels)
     result = compute_metrics(emb, cfg)
     notes = [head_note, *result.notes]
     heatmap = None
