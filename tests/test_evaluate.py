@@ -86,8 +86,9 @@ def test_label_carrying_features_score_near_one(blob):
     lo, hi = m["probe_abnormal"]["100%"]["auc_ci"]
     assert lo <= m["probe_abnormal"]["100%"]["auc"] <= hi
     assert m["probe_abnormal"]["100%"]["balanced_accuracy"] > 0.9
-    assert m["knn"]["abnormal"]["auc"] > 0.9 and m["knn"]["abnormal"]["balanced_accuracy"] > 0.9
-    assert "skipped" in m["probe_abnormal"]["1%"]  # 1 % of 48 rows cannot hold 2 positives
+    assert m["knn"]["abnormal"]["auc"] > 0.9
+    assert "balanced_accuracy" not in m["knn"]["abnormal"]  # a majority vote at low prevalence says nothing
+    assert "skipped" in m["probe_abnormal"]["1%"]  # 1 % of 36 grid rows cannot hold 2 positives
     assert any("1%" in n and "skipped" in n for n in result.notes)
 
 
