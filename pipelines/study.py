@@ -47,7 +47,7 @@ class StudyConfig:
     device: str = "auto"
     train_split: str = "training"
     test_split: str = "test"
-    n_boot: int = 1000
+    n_boot: int = 2000
     root: str | None = None  # archive for the heat map of each evaluation
     pretrain_overrides: dict = field(default_factory=dict)  # any other PretrainConfig field, same for all methods
     arms: tuple[Arm, ...] = ()  # rows of the study; empty: one arm per method, with no overrides
@@ -139,7 +139,7 @@ def main(
     lr: float = typer.Option(1e-3, "--lr", help="Learning rate, equal for every method. Default: 0.001."),
     num_workers: int = typer.Option(2, "--num-workers", min=0, help="Loader worker processes per run. Default: 2."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto. Default: auto."),
-    n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Study-level bootstrap resamples per evaluation CI and per paired test. Default: 1000."),
+    n_boot: int = typer.Option(2000, "--n-boot", min=0, help="Study-level bootstrap resamples per evaluation CI and per paired test. Default: 2000."),
     root: Optional[Path] = typer.Option(None, "--root", help="Archive root for each evaluation's heat map. Default: none (skipped)."),
 ) -> None:
     """Run the comparison study; re-running resumes and skips finished runs and evaluations."""
