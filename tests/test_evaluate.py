@@ -202,3 +202,20 @@ def test_whole_breast_heatmap_from_the_archive(synth_archive, tmp_path):
     assert inside.sum() > 0.2 * heatmap.image.size and heatmap.n_patches > 10
     assert heatmap.boxes  # the picked study has a finding on the mapped side
     assert plot_heatmap(heatmap, tmp_path / "heatmap.png", "test").stat().st_size > 10_000
+
+
+def test_every_evaluate_option_comes_from_the_config_and_is_checked(tmp_path):
+    import dataclasses
+
+    from train.evaluate_config import EvaluateConfig
+
+    help_text = CliRunner().invoke(app, ["evaluate", "--help"], env={"COLUMNS": "200"}).output
+    for f in dataclasses.fields(EvaluateConfig):
+        assert (f.metadata["flag"] or "--" + f.name.replace("_", "-")) in help_text
+    assert "Default: 2000." in help_text and "Default: 0.01 0.1 1.0." in help_text
+    base = ["evaluate", "--encoder", str(tmp_path), "--out", str(tmp_path / "eval")]
+    no_data = CliRunner().invoke(app, base)
+    assert no_data.exit_code == 2 and "no_data" in no_data.output
+    bad = CliRunner().invoke(app, [*base, "--shards", str(tmp_path), "--label-fraction", "1.5"])
+    assert bad.exit_code == 2 and "--label-fraction must be <= 1.0" in bad.output
+    assert not (tmp_path / "eval").exists()

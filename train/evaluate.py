@@ -35,14 +35,16 @@ from prep.io import write_bytes_atomic, write_json_atomic
 from train.checkpoint import run_config, run_dir_of
 from train.data import DataError, select
 from train.embed import EvaluationError, Embeddings, embed_batches, load_projection_head, manifest_labels, shard_batches
+from train.evaluate_config import EvaluateConfig
 from train.gmm import em_fit, initial_mixture
 from train.heatmap import study_heatmap
-from train.metrics import Bootstrap, auc_with_ci, detection_aucs
+from train.metrics import auc_with_ci, detection_aucs
 from train.models import EncoderError, load_encoder
 from train.probes import binary_probe, knn_vote, multiclass_probe
 from train.report import ReportInputs, write_report
 
-__all__ = ["EvalConfig", "EvaluationError", "EvaluationResult", "compute_metrics", "evaluate_encoder", "summary"]
+__all__ = ["EvalConfig", "EvaluateConfig", "EvaluationError", "EvaluationResult", "compute_metrics", "evaluate",
+           "evaluate_encoder", "summary"]
 
 MULTICLASS_TASKS = {"birads": "breast_birads_ipsi", "density": "density"}
 # score name in Embeddings.scores() -> column of scores.parquet
@@ -51,23 +53,8 @@ SCORE_COLUMNS = {"backbone": "distance", "head": "head_distance", "pixel_l2": "p
 RUN_FIELDS = ("method", "tag", "seed", "steps", "batch_size", "backbone", "crop_px", "lr", "deterministic")
 
 
-@dataclass(frozen=True)
-class EvalConfig:
-    train_split: str = "training"
-    test_split: str = "test"
-    label_fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
-    n_boot: int = 2000
-    seed: int = 0
-    knn_k: int = 20
-    batch_size: int = 128
-    num_workers: int = 1
-    top_pairs: int = 12
-    cv_folds: int = 5
-    detection_only: bool = False  # embed the test split only: detection AUCs, no probes or kNN (ablations)
-
-    @property
-    def bootstrap(self) -> Bootstrap:
-        return Bootstrap(self.n_boot, self.seed)
+# the metric knobs are the command's: one dataclass (train/evaluate_config.py), under its historical name here
+EvalConfig = EvaluateConfig
 
 
 @dataclass
@@ -321,7 +308,7 @@ def evaluate_encoder(
         "encoder_path": str(encoder),
         "run": {k: config.get(k, meta.get(k)) for k in RUN_FIELDS},
         "data": {"source": str(manifest or shards), "n_samples": int(len(emb.table)), "n_shards": len(selection.urls)},
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
+        "config": cfg.to_dict(),
         "notes": notes,
     }
     metrics["summary"] = summary(metrics)
@@ -337,3 +324,20 @@ def evaluate_encoder(
     write_bytes_atomic(out / "scores.parquet", buf.getvalue())
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> cuda when available, else cpu; anything else as given."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def evaluate(cfg: EvaluateConfig, on_batch: Callable[[int], None] | None = None,
+             on_total: Callable[[int | None], None] | None = None) -> dict:
+    """`evaluate_encoder` with every input, output and knob from one `EvaluateConfig` (the command's path)."""
+    if cfg.encoder is None or cfg.out is None:
+        raise EvaluationError("bad_option", "give --encoder and --out")
+    return evaluate_encoder(
+        cfg.encoder, cfg.out, shards=cfg.shards, manifest=cfg.manifest, root=cfg.root, dataset=cfg.dataset,
+        heatmap_study=cfg.heatmap_study, heatmap_patches=cfg.heatmap_patches, assume_spacing_mm=cfg.assume_spacing_mm,
+        cfg=cfg, device=resolve_device(cfg.device), on_batch=on_batch, on_total=on_total,
+    )
