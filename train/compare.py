@@ -288,7 +288,8 @@ def _effect(t: PairTest) -> str:
     ci = f" [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]" if r["ci"] else ""
     p = f", Holm p={t.p_holm:.2g}" if t.p_holm is not None else ""
     eq = t.equivalence or {}
-    ci90 = f", 90 % CI [{eq['ci'][0]:+.3f}, {eq['ci'][1]:+.3f}]" if t.verdict in ("equivalent", "inconclusive") and eq.get("ci") else ""
+    shown = t.verdict in ("equivalent", "inconclusive") and eq.get("ci")  # the interval the TOST judged
+    ci90 = f", 90 % CI [{eq['ci'][0]:+.3f}, {eq['ci'][1]:+.3f}]" if shown else ""
     return f"{METRICS[t.metric]} (Δ {r['delta']:+.3f}{ci}{p}{ci90})"
 
 
