@@ -56,7 +56,7 @@ study: venv
 		--steps $(STUDY_STEPS)
 	$(BIN)/python -m pipelines.study --shards $(STUDY_DIR)/shards --manifests $(STUDY_DIR)/manifests \
 		--out $(STUDY_OUT) $(foreach s,$(STUDY_SEEDS),--seeds $(s)) --steps $(STUDY_STEPS) --batch-size 32 \
-		--num-workers 1 --n-boot 200 --root $(STUDY_DIR)/archive $(foreach f,$(STUDY_FINETUNE),--finetune-fractions $(f))
+		--num-workers 1 --root $(STUDY_DIR)/archive $(foreach f,$(STUDY_FINETUNE),--finetune-fractions $(f))
 
 # siamese-soft with one part changed at a time (docs/RESULTS.md "Ablations"), SimCLR and LD at the same budget, and learning curves of
 # siamese-soft, siamese-hard and random at $(ABLATION_CURVE) steps, on the study's archive; resumes when rerun.

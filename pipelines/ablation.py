@@ -189,7 +189,7 @@ def main(
     arms: List[str] = typer.Option([a.name for a in ALL_ARMS], "--arm", help="Arms to run, by name (repeatable). Default: every ablation, then simclr and ld."),
     batch_size: int = typer.Option(32, "--batch-size", min=2, help="Pairs per step, equal for every arm. Default: 32."),
     num_workers: int = typer.Option(1, "--num-workers", min=0, help="Loader worker processes per run. Default: 1."),
-    n_boot: int = typer.Option(200, "--n-boot", min=0, help="Study-level bootstrap resamples. Default: 200."),
+    n_boot: int = typer.Option(2000, "--n-boot", min=0, help="Study-level bootstrap resamples. Default: 2000."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto. Default: auto."),
 ) -> None:
     """Run the ablation arms and learning curves; rerunning resumes."""

@@ -86,7 +86,7 @@ def main(
     stage(f"4/4 pretrain {', '.join(methods)} ({steps} steps each), evaluate, compare")
     cfg = StudyConfig(shards=str(out / "shards"), manifests=str(out / "manifests"), out=str(out / "study"),
                       seeds=(0,), methods=tuple(methods), steps=steps, batch_size=batch_size, num_workers=1,
-                      n_boot=200, root=str(out / "archive"))
+                      n_boot=2000, root=str(out / "archive"))
     result = run_study(cfg, say=lambda line: console.print(line))
     compare_md = Path(result["compare"])
     print(compare_md.read_text())

@@ -48,7 +48,7 @@ class StudyConfig:
     device: str = "auto"
     train_split: str = "training"
     test_split: str = "test"
-    n_boot: int = 1000
+    n_boot: int = 2000
     root: str | None = None  # archive for the heat map of each evaluation
     pretrain_overrides: dict = field(default_factory=dict)  # any other PretrainConfig field, same for all methods
     arms: tuple[Arm, ...] = ()  # rows of the study; empty: one arm per method, with no overrides
@@ -182,7 +182,7 @@ def main(
     lr: float = typer.Option(1e-3, "--lr", help="Learning rate, equal for every method. Default: 0.001."),
     num_workers: int = typer.Option(2, "--num-workers", min=0, help="Loader worker processes per run. Default: 2."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto. Default: auto."),
-    n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Study-level bootstrap resamples per evaluation CI and per paired test. Default: 1000."),
+    n_boot: int = typer.Option(2000, "--n-boot", min=0, help="Study-level bootstrap resamples per evaluation CI and per paired test. Default: 2000."),
     root: Optional[Path] = typer.Option(None, "--root", help="Archive root for each evaluation's heat map. Default: none (skipped)."),
     finetune_fractions: List[float] = typer.Option([], "--finetune-fractions", help="Also fine-tune every run's encoder end to end at these fractions of the labelled training studies, at the same --steps (repeatable, e.g. 0.01 0.1 1); label-efficiency table in compare.md. Default: none."),
     finetune_task: str = typer.Option("ipsi_abnormal", "--finetune-task", help="Label column the fine-tuning predicts. Default: ipsi_abnormal."),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -44,3 +45,40 @@ def test_embed_patches_refuses_what_is_not_a_uint16_stack(bad):
     with pytest.raises(EvaluationError) as exc:
         embed_patches(_backbone(), bad)
     assert exc.value.reason == "bad_patches"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from shard_fixture import write_split_fixture
+
+    return write_split_fixture(tmp_path_factory.mktemp("embed_fixture"))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_worker_decoded_batches_give_the_per_sample_path_s_features_meta_and_top_pairs(data, num_workers):
+    from train.data import select
+    from train.embed import embed_batches, iter_samples, manifest_labels, shard_batches
+
+    backbone = _backbone()
+    selection = select(shards=str(data["shards"]), manifest=str(data["manifest"]), include_finding=True)
+    labels = manifest_labels(data["manifest"])
+    reference = embed_pairs(backbone, iter_samples(selection.urls, selection.keys, labels), batch_size=7, top_k=5)
+    batches = shard_batches(selection.urls, selection.keys, read_json=False, batch_size=16, num_workers=num_workers)
+    fast = embed_batches(backbone, batches, top_k=5, labels=labels)
+
+    def by_key(emb):
+        order = np.argsort(emb.table["key"].to_numpy())
+        return emb.table.iloc[order].reset_index(drop=True), order
+
+    (ref_table, ref_order), (fast_table, fast_order) = by_key(reference), by_key(fast)
+    assert len(fast_table) == len(data["table"]) and fast_table["key"].is_unique
+    pd.testing.assert_frame_equal(fast_table, ref_table)
+    np.testing.assert_allclose(fast.ipsi[fast_order], reference.ipsi[ref_order], rtol=1e-5, atol=1e-6)
+    for name in reference.pixel:
+        np.testing.assert_array_equal(fast.pixel[name][fast_order], reference.pixel[name][ref_order])
+    assert [p.key for p in fast.top_pairs] == [p.key for p in reference.top_pairs]
+    for mine, theirs in zip(fast.top_pairs, reference.top_pairs):
+        assert mine.meta.keys() == theirs.meta.keys()
+        assert all(mine.meta[c] == theirs.meta[c] for c in ("split", "study_id", "ipsi_abnormal", "sampling"))
+        np.testing.assert_array_equal(mine.ipsi, theirs.ipsi)
+    assert [p.distance for p in fast.top_pairs] == sorted((p.distance for p in fast.top_pairs), reverse=True)

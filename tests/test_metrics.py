@@ -9,7 +9,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from train.metrics import (
     Bootstrap, auc, auc_with_ci, balanced_accuracy, balanced_accuracy_with_ci, detection_aucs, holm,
-    paired_auc_test, pixel_scores, resample_weights, weighted_aucs,
+    equivalence_test, paired_auc_test, pixel_scores, resample_weights, weighted_aucs,
 )
 from train.probes import fit_probe, group_folds
 
@@ -117,6 +117,16 @@ def test_paired_test_over_seeds_counts_the_seed_spread():
     assert result["ci"][1] - result["ci"][0] > studies_only["ci"][1] - studies_only["ci"][0]
     far = paired_auc_test(y, steady, [rng.normal(size=len(y)) for _ in range(3)], studies, BOOT)
     assert far["p"] < 0.01 and far["ci"][0] > 0
+
+
+def test_equivalence_test_by_hand():
+    # 90 % interval 0.005 +- 1.645 x 0.005 lies inside +-0.02; p = max(P(Z > 5), P(Z < -3))
+    tight = equivalence_test({"delta": 0.005, "ci": [0.0, 0.01], "sd_test": 0.005, "sd_seed": 0.0, "df": None}, 0.02)
+    assert tight["equivalent"] and tight["ci"] == pytest.approx([0.005 - 0.008224, 0.005 + 0.008224], abs=1e-5)
+    assert tight["p"] == pytest.approx(0.0013499, rel=1e-3)
+    wide = equivalence_test({"delta": 0.005, "ci": [-0.03, 0.04], "sd_test": 0.012, "sd_seed": 0.016, "df": None}, 0.02)
+    assert not wide["equivalent"] and wide["p"] == pytest.approx(0.22663, rel=1e-3)  # sd 0.02: P(Z < -0.75)
+    assert equivalence_test({"delta": 0.0, "ci": None}, 0.02)["equivalent"] is None  # no variance, no claim
 
 
 def test_pixel_baselines_see_a_bright_blob():

@@ -8,7 +8,8 @@ The claims: for the AUCs whose per-pair scores `train evaluate` keeps in scores.
 methods (and every method against the pixel baselines on detection) is compared on the same test pairs
 with `train.metrics.paired_auc_test`: the mean over shared seeds of the AUC difference, its variance from
 study-level resamples (test sampling) plus the spread over seeds (training randomness). All tests form
-one family, Holm-corrected; a pair is called different only where the corrected p < 0.05. With one seed
+one family, Holm-corrected; a pair is called different only where the corrected p < 0.05, and equivalent
+only where a TOST on the same difference puts its 90 % interval inside +-MARGIN. With one seed
 there is no test across seeds: the verdict says so, and reports the study-level paired bootstrap of that
 seed (normal approximation with the bootstrap standard error), labelled as such.
 """
@@ -30,21 +31,22 @@ from scipy import stats
 
 from prep.errors import ContralateralError
 from prep.io import write_bytes_atomic
-from train.metrics import Bootstrap, holm, paired_auc_test
+from train.metrics import Bootstrap, equivalence_test, holm, paired_auc_test
 
 PRIMARY = "siamese-soft"
 ALPHA = 0.05
+MARGIN = 0.02  # equivalence margin on an AUC difference, set before any result is seen
 # the metrics the table shows, in this order, with the label a reader sees (all: higher is better)
 METRICS = {
     "detection_auc_grid": "detection AUC, grid (backbone distance)",
     "detection_auc_grid_head": "detection AUC, grid (head distance)",
     "detection_auc_finding": "detection AUC, finding-centred (backbone distance)",
-    "probe_auc_100%": "probe AUC, 100 % labels",
-    "probe_auc_10%": "probe AUC, 10 % labels",
-    "probe_auc_1%": "probe AUC, 1 % labels",
-    "probe_balanced_accuracy_100%": "probe balanced accuracy, 100 % labels",
-    "knn_auc_abnormal": "kNN-vote AUC, abnormal",
-    "knn_balanced_accuracy_abnormal": "kNN balanced accuracy, abnormal",
+    "probe_auc_100%": "probe AUC, grid, 100 % labels",
+    "probe_auc_10%": "probe AUC, grid, 10 % labels",
+    "probe_auc_1%": "probe AUC, grid, 1 % labels",
+    "probe_balanced_accuracy_100%": "probe balanced accuracy, grid, 100 % labels",
+    "probe_auc_finding": "probe AUC, finding-centred lesions (grid-trained probe)",
+    "knn_auc_abnormal": "kNN-vote AUC, grid, abnormal",
     "birads_balanced_accuracy": "BI-RADS balanced accuracy",
     "birads_macro_auc": "BI-RADS macro AUC",
     "density_balanced_accuracy": "density balanced accuracy",
@@ -70,8 +72,8 @@ class PairedMetric:
 PAIRED = {
     "detection_auc_grid": PairedMetric("distance", "lesion", grid_only=True, baselines=True),
     "detection_auc_grid_head": PairedMetric("head_distance", "lesion", grid_only=True, baselines=True),
-    "probe_auc_100%": PairedMetric("probe_abnormal", "ipsi_abnormal", grid_only=False, baselines=False),
-    "knn_auc_abnormal": PairedMetric("knn_abnormal", "ipsi_abnormal", grid_only=False, baselines=False),
+    "probe_auc_100%": PairedMetric("probe_abnormal", "ipsi_abnormal", grid_only=True, baselines=False),
+    "knn_auc_abnormal": PairedMetric("knn_abnormal", "ipsi_abnormal", grid_only=True, baselines=False),
 }
 BUDGET_FIELDS = ("steps", "batch_size", "backbone", "crop_px")
 
@@ -190,15 +192,21 @@ class PairTest:
     metric: str
     seeds: list
     result: dict
+    equivalence: dict | None = None  # `train.metrics.equivalence_test` of `result`
     p_holm: float | None = None
 
     @property
     def verdict(self) -> str:
+        """"a better" / "b better" (Holm p < ALPHA), else "equivalent" (the 90 % interval of Δ inside
+        the margin: TOST), else "inconclusive"; "untested" without a variance. Never "equal" from a
+        difference test that failed to reject."""
         if self.p_holm is None:
             return "untested"
-        if self.p_holm >= ALPHA:
-            return "not distinguishable"
-        return "better" if self.result["delta"] > 0 else "worse"
+        if self.p_holm < ALPHA:
+            return "a better" if self.result["delta"] > 0 else "b better"
+        if self.equivalence and self.equivalence["equivalent"]:
+            return "equivalent"
+        return "inconclusive"
 
 
 def _test_rows(table: pd.DataFrame, spec: PairedMetric, test_split: str) -> pd.DataFrame:
@@ -215,8 +223,9 @@ def _labels(rows: pd.DataFrame, kind: str) -> np.ndarray:
     return ipsi | rows["contra_abnormal"].fillna(False).astype(bool).to_numpy()
 
 
-def paired_tests(evals: list[Evaluation], boot: Bootstrap) -> tuple[list[PairTest], list[str]]:
-    """Every method pair (and method vs pixel baseline on detection) on every paired metric; Holm over all."""
+def paired_tests(evals: list[Evaluation], boot: Bootstrap, margin: float = MARGIN) -> tuple[list[PairTest], list[str]]:
+    """Every method pair (and method vs pixel baseline on detection) on every paired metric; Holm over all
+    difference tests; a TOST against +-`margin` on each."""
     notes: list[str] = []
     scores: dict[tuple[str, object], pd.DataFrame] = {}
     for e in evals:
@@ -265,7 +274,7 @@ def paired_tests(evals: list[Evaluation], boot: Bootstrap) -> tuple[list[PairTes
                 notes.append(f"{a} vs {b}: no seed evaluated for both: not paired")
                 continue
             result = paired_auc_test(y, [entities[a][s] for s in seeds], score_b, groups, boot)
-            tests.append(PairTest(a, b, metric, seeds, result))
+            tests.append(PairTest(a, b, metric, seeds, result, equivalence_test(result, margin, ALPHA)))
     adjusted = holm([t.result["p"] for t in tests if t.result["p"] is not None])
     it = iter(adjusted)
     for t in tests:
@@ -278,27 +287,28 @@ def _effect(t: PairTest) -> str:
     r = t.result
     ci = f" [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]" if r["ci"] else ""
     p = f", Holm p={t.p_holm:.2g}" if t.p_holm is not None else ""
-    return f"{METRICS[t.metric]} (Δ {r['delta']:+.3f}{ci}{p})"
+    eq = t.equivalence or {}
+    shown = t.verdict in ("equivalent", "inconclusive") and eq.get("ci")  # the interval the TOST judged
+    ci90 = f", 90 % CI [{eq['ci'][0]:+.3f}, {eq['ci'][1]:+.3f}]" if shown else ""
+    return f"{METRICS[t.metric]} (Δ {r['delta']:+.3f}{ci}{p}{ci90})"
 
 
-def pair_verdicts(tests: list[PairTest]) -> list[str]:
-    """One line per method pair: where the first is better, worse, or not distinguishable."""
+def pair_verdicts(tests: list[PairTest], margin: float = MARGIN) -> list[str]:
+    """One line per method pair: on which metrics the first is better, the second is better, the two are
+    equivalent within +-margin (TOST), or the data cannot tell (inconclusive)."""
     lines = []
     by_pair: dict[tuple[str, str], list[PairTest]] = {}
     for t in tests:
         by_pair.setdefault((t.a, t.b), []).append(t)
     for (a, b), group in by_pair.items():
         n_seeds = max(len(t.seeds) for t in group)
-        better = [_effect(t) for t in group if t.verdict == "better"]
-        worse = [_effect(t) for t in group if t.verdict == "worse"]
-        tied = [_effect(t) for t in group if t.verdict in ("not distinguishable", "untested")]
         parts = []
-        if better:
-            parts.append("better on " + "; ".join(better))
-        if worse:
-            parts.append("worse on " + "; ".join(worse))
-        if tied:
-            parts.append("not distinguishable on " + "; ".join(tied))
+        for verdict, words in (("a better", f"{a} better"), ("b better", f"{b} better"),
+                               ("equivalent", f"equivalent within ±{margin:g}"), ("inconclusive", "inconclusive"),
+                               ("untested", "untested")):
+            effects = [_effect(t) for t in group if t.verdict == verdict]
+            if effects:
+                parts.append(f"{words} on " + "; ".join(effects))
         if n_seeds == 1:
             seed = group[0].seeds[0]
             lines.append(f"- **{a} vs {b}**: no test across seeds is possible (one seed). Paired study-level "
@@ -330,7 +340,7 @@ def primary_summary(tests: list[PairTest]) -> list[str]:
     wins = []
     for metric in PAIRED:
         group = [t for t in mine if t.metric == metric]
-        if group and all(len(t.seeds) >= 2 and t.verdict == ("better" if t.a == PRIMARY else "worse") for t in group):
+        if group and all(len(t.seeds) >= 2 and t.verdict == ("a better" if t.a == PRIMARY else "b better") for t in group):
             wins.append(METRICS[metric])
     return [f"- **Overall**: {PRIMARY} beats every method and baseline it was tested against on "
             + (", ".join(wins) if wins else "no metric") + f" (Holm-corrected over all {len(tests)} tests)."]
@@ -364,14 +374,15 @@ def _describe_setup(evals: list[Evaluation]) -> list[str]:
     return lines
 
 
-def compare_evaluations(paths: list[str | Path], out: str | Path, boot: Bootstrap = Bootstrap()) -> dict:
+def compare_evaluations(paths: list[str | Path], out: str | Path, boot: Bootstrap = Bootstrap(),
+                        margin: float = MARGIN) -> dict:
     """Write compare.md, compare.csv (long format: method, metric, n, mean, sd, ci_low, ci_high, seeds) and
     paired.csv (one row per test: a, b, metric, seeds, scope, delta, CI, p, Holm p, verdict, positives)."""
     evals = find_evaluations(paths)
     table = aggregate(evals)
     with warnings.catch_warnings():  # a resample with one class is NaN by design, dropped from the CI
         warnings.simplefilter("ignore", RuntimeWarning)
-        tests, notes = paired_tests(evals, boot)
+        tests, notes = paired_tests(evals, boot, margin)
     metrics = [m for m in METRICS if any(m in s for s in table.values())]
     md = [
         "# Method comparison", "",
@@ -390,8 +401,12 @@ def compare_evaluations(paths: list[str | Path], out: str | Path, boot: Bootstra
            f"Each line compares the first method with the second on the same test pairs: Δ = mean over seeds of "
            f"AUC(first) - AUC(second), with its 95 % CI, from study-level resamples ({boot.n_boot}) plus the "
            f"spread over seeds (one seed: the study resamples alone); the CIs are per test, the p-values "
-           f"Holm-corrected over all {len(tests)} tests; 'better' / 'worse' only where the corrected p < {ALPHA}.", "",
-           *pair_verdicts(tests), *primary_summary(tests), "",
+           f"Holm-corrected over all {len(tests)} tests; 'better' only where the corrected p < {ALPHA}. "
+           f"Where it is not, 'equivalent within ±{margin:g}' needs an equivalence test (TOST, margin ±{margin:g} "
+           f"AUC set in advance): the 90 % interval of Δ (same variance) lies inside the margin (per test, not "
+           f"corrected for multiplicity); otherwise the data cannot tell: 'inconclusive'. No difference test that "
+           f"failed to reject is read as equality.", "",
+           *pair_verdicts(tests, margin), *primary_summary(tests), "",
            "## Highest means (description, not a claim)", "", *best_means(table), ""]
     if notes:
         md += ["## Notes", "", *[f"- {n}" for n in notes], ""]
@@ -421,13 +436,15 @@ def _table_csv(table: dict, metrics: list[str]) -> str:
 def _tests_csv(tests: list[PairTest]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["a", "b", "metric", "seeds", "scope", "delta", "ci_low", "ci_high", "p", "p_holm", "verdict",
-                     "lesion_studies", "lesion_pairs", "normal_pairs"])
+    writer.writerow(["a", "b", "metric", "seeds", "scope", "delta", "ci_low", "ci_high", "p", "p_holm",
+                     "margin", "ci90_low", "ci90_high", "p_tost", "verdict", "lesion_studies", "lesion_pairs",
+                     "normal_pairs"])
     for t in tests:
-        r = t.result
-        ci = r["ci"] or [None, None]
+        r, eq = t.result, t.equivalence or {}
+        ci, ci90 = r["ci"] or [None, None], eq.get("ci") or [None, None]
         writer.writerow([t.a, t.b, t.metric, " ".join(map(str, t.seeds)), r["scope"], r["delta"], ci[0], ci[1],
-                         r["p"], t.p_holm, t.verdict, r["n_pos_studies"], r["n_pos"], r["n_neg"]])
+                         r["p"], t.p_holm, eq.get("margin"), ci90[0], ci90[1], eq.get("p"), t.verdict,
+                         r["n_pos_studies"], r["n_pos"], r["n_neg"]])
     return buf.getvalue()
 
 

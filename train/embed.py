@@ -7,9 +7,8 @@ distant pairs for the report's montage, so nothing needs a second pass over the 
 
 from __future__ import annotations
 
-import heapq
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -126,10 +125,174 @@ def embed_patches(backbone, patches: np.ndarray, *, batch_size: int = 256, devic
     return np.concatenate(out).astype(np.float32, copy=False)
 
 
-def _batches(samples: Iterable[EvalSample], size: int) -> Iterator[list[EvalSample]]:
+@dataclass
+class PairBatch:
+    """A batch of pairs as the model takes them: ipsi rows first, then contra, in one uint16 tensor, with
+    the label-free pixel baselines already computed (by the decoding worker, off the model's path)."""
+
+    keys: list[str]
+    pixels: torch.Tensor  # uint16 (2B, 1, H, W): the B ipsi patches, then their B contra patches
+    pixel: dict[str, np.ndarray]  # pixel-baseline name -> (B,) scores
+    meta: list[dict] | None = None  # per-sample allow-listed meta; None: looked up in the manifest by key
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def pin_memory(self) -> "PairBatch":  # called by the DataLoader's pinning thread on CUDA
+        return replace(self, pixels=self.pixels.pin_memory())
+
+
+def collate_pairs(keys: list[str], ipsi: list[np.ndarray], contra: list[np.ndarray], meta: list[dict] | None) -> PairBatch:
+    ipsi_px, contra_px = np.stack(ipsi), np.stack(contra)
+    pixels = torch.from_numpy(np.concatenate([ipsi_px, contra_px])[:, None])
+    return PairBatch(list(keys), pixels, pixel_scores(ipsi_px, contra_px), meta)
+
+
+def batch_samples(samples: Iterable[EvalSample], size: int) -> Iterator[PairBatch]:
+    """In-memory samples (a heat map's pairs, tests) as model batches."""
     it = iter(samples)
     while chunk := list(itertools.islice(it, size)):
-        yield chunk
+        yield collate_pairs([s.key for s in chunk], [s.ipsi for s in chunk], [s.contra for s in chunk],
+                            [s.meta for s in chunk])
+
+
+def _decode_batches(stream: Iterable[dict], keys: frozenset[str] | None, size: int, read_json: bool) -> Iterator[PairBatch]:
+    chunk_keys, ipsi, contra, meta = [], [], [], []
+    for sample in stream:
+        key = sample["__key__"]
+        if keys is not None and key not in keys:
+            continue
+        a, b = decode_pair(sample)
+        chunk_keys.append(key)
+        ipsi.append(a)
+        contra.append(b)
+        if read_json:
+            raw = decode_json(sample)
+            meta.append({c: raw.get(c) for c in EVAL_COLUMNS if c != "key"})
+        if len(chunk_keys) == size:
+            yield collate_pairs(chunk_keys, ipsi, contra, meta if read_json else None)
+            chunk_keys, ipsi, contra, meta = [], [], [], []
+    if chunk_keys:
+        yield collate_pairs(chunk_keys, ipsi, contra, meta if read_json else None)
+
+
+class ShardBatches(torch.utils.data.IterableDataset):
+    """Read, select, decode and batch the shards; under a DataLoader each worker takes every n-th shard,
+    so every selected sample is read exactly once, in an order fixed by the shard list and worker count."""
+
+    def __init__(self, urls: list[str], keys: frozenset[str] | None, batch_size: int, read_json: bool):
+        self.urls, self.keys, self.batch_size, self.read_json = list(urls), keys, batch_size, read_json
+
+    def __iter__(self) -> Iterator[PairBatch]:
+        info = torch.utils.data.get_worker_info()
+        urls = self.urls if info is None else self.urls[info.id :: info.num_workers]
+        stream = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=wds.reraise_exception))
+        yield from _decode_batches(stream, self.keys, self.batch_size, self.read_json)
+
+
+def shard_batches(urls: list[str], keys: frozenset[str] | None = None, *, read_json: bool = True,
+                  batch_size: int = 256, num_workers: int = 1, pin_memory: bool = False) -> Iterable[PairBatch]:
+    """One plain pass over the shards as model batches, decoded in `num_workers` worker processes (0: in
+    this process) while the model runs. `read_json=False` when the meta comes from the manifest."""
+    dataset = ShardBatches(urls, keys, batch_size, read_json)
+    workers = min(num_workers, len(urls))
+    if workers == 0:
+        return iter(dataset)
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4,
+                                       pin_memory=pin_memory)
+
+
+class TopPairs:
+    """The `k` most distant pairs seen so far, their pixels copied out of the batch; ties keep the
+    earlier pair. Per batch only the pairs above the current k-th distance are looked at."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.kept: list[tuple[float, int, str, np.ndarray, np.ndarray, dict | None]] = []
+
+    def offer(self, distance: np.ndarray, batch: PairBatch, first_index: int) -> None:
+        if self.k == 0:
+            return
+        floor = self.kept[-1][0] if len(self.kept) == self.k else -np.inf
+        candidates = np.flatnonzero(distance > floor)
+        candidates = candidates[np.argsort(-distance[candidates], kind="stable")[: self.k]]
+        n = len(batch)
+        for i in candidates:
+            self.kept.append((float(distance[i]), first_index + int(i), batch.keys[i],
+                              batch.pixels[i, 0].numpy().copy(), batch.pixels[n + i, 0].numpy().copy(),
+                              None if batch.meta is None else batch.meta[i]))
+        self.kept = sorted(self.kept, key=lambda t: (-t[0], t[1]))[: self.k]
+
+    def pairs(self, table: pd.DataFrame) -> list[TopPair]:
+        """Most distant first; meta from `table` (row = reading index) where the batch carried none."""
+        return [TopPair(d, key, ipsi, contra, meta if meta is not None else table.iloc[row].drop("key").to_dict())
+                for d, row, key, ipsi, contra, meta in self.kept]
+
+
+def _table(keys: list[str], metas: list[list[dict] | None], labels: pd.DataFrame | None) -> pd.DataFrame:
+    """The allow-listed metadata of every embedded pair, in reading order: from the manifest rows when
+    `labels` is given (one vectorised look-up), else from the samples' json."""
+    if labels is None:
+        return pd.DataFrame([{"key": k, **m} for k, m in zip(keys, itertools.chain.from_iterable(metas))])
+    missing = pd.Index(keys).difference(labels.index)
+    if len(missing):
+        raise EvaluationError("unlabelled_samples", f"{len(missing)} samples have no manifest row, e.g. {missing[0]!r}")
+    rows = labels.loc[keys]
+    none = np.full(len(keys), None, dtype=object)
+    return pd.DataFrame({"key": list(keys), **{c: rows[c].to_numpy() if c in rows.columns else none
+                                               for c in EVAL_COLUMNS if c != "key"}})
+
+
+def embed_batches(
+    backbone,
+    batches: Iterable[PairBatch],
+    device="cpu",
+    head: Callable | None = None,
+    top_k: int = 12,
+    on_batch: Callable[[int], None] | None = None,
+    labels: pd.DataFrame | None = None,
+) -> Embeddings:
+    """Frozen pooled features of both members of every pair in `batches`; keeps the `top_k` most distant
+    pairs' pixels so the report's montage needs no second pass. The loop holds no per-sample Python:
+    decoding, meta and pixel baselines come with the batch; `labels` (manifest rows by key) give the meta
+    of batches that carry none."""
+    backbone.eval()
+    keys: list[str] = []
+    metas: list[list[dict] | None] = []
+    ipsi_feats, contra_feats, head_d = [], [], []
+    pixel: dict[str, list[np.ndarray]] = {}
+    top = TopPairs(top_k)
+    with torch.inference_mode():
+        for batch in batches:
+            n = len(batch)
+            pooled, z = pooled_features(backbone, batch.pixels, device)
+            zi, zc = z[:n], z[n:]
+            dist = (zi - zc).norm(dim=1).cpu().numpy()
+            ipsi_feats.append(zi.cpu().numpy())
+            contra_feats.append(zc.cpu().numpy())
+            if head is not None:
+                h = F.normalize(head(pooled).float(), dim=1)
+                head_d.append((h[:n] - h[n:]).norm(dim=1).cpu().numpy())
+            for name, values in batch.pixel.items():
+                pixel.setdefault(name, []).append(values)
+            top.offer(dist, batch, len(keys))
+            keys.extend(batch.keys)
+            metas.append(batch.meta)
+            if on_batch is not None:
+                on_batch(n)
+    if not keys:
+        raise EvaluationError("no_samples", "the selected shards hold no samples")
+    if labels is None and any(m is None for m in metas):
+        raise EvaluationError("no_meta", "batches without meta need the manifest's labels")
+    table = _table(keys, metas, labels)
+    return Embeddings(
+        table=table,
+        ipsi=np.concatenate(ipsi_feats),
+        contra=np.concatenate(contra_feats),
+        head_distance=np.concatenate(head_d) if head_d else None,
+        pixel={name: np.concatenate(parts) for name, parts in pixel.items()},
+        top_pairs=top.pairs(table),
+    )
 
 
 def embed_pairs(
@@ -141,46 +304,8 @@ def embed_pairs(
     top_k: int = 12,
     on_batch: Callable[[int], None] | None = None,
 ) -> Embeddings:
-    """Frozen pooled features of both members of every pair; keeps the `top_k` most distant pairs' pixels
-    so the report's montage needs no second pass over the data."""
-    backbone.eval()
-    rows, ipsi_feats, contra_feats, head_d = [], [], [], []
-    pixel: dict[str, list[np.ndarray]] = {}
-    top: list[tuple[float, int, TopPair]] = []
-    counter = itertools.count()
-    with torch.inference_mode():
-        for chunk in _batches(samples, batch_size):
-            ipsi_px, contra_px = np.stack([s.ipsi for s in chunk]), np.stack([s.contra for s in chunk])
-            for name, values in pixel_scores(ipsi_px, contra_px).items():
-                pixel.setdefault(name, []).append(values)
-            x = torch.from_numpy(np.concatenate([ipsi_px, contra_px])[:, None])
-            pooled, z = pooled_features(backbone, x, device)
-            zi, zc = z[: len(chunk)], z[len(chunk):]
-            ipsi_feats.append(zi.cpu().numpy())
-            contra_feats.append(zc.cpu().numpy())
-            if head is not None:
-                h = F.normalize(head(pooled).float(), dim=1)
-                head_d.append((h[: len(chunk)] - h[len(chunk):]).norm(dim=1).cpu().numpy())
-            dist = (zi - zc).norm(dim=1).cpu().numpy()
-            for s, d in zip(chunk, dist):
-                rows.append({"key": s.key, **s.meta})
-                item = (float(d), next(counter), TopPair(float(d), s.key, s.ipsi, s.contra, s.meta))
-                if len(top) < top_k:
-                    heapq.heappush(top, item)
-                elif top_k and item[0] > top[0][0]:
-                    heapq.heapreplace(top, item)
-            if on_batch is not None:
-                on_batch(len(chunk))
-    if not rows:
-        raise EvaluationError("no_samples", "the selected shards hold no samples")
-    return Embeddings(
-        table=pd.DataFrame(rows),
-        ipsi=np.concatenate(ipsi_feats),
-        contra=np.concatenate(contra_feats),
-        head_distance=np.concatenate(head_d) if head_d else None,
-        pixel={name: np.concatenate(parts) for name, parts in pixel.items()},
-        top_pairs=[t[2] for t in sorted(top, key=lambda t: -t[0])],
-    )
+    """`embed_batches` over in-memory samples (their own meta), `batch_size` pairs per forward."""
+    return embed_batches(backbone, batch_samples(samples, batch_size), device, head, top_k, on_batch)
 
 
 def load_projection_head(run: Path | None, device="cpu"):

@@ -8,10 +8,13 @@ report (`train.report`) and write metrics.json + scores.parquet. What is measure
     split's grid samples (finding-centred samples reported separately), study-level bootstrap CIs, and
     the lesion studies / pairs each AUC rests on;
   - a class-balanced linear probe for abnormal vs normal (label `ipsi_abnormal`, ipsi features), fitted on
-    the training split only (C by study-grouped cross-validation inside it), with 1 %, 10 % and 100 % of
-    the training labels: AUC and balanced accuracy;
-  - BI-RADS and density (multinomial probes: balanced accuracy, macro AUC) where labels exist;
-  - cosine kNN vote (k = 20, training -> test): AUC of the vote share and balanced accuracy.
+    the training split's grid samples only (C by study-grouped cross-validation inside it), with 1 %, 10 %
+    and 100 % of the training labels: AUC and balanced accuracy on the test grid samples; the 100 % probe
+    is also scored on finding-centred lesion pairs vs the grid normals, reported apart (finding-centred
+    samples skip the tissue check and sit on the lesion: on them a probe can learn the sampling);
+  - BI-RADS and density (multinomial probes on grid samples: balanced accuracy, macro AUC) where labels exist;
+  - cosine kNN vote (k = 20, training -> test grid samples): AUC of the vote share (no balanced accuracy
+    for abnormal: at a few % prevalence a majority vote answers "normal" whatever the features).
 Labels come from the sample json or the manifest rows; never from an archive's ground truth.
 """
 
@@ -31,15 +34,17 @@ from threadpoolctl import threadpool_limits
 from prep.io import write_bytes_atomic, write_json_atomic
 from train.checkpoint import run_config, run_dir_of
 from train.data import DataError, select
-from train.embed import EvaluationError, Embeddings, embed_pairs, iter_samples, load_projection_head, manifest_labels
+from train.embed import EvaluationError, Embeddings, embed_batches, load_projection_head, manifest_labels, shard_batches
+from train.evaluate_config import EvaluateConfig
 from train.gmm import em_fit, initial_mixture
 from train.heatmap import study_heatmap
-from train.metrics import Bootstrap, detection_aucs
+from train.metrics import auc_with_ci, detection_aucs
 from train.models import EncoderError, load_encoder
 from train.probes import binary_probe, knn_vote, multiclass_probe
 from train.report import ReportInputs, write_report
 
-__all__ = ["EvalConfig", "EvaluationError", "EvaluationResult", "compute_metrics", "evaluate_encoder", "summary"]
+__all__ = ["EvalConfig", "EvaluateConfig", "EvaluationError", "EvaluationResult", "compute_metrics", "evaluate",
+           "evaluate_encoder", "summary"]
 
 MULTICLASS_TASKS = {"birads": "breast_birads_ipsi", "density": "density"}
 # score name in Embeddings.scores() -> column of scores.parquet
@@ -48,22 +53,8 @@ SCORE_COLUMNS = {"backbone": "distance", "head": "head_distance", "pixel_l2": "p
 RUN_FIELDS = ("method", "tag", "seed", "steps", "batch_size", "backbone", "crop_px", "lr", "deterministic")
 
 
-@dataclass(frozen=True)
-class EvalConfig:
-    train_split: str = "training"
-    test_split: str = "test"
-    label_fractions: tuple[float, ...] = (0.01, 0.1, 1.0)
-    n_boot: int = 1000
-    seed: int = 0
-    knn_k: int = 20
-    batch_size: int = 64
-    top_pairs: int = 12
-    cv_folds: int = 5
-    detection_only: bool = False  # embed the test split only: detection AUCs, no probes or kNN (ablations)
-
-    @property
-    def bootstrap(self) -> Bootstrap:
-        return Bootstrap(self.n_boot, self.seed)
+# the metric knobs are the command's: one dataclass (train/evaluate_config.py), under its historical name here
+EvalConfig = EvaluateConfig
 
 
 @dataclass
@@ -125,32 +116,48 @@ def _compute_metrics(emb: Embeddings, cfg: EvalConfig) -> EvaluationResult:
                      f"(have {sorted(set(split))})")
         return EvaluationResult(metrics, curves, probes, notes, row_scores)
 
+    # supervised read-outs on grid samples: finding-centred samples sit on the lesion and skip the tissue
+    # check, so a probe trained or scored on them learns how a sample was drawn, not what the patch shows
+    grid = sampling == "grid"
+    if not grid.any():
+        grid = np.ones(len(table), bool)
+        notes.append("no grid samples (`sampling`): probes and kNN use every row, finding-centred ones included")
     X = emb.ipsi
     abnormal = table["ipsi_abnormal"].fillna(False).astype(bool).to_numpy()
+    fit_rows, score_rows = train & grid, test & grid
+    finding_set = test & (((sampling == "finding") & abnormal) | (grid & ~abnormal))
     probe = {}
     for fraction in cfg.label_fractions:
         name = f"{fraction:.0%}"
-        result, model, proba = binary_probe(X[train], abnormal[train], studies[train], X[test], abnormal[test],
-                                            studies[test], boot, cfg.cv_folds, fraction)
+        result, model, proba = binary_probe(X[fit_rows], abnormal[fit_rows], studies[fit_rows], X[score_rows],
+                                            abnormal[score_rows], studies[score_rows], boot, cfg.cv_folds, fraction)
         probe[name] = result
         if model is None:
             notes.append(f"abnormal probe at {name} of the labels skipped: {result['skipped']}")
             continue
         probes[f"abnormal@{name}"] = model
         if fraction == max(cfg.label_fractions):
-            curves[f"linear probe, {name} labels (test)"] = (abnormal[test], proba)
-            row_scores["probe_abnormal"] = _on_rows(test, proba)
+            curves[f"linear probe, {name} labels (test grid)"] = (abnormal[score_rows], proba)
+            row_scores["probe_abnormal"] = _on_rows(test, model.predict_proba(X[test])[:, 1])
+            # the same grid-trained probe on finding-centred lesion pairs vs the grid normals, kept apart
+            if finding_set.any():
+                metrics["probe_abnormal_finding"] = {
+                    "labels": name,
+                    **auc_with_ci(abnormal[finding_set], model.predict_proba(X[finding_set])[:, 1],
+                                  studies[finding_set], boot),
+                }
     metrics["probe_abnormal"] = probe
-    knn_abnormal, share = knn_vote(X[train], abnormal[train], X[test], abnormal[test], studies[test], cfg.knn_k, boot)
+    knn_abnormal, share = knn_vote(X[fit_rows], abnormal[fit_rows], X[score_rows], abnormal[score_rows],
+                                   studies[score_rows], cfg.knn_k, boot)
     knn = {"abnormal": knn_abnormal}
-    row_scores["knn_abnormal"] = _on_rows(test, share)
+    row_scores["knn_abnormal"] = _on_rows(score_rows, share)
 
     for task, column in MULTICLASS_TASKS.items():
         if column not in table.columns:
             notes.append(f"{task}: no '{column}' labels in the data")
             continue
         labelled = _has_labels(table[column]).to_numpy()
-        tr, te = train & labelled, test & labelled
+        tr, te = fit_rows & labelled, score_rows & labelled
         if not tr.any() or not te.any():
             notes.append(f"{task}: no labelled rows in one of the splits")
             continue
@@ -214,8 +221,8 @@ def summary_paths(metrics: dict) -> dict[str, tuple]:
     for fraction in metrics.get("probe_abnormal", {}):
         paths[f"probe_auc_{fraction}"] = ("probe_abnormal", fraction, "auc")
     paths["probe_balanced_accuracy_100%"] = ("probe_abnormal", "100%", "balanced_accuracy")
+    paths["probe_auc_finding"] = ("probe_abnormal_finding", "auc")
     paths["knn_auc_abnormal"] = ("knn", "abnormal", "auc")
-    paths["knn_balanced_accuracy_abnormal"] = ("knn", "abnormal", "balanced_accuracy")
     for task in MULTICLASS_TASKS:
         paths[f"{task}_balanced_accuracy"] = (task, "balanced_accuracy")
         paths[f"{task}_macro_auc"] = (task, "macro_auc")
@@ -278,8 +285,9 @@ def evaluate_encoder(
     labels = manifest_labels(manifest) if manifest else None
     if on_total is not None:
         on_total(selection.n_samples)
-    emb = embed_pairs(backbone, iter_samples(selection.urls, selection.keys, labels), cfg.batch_size, device,
-                      head=head, top_k=cfg.top_pairs, on_batch=on_batch)
+    batches = shard_batches(selection.urls, selection.keys, read_json=labels is None, batch_size=cfg.batch_size,
+                            num_workers=cfg.num_workers, pin_memory=str(device).startswith("cuda"))
+    emb = embed_batches(backbone, batches, device, head=head, top_k=cfg.top_pairs, on_batch=on_batch, labels=labels)
     result = compute_metrics(emb, cfg)
     notes = [head_note, *result.notes]
     heatmap = None
@@ -300,7 +308,7 @@ def evaluate_encoder(
         "encoder_path": str(encoder),
         "run": {k: config.get(k, meta.get(k)) for k in RUN_FIELDS},
         "data": {"source": str(manifest or shards), "n_samples": int(len(emb.table)), "n_shards": len(selection.urls)},
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
+        "config": cfg.to_dict(),
         "notes": notes,
     }
     metrics["summary"] = summary(metrics)
@@ -316,3 +324,20 @@ def evaluate_encoder(
     write_bytes_atomic(out / "scores.parquet", buf.getvalue())
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> cuda when available, else cpu; anything else as given."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def evaluate(cfg: EvaluateConfig, on_batch: Callable[[int], None] | None = None,
+             on_total: Callable[[int | None], None] | None = None) -> dict:
+    """`evaluate_encoder` with every input, output and knob from one `EvaluateConfig` (the command's path)."""
+    if cfg.encoder is None or cfg.out is None:
+        raise EvaluationError("bad_option", "give --encoder and --out")
+    return evaluate_encoder(
+        cfg.encoder, cfg.out, shards=cfg.shards, manifest=cfg.manifest, root=cfg.root, dataset=cfg.dataset,
+        heatmap_study=cfg.heatmap_study, heatmap_patches=cfg.heatmap_patches, assume_spacing_mm=cfg.assume_spacing_mm,
+        cfg=cfg, device=resolve_device(cfg.device), on_batch=on_batch, on_total=on_total,
+    )

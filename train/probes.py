@@ -109,17 +109,18 @@ def multiclass_probe(X_train, y_train, g_train, X_test, y_test, g_test, boot: Bo
 
 def knn_vote(X_train, y_train, X_test, y_test, g_test, k: int, boot: Bootstrap) -> tuple[dict, np.ndarray | None]:
     """Cosine kNN (training -> test): the share of the k neighbours voting for a class is the score.
-    Binary labels: AUC of the positive vote share (with its study-level CI) and balanced accuracy of the
-    majority vote; string labels: balanced accuracy and macro AUC. Returns (metrics, positive vote share
-    for binary labels, else None)."""
+    Binary labels: the AUC of the positive vote share (with its study-level CI) only -- at a screening
+    prevalence of a few percent the majority vote of k neighbours answers "normal" for nearly every pair,
+    so its balanced accuracy is 0.5 whatever the features; the share ranks pairs without a threshold.
+    String labels: balanced accuracy of the vote and macro AUC. Returns (metrics, positive vote share for
+    binary labels, else None)."""
     y_train, y_test = np.asarray(y_train), np.asarray(y_test)
     k_used = min(k, len(y_train))
     model = KNeighborsClassifier(n_neighbors=k_used, metric="cosine", algorithm="brute").fit(X_train, y_train)
     votes = model.predict_proba(X_test)
-    pred = model.classes_[votes.argmax(1)]
-    out = {"k": k_used, **balanced_accuracy_with_ci(y_test, pred, g_test, boot),
-           "accuracy": float((pred == y_test).mean())}
     if y_train.dtype == bool:
         share = votes[:, list(model.classes_).index(True)] if True in model.classes_ else np.zeros(len(y_test))
-        return {**out, **auc_with_ci(y_test, share, g_test, boot)}, share
-    return {**out, "macro_auc": macro_auc(y_test, votes, model.classes_)}, None
+        return {"k": k_used, **auc_with_ci(y_test, share, g_test, boot)}, share
+    pred = model.classes_[votes.argmax(1)]
+    return {"k": k_used, **balanced_accuracy_with_ci(y_test, pred, g_test, boot),
+            "accuracy": float((pred == y_test).mean()), "macro_auc": macro_auc(y_test, votes, model.classes_)}, None
