@@ -24,6 +24,7 @@ import os
 import posixpath
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO
 
 from prep.errors import ContralateralError
@@ -61,7 +62,7 @@ class Location:
     protocol: str = ""  # "" for the local filesystem
 
     def __truediv__(self, rel: str | os.PathLike) -> "Location":
-        return dataclasses.replace(self, path=posixpath.join(self.path, str(rel)))
+        return dataclasses.replace(self, path=posixpath.normpath(posixpath.join(self.path, str(rel))))
 
     def __str__(self) -> str:
         return self.url
@@ -166,6 +167,15 @@ def location(target: str | os.PathLike | Location) -> Location:
 
     fs, path = fsspec.core.url_to_fs(text)
     return Location(fs, path.rstrip("/"), protocol=scheme)
+
+
+def local_path(target: str | os.PathLike, flag: str) -> Path:
+    """A folder that stays local (a training run: checkpoints, an appended metrics.jsonl, TensorBoard; an
+    evaluation's report and figures): a served URL is refused with the way out, any other scheme as unserved."""
+    if not location(target).is_local:
+        raise StorageError("unsupported_url", f"{flag} {target}: must be a local folder (a run dir is appended to "
+                                              "while it runs); copy it to object storage when it is done")
+    return Path(target)
 
 
 def check_storage(target: Location) -> None:

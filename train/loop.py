@@ -30,6 +30,7 @@ from torch import nn
 
 from prep.io import write_json_atomic
 from prep.progress import LineThrottle
+from prep.storage import StorageError, local_path
 from train import distributed
 from train.checkpoint import (
     CheckpointError,
@@ -57,7 +58,7 @@ from train.methods import get_method
 from train.models import ENCODER_FILE, save_encoder
 
 
-TRAIN_ERRORS = (ConfigError, DataError, CheckpointError)
+TRAIN_ERRORS = (ConfigError, DataError, CheckpointError, StorageError)
 
 
 class _StepModule(nn.Module):
@@ -142,7 +143,7 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
         torch.backends.cudnn.benchmark = True
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # tiny weights late in training otherwise slow CPU kernels many-fold
-    run_dir = Path(cfg.out)
+    run_dir = local_path(cfg.out, "--out")
     say = print if info.is_main else (lambda *a, **k: None)
 
     # 2. data

@@ -11,8 +11,8 @@ import typer
 def evaluate(
     encoder: str = typer.Option(..., "--encoder", help="Run dir (uses its encoder.safetensors, else last.pt) or an encoder.safetensors file."),
     shards: Optional[str] = typer.Option(None, "--shards", help="Shard dir (recursive *.tar), glob or tar; with --manifest, the folder relative shard paths resolve against. Default: none."),
-    manifest: Optional[Path] = typer.Option(None, "--manifest", help="samples.parquet: evaluate exactly its rows, labels from the manifest. Default: none (every sample of --shards)."),
-    out: Path = typer.Option(..., "--out", help="Output dir for metrics.json, scores.parquet, report.md and the PNG figures."),
+    manifest: Optional[str] = typer.Option(None, "--manifest", help="samples.parquet (a path or a URL): evaluate exactly its rows, labels from the manifest. Default: none (every sample of --shards)."),
+    out: str = typer.Option(..., "--out", help="Output dir (local) for metrics.json, scores.parquet, report.md and the PNG figures."),
     root: Optional[Path] = typer.Option(None, "--root", help="Archive root for the whole-breast heat map (one study with a lesion). Default: none, heat map skipped."),
     dataset: str = typer.Option("vindr", "--dataset", help="Dataset adapter of --root (prep.datasets). Default: vindr."),
     heatmap_study: Optional[str] = typer.Option(None, "--heatmap-study", help="Study id for the heat map. Default: the first test study with a finding."),
@@ -36,7 +36,14 @@ def evaluate(
 
     from train.evaluate import EvalConfig, EvaluationError, evaluate_encoder
 
+    from prep.storage import StorageError, local_path
+
     console = Console(stderr=True)
+    try:
+        out = local_path(out, "--out")
+    except StorageError as exc:
+        console.print(f"train evaluate: {exc}", markup=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     if not shards and not manifest:
         console.print("[red]train evaluate: no_data[/red]: give --shards DIR or --manifest samples.parquet")
         raise typer.Exit(2)
