@@ -164,7 +164,7 @@ def build_in_session(dataset: str, root: Path, options: BuildOptions, dask: Dask
         "wids_urls": "relative to this folder"})
     if not plan.groups:  # manifests (all rejects) are written first, so the user can read why
         # nothing was built: the rerun with the fix (a changed config) must not be refused as config_changed
-        (manifests_dir / mf.PARTS_DIR / LOCK_FILE).unlink(missing_ok=True)
+        (manifests_dir / mf.PARTS_DIR / LOCK_FILE).delete(missing_ok=True)
         raise BuildError("no_pairs", f"no usable L/R pair in {root}: all {len(plan.records)} images rejected, "
                                      f"{no_pairs_hint(plan.rejects)}; every reject with its detail: "
                                      f"{manifests_dir / 'rejects.parquet'}")

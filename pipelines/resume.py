@@ -4,8 +4,10 @@ A group's task writes its done marker last (`write_done_marker`): its counts, th
 sha256 and size of each file it wrote, hashed once, as they were written. A rerun of the same command skips
 groups whose marker matches the config hash and whose files are all there at their recorded sizes (no
 file is read: a rerun of a finished 100k-image build costs one listing of each folder and a read of each
-marker), deletes stray temp files and redoes the rest, so an interrupted build ends with the same bytes as an uninterrupted one. Content is
-re-hashed on demand by `prep verify`. `parts/build-config.json` (the lock) refuses a rerun with other
+marker), deletes stray temp files and redoes the rest, so an interrupted build ends with the same bytes
+as an uninterrupted one. Content is re-hashed on demand by `prep verify`. On an object store the done
+marker is what commits a group: objects appear whole (`prep.io.atomic_open`), and a group without its
+marker is cleared and redone. `parts/build-config.json` (the lock) refuses a rerun with other
 options in the same folders.
 """
 
@@ -71,19 +73,19 @@ def clear_group(group: ShardGroup, build: str, shards_dir: Location, manifests_d
     for tar in (shards_dir / group.split).glob(f"{build}-{group.split}-*.tar"):
         index = tar.name.removesuffix(".tar").rsplit("-", 1)[-1]
         if index.isdigit() and group_of_shard_index(int(index)) == group.group:
-            tar.unlink()
+            tar.delete()
     for table in (*mf.TABLES, "done"):
-        mf.part_path(manifests_dir, group.name, table).unlink(missing_ok=True)
+        mf.part_path(manifests_dir, group.name, table).delete(missing_ok=True)
 
 
 def wipe_build(build: str, shards_dir: Location, manifests_dir: Location) -> None:
     """--overwrite: remove this build's tars, parts and final manifests (nothing else)."""
     for tar in shards_dir.glob(f"*/{build}-*.tar"):
-        tar.unlink()
+        tar.delete()
     (manifests_dir / mf.PARTS_DIR).remove_tree()
     for name in (*mf.TABLES, "build", "wids"):
         for suffix in (".parquet", ".json"):
-            (manifests_dir / f"{name}{suffix}").unlink(missing_ok=True)
+            (manifests_dir / f"{name}{suffix}").delete(missing_ok=True)
 
 
 def check_config(plan: Plan, build: str, manifests_dir: Location) -> None:

@@ -123,7 +123,7 @@ class Location:
         return {posixpath.relpath(p, self.path): int(info.get("size") or 0) for p, info in found.items()
                 if info.get("type", "file") == "file"}
 
-    def unlink(self, missing_ok: bool = False) -> None:
+    def delete(self, missing_ok: bool = False) -> None:
         try:
             self.fs.rm_file(self.path)
         except FileNotFoundError:
