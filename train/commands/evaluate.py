@@ -47,9 +47,9 @@ def evaluate(
     if not shards and not manifest:
         console.print("[red]train evaluate: no_data[/red]: give --shards DIR or --manifest samples.parquet")
         raise typer.Exit(2)
-    import torch
+    from train.distributed import resolve_device
 
-    resolved = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    resolved = resolve_device(device)
     cfg = EvalConfig(
         train_split=train_split, test_split=test_split, label_fractions=tuple(label_fraction), n_boot=n_boot,
         seed=seed, knn_k=knn_k, batch_size=batch_size, detection_only=detection_only,
