@@ -33,19 +33,21 @@ from pipelines.provenance import git_commit, package_versions
 from pipelines.resume import LOCK_FILE, resume_state
 from pipelines.worker import GroupTask, run_group
 from prep.io import write_json_atomic
+from prep.storage import Location, StorageError, check_storage, location
 
 __all__ = ["BuildError", "build_shards", "run_build", "plan_build", "reject_problem"]
 
 
-def default_dirs(build: str, out: Path | None, manifests: Path | None) -> tuple[Path, Path]:
-    return Path(out or Path("shards") / build).resolve(), manifests_folder(build, manifests)
+def default_dirs(build: str, out: Path | str | None, manifests: Path | str | None) -> tuple[Location, Location]:
+    """The shard and manifest folders (a local folder or a URL, `prep.storage`), resolved once."""
+    return location(out or Path("shards") / build), manifests_folder(build, manifests)
 
 
-def manifests_folder(build: str | None, manifests: Path | None) -> Path:
-    return Path(manifests or Path("data_manifests") / build).resolve()
+def manifests_folder(build: str | None, manifests: Path | str | None) -> Location:
+    return location(manifests or Path("data_manifests") / build)
 
 
-def finished_build_at(build: str | None, manifests: Path | None) -> bool:
+def finished_build_at(build: str | None, manifests: Path | str | None) -> bool:
     """A finished build's `build.json` in the manifest folder, when that folder is known before planning
     (given, or named by --build; the default name needs the plan's hash)."""
     if manifests is None and build is None:
@@ -66,7 +68,7 @@ def reject_problem(summary: dict, max_fraction: float | None) -> str | None:
     reasons = ", ".join(f"{reason} {n}" for reason, n in top)
     return (f"{rejected} of {images} images rejected ({rejected / images:.0%}, above --max-reject-fraction "
             f"{max_fraction:g}); top reasons: {reasons}; every reject with its detail: "
-            f"{Path(summary['manifests_dir']) / 'rejects.parquet'}. The manifests and shards of the usable "
+            f"{summary['manifests_dir']}/rejects.parquet. The manifests and shards of the usable "
             "pairs were written.")
 
 
@@ -74,21 +76,28 @@ def build_shards(dataset: str, root: Path | str, **kwargs) -> dict:
     """Plan, run (resumably) and finalize a build; returns the summary printed at the end.
 
     Keyword arguments are those of `run_build`. `dry_run` plans and times a few pairs, writes nothing and
-    returns the plan summary. An output folder that cannot be written is a `BuildError("cannot_write")`.
+    returns the plan summary. An output folder that cannot be written is a `BuildError("cannot_write")`; an
+    unserved URL scheme, a missing bucket or refused credentials a `BuildError` with the storage's reason.
     """
     try:
         return run_build(dataset, root, **kwargs)
+    except StorageError as exc:
+        raise BuildError(exc.reason, exc.detail) from None
     except OSError as exc:
         raise BuildError("cannot_write", str(exc)) from exc
 
 
-def run_build(dataset: str, root: Path | str, *, options: BuildOptions | None = None, out: Path | None = None,
-              manifests: Path | None = None, build: str | None = None, workers: int | None = None,
+def run_build(dataset: str, root: Path | str, *, options: BuildOptions | None = None,
+              out: Path | str | None = None, manifests: Path | str | None = None, build: str | None = None,
+              workers: int | None = None,
               scheduler: str | None = None, scheduler_file: str | None = None, memory_limit: str | None = None,
               overwrite: bool = False, dry_run: bool = False, console: Console | None = None) -> dict:
     """The Dask session starts first, in the background, so that it is up by the time planning is done;
     except on a rerun of a finished build (`build.json` in a manifest folder known before planning), where
     it starts only once there is work for it (many headers to read, or groups to redo)."""
+    for given in (out, manifests):  # an unserved scheme or an unreachable bucket fails before any work
+        if given is not None:
+            check_storage(location(given))
     uses_dask = not dry_run and (workers != 0 or bool(scheduler or scheduler_file))
     dask = DaskSession(workers, scheduler, scheduler_file, memory_limit) if uses_dask else None
     if dask is not None and not finished_build_at(build, manifests):
@@ -103,7 +112,7 @@ def run_build(dataset: str, root: Path | str, *, options: BuildOptions | None = 
 
 
 def build_in_session(dataset: str, root: Path, options: BuildOptions, dask: DaskSession | None, *,
-                     out: Path | None, manifests: Path | None, build: str | None, workers: int | None,
+                     out: Path | str | None, manifests: Path | str | None, build: str | None, workers: int | None,
                      overwrite: bool, dry_run: bool, console: Console) -> dict:
     timings = {}
     build_started = started = time.perf_counter()
@@ -155,7 +164,7 @@ def build_in_session(dataset: str, root: Path, options: BuildOptions, dask: Dask
         "wids_urls": "relative to this folder"})
     if not plan.groups:  # manifests (all rejects) are written first, so the user can read why
         # nothing was built: the rerun with the fix (a changed config) must not be refused as config_changed
-        (manifests_dir / mf.PARTS_DIR / LOCK_FILE).unlink(missing_ok=True)
+        (manifests_dir / mf.PARTS_DIR / LOCK_FILE).delete(missing_ok=True)
         raise BuildError("no_pairs", f"no usable L/R pair in {root}: all {len(plan.records)} images rejected, "
                                      f"{no_pairs_hint(plan.rejects)}; every reject with its detail: "
                                      f"{manifests_dir / 'rejects.parquet'}")
@@ -169,7 +178,7 @@ def label_counts(plan: Plan) -> dict:
     return {"findings": len(findings), "findings_without_box": sum(f.get("xmin") is None for f in findings)}
 
 
-def finalize(plan: Plan, build: str, shards_dir: Path, manifests_dir: Path) -> dict:
+def finalize(plan: Plan, build: str, shards_dir: Location, manifests_dir: Location) -> dict:
     """The final manifests: every finished group's parts plus the plan's rejects (client-side rows)."""
     extra = {"images": plan_rejected_image_rows(plan), "rejects": plan.rejects}
     return mf.finalize(manifests_dir, shards_dir, build, extra, dict(Counter(p.split for p in plan.pairs)))

@@ -17,14 +17,16 @@ own location), so a build can be moved as long as both folders move together.
 
 from __future__ import annotations
 
-import os
+import hashlib
+import io
+import posixpath
 from collections import Counter
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from prep.io import atomic_open, write_json_atomic
+from prep.io import atomic_open, write_bytes_atomic, write_json_atomic
+from prep.storage import Location
 
 TABLES = ("images", "pairs", "samples", "rejects", "shards")
 PARTS_DIR = "parts"
@@ -100,24 +102,29 @@ SORT_KEYS = {"images": ["study_id", "image_id"], "pairs": ["split", "study_id", 
              "shards": ["shard"]}
 
 
-def part_path(manifests_dir: Path, group_name: str, table: str) -> Path:
+def part_path(manifests_dir: Location, group_name: str, table: str) -> Location:
     """`parts/<split>-g<group>.<table>.parquet`, or the group's `.done.json` marker for table "done"."""
     suffix = "done.json" if table == "done" else f"{table}.parquet"
-    return Path(manifests_dir) / PARTS_DIR / f"{group_name}.{suffix}"
+    return manifests_dir / PARTS_DIR / f"{group_name}.{suffix}"
 
 
-def write_table(path: Path, name: str, rows: list[dict]) -> None:
-    """Rows -> Parquet with the table's explicit schema, atomically."""
+def write_table(path: Location, name: str, rows: list[dict]) -> dict:
+    """Rows -> Parquet with the table's explicit schema, atomically; returns the done marker's record of the
+    file ({"sha256", "bytes"}: a part is small, hashed in memory rather than read back)."""
     table = pa.Table.from_pylist(rows, schema=SCHEMAS[name])
-    with atomic_open(path) as handle:
-        pq.write_table(table, handle)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    data = buffer.getvalue()
+    write_bytes_atomic(path, data)
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
-def read_table(path: Path, name: str) -> pa.Table:
-    return pq.read_table(path, schema=SCHEMAS[name])
+def read_table(path: Location, name: str) -> pa.Table:
+    with path.open("rb") as handle:
+        return pq.read_table(handle, schema=SCHEMAS[name])
 
 
-def assemble(parts: list[Path], name: str, extra_rows: list[dict] | None = None) -> pa.Table:
+def assemble(parts: list[Location], name: str, extra_rows: list[dict] | None = None) -> pa.Table:
     """Concatenate part files (given in sorted order) plus client-side rows, sorted by the table's key."""
     tables = [read_table(p, name) for p in parts]
     if extra_rows:
@@ -126,23 +133,30 @@ def assemble(parts: list[Path], name: str, extra_rows: list[dict] | None = None)
     return table.sort_by([(k, "ascending") for k in SORT_KEYS[name]])
 
 
-def write_final_table(path: Path, table: pa.Table) -> None:
+def write_final_table(path: Location, table: pa.Table) -> None:
     with atomic_open(path) as handle:
         pq.write_table(table, handle)
 
 
-def wids_index(shard_rows: list[dict], shards_dir: Path, manifests_dir: Path, name: str) -> dict:
+def wids_url(shards_dir: Location, manifests_dir: Location, shard: str) -> str:
+    """A shard's wids url: relative to the manifest folder on one filesystem, else the shard's full URL."""
+    if shards_dir.protocol != manifests_dir.protocol:
+        return (shards_dir / shard).url
+    return posixpath.relpath((shards_dir / shard).path, manifests_dir.path)
+
+
+def wids_index(shard_rows: list[dict], shards_dir: Location, manifests_dir: Location, name: str) -> dict:
     """The wids shard list; urls relative to the manifest folder."""
-    shardlist = [{"url": os.path.relpath(Path(shards_dir) / r["shard"], manifests_dir), "nsamples": r["nsamples"]}
+    shardlist = [{"url": wids_url(shards_dir, manifests_dir, r["shard"]), "nsamples": r["nsamples"]}
                  for r in sorted(shard_rows, key=lambda r: r["shard"])]
     return {"wids_version": 1, "name": name, "shardlist": shardlist}
 
 
-def finalize(manifests_dir: Path, shards_dir: Path, build: str, extra: dict[str, list[dict]],
+def finalize(manifests_dir: Location, shards_dir: Location, build: str, extra: dict[str, list[dict]],
              pairs_planned: dict[str, int]) -> dict:
     """Assemble the final manifests from every finished group's parts (sorted) plus the client-side `extra`
     rows (the plan's rejects), write them and `wids.json`; return the build's counts."""
-    parts = sorted((manifests_dir / PARTS_DIR).glob("*.done.json"))
+    parts = (manifests_dir / PARTS_DIR).glob("*.done.json")  # sorted
     stems = [p.name[: -len(".done.json")] for p in parts]
     tables = {}
     for name in TABLES:

@@ -3,48 +3,54 @@
 A group's task writes its done marker last (`write_done_marker`): its counts, the config hash, and the
 sha256 and size of each file it wrote, hashed once, as they were written. A rerun of the same command skips
 groups whose marker matches the config hash and whose files are all there at their recorded sizes (no
-file is read: a rerun of a finished 100k-image build costs a `stat` per file), deletes stray temp files
-and redoes the rest, so an interrupted build ends with the same bytes as an uninterrupted one. Content is
-re-hashed on demand by `prep verify`. `parts/build-config.json` (the lock) refuses a rerun with other
+file is read: a rerun of a finished 100k-image build costs one listing of each folder and a read of each
+marker), deletes stray temp files and redoes the rest, so an interrupted build ends with the same bytes
+as an uninterrupted one. Content is re-hashed on demand by `prep verify`. On an object store the done
+marker is what commits a group: objects appear whole (`prep.io.atomic_open`), and a group without its
+marker is cleared and redone. `parts/build-config.json` (the lock) refuses a rerun with other
 options in the same folders.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 from pipelines import manifests as mf
 from pipelines.errors import BuildError
 from pipelines.plan import Plan, ShardGroup
 from pipelines.shards import group_of_shard_index
 from prep.io import remove_stray_temp_files, sha256_file, write_json_atomic
+from prep.storage import Location
 
 LOCK_FILE = "build-config.json"
 
 
-def write_done_marker(manifests_dir: Path, group: ShardGroup, config_hash: str, counts: dict,
+def write_done_marker(manifests_dir: Location, group: ShardGroup, config_hash: str, counts: dict,
                       files: dict[str, dict]) -> None:
     """The group's last write: `files` maps `shards/<rel>` or `manifests/<rel>` to {"sha256", "bytes"}."""
     write_json_atomic(mf.part_path(manifests_dir, group.name, "done"),
                          {"config_hash": config_hash, "counts": counts, "files": files})
 
 
-def file_record(path: Path, sha256: str | None = None) -> dict:
-    """A marker's entry for a file just written (`sha256` when the writer already has it)."""
-    return {"sha256": sha256 or sha256_file(path), "bytes": Path(path).stat().st_size}
+def file_listing(shards_dir: Location, manifests_dir: Location) -> dict[str, int]:
+    """`shards/<rel>` and `manifests/<rel>` -> size of every file there: one listing per folder (on an object
+    store, one paginated LIST instead of a request per file)."""
+    return {**{f"shards/{rel}": size for rel, size in shards_dir.listing().items()},
+            **{f"manifests/{rel}": size for rel, size in manifests_dir.listing().items()}}
 
 
-def _resolve(entry: str, shards_dir: Path, manifests_dir: Path) -> Path:
+def _resolve(entry: str, shards_dir: Location, manifests_dir: Location) -> Location:
     root, _, rel = entry.partition("/")
     return (shards_dir if root == "shards" else manifests_dir) / rel
 
 
-def finished_counts(group: ShardGroup, config_hash: str, shards_dir: Path, manifests_dir: Path) -> dict | None:
+def finished_counts(group: ShardGroup, config_hash: str, shards_dir: Location, manifests_dir: Location,
+                    present: dict[str, int]) -> dict | None:
     """The counts of a group whose done marker matches the config and whose files are all there at their
-    recorded sizes; else None."""
+    recorded sizes (`present`: `file_listing`); else None."""
     marker = mf.part_path(manifests_dir, group.name, "done")
+    if f"manifests/{marker.relative_to(manifests_dir)}" not in present:
+        return None
     try:
         done = json.loads(marker.read_text())
     except (OSError, ValueError):
@@ -52,40 +58,39 @@ def finished_counts(group: ShardGroup, config_hash: str, shards_dir: Path, manif
     if done.get("config_hash") != config_hash:
         return None
     for entry, recorded in done.get("files", {}).items():
-        path = _resolve(entry, shards_dir, manifests_dir)
-        if not path.is_file():
+        if entry not in present:
             return None
         if isinstance(recorded, str):  # a marker without sizes (older builds): compare the hash
-            if sha256_file(path) != recorded:
+            if sha256_file(_resolve(entry, shards_dir, manifests_dir)) != recorded:
                 return None
-        elif path.stat().st_size != recorded["bytes"]:
+        elif present[entry] != recorded["bytes"]:
             return None
     return done["counts"]
 
 
-def clear_group(group: ShardGroup, build: str, shards_dir: Path, manifests_dir: Path) -> None:
+def clear_group(group: ShardGroup, build: str, shards_dir: Location, manifests_dir: Location) -> None:
     """Delete whatever an unfinished run of this group left: its tars (its index block) and its parts."""
-    for tar in (Path(shards_dir) / group.split).glob(f"{build}-{group.split}-*.tar"):
-        index = tar.stem.rsplit("-", 1)[-1]
+    for tar in (shards_dir / group.split).glob(f"{build}-{group.split}-*.tar"):
+        index = tar.name.removesuffix(".tar").rsplit("-", 1)[-1]
         if index.isdigit() and group_of_shard_index(int(index)) == group.group:
-            tar.unlink()
+            tar.delete()
     for table in (*mf.TABLES, "done"):
-        mf.part_path(manifests_dir, group.name, table).unlink(missing_ok=True)
+        mf.part_path(manifests_dir, group.name, table).delete(missing_ok=True)
 
 
-def wipe_build(build: str, shards_dir: Path, manifests_dir: Path) -> None:
+def wipe_build(build: str, shards_dir: Location, manifests_dir: Location) -> None:
     """--overwrite: remove this build's tars, parts and final manifests (nothing else)."""
-    for tar in Path(shards_dir).glob(f"*/{build}-*.tar"):
-        tar.unlink()
-    shutil.rmtree(Path(manifests_dir) / mf.PARTS_DIR, ignore_errors=True)
+    for tar in shards_dir.glob(f"*/{build}-*.tar"):
+        tar.delete()
+    (manifests_dir / mf.PARTS_DIR).remove_tree()
     for name in (*mf.TABLES, "build", "wids"):
         for suffix in (".parquet", ".json"):
-            (Path(manifests_dir) / f"{name}{suffix}").unlink(missing_ok=True)
+            (manifests_dir / f"{name}{suffix}").delete(missing_ok=True)
 
 
-def check_config(plan: Plan, build: str, manifests_dir: Path) -> None:
+def check_config(plan: Plan, build: str, manifests_dir: Location) -> None:
     """Refuse to mix configs in one build folder; write the lock that later runs compare against."""
-    lock = Path(manifests_dir) / mf.PARTS_DIR / LOCK_FILE
+    lock = manifests_dir / mf.PARTS_DIR / LOCK_FILE
     if lock.is_file():
         previous = json.loads(lock.read_text())
         if previous.get("config_hash") != plan.config_hash:
@@ -100,7 +105,7 @@ def check_config(plan: Plan, build: str, manifests_dir: Path) -> None:
     write_json_atomic(lock, {"config_hash": plan.config_hash, "build": build, "options": plan.options.to_dict()})
 
 
-def resume_state(plan: Plan, build: str, shards_dir: Path, manifests_dir: Path,
+def resume_state(plan: Plan, build: str, shards_dir: Location, manifests_dir: Location,
                  overwrite: bool) -> tuple[list[dict], list[ShardGroup]]:
     """(counts of the groups already finished, groups to run); clears what unfinished groups left behind."""
     if overwrite:
@@ -109,8 +114,9 @@ def resume_state(plan: Plan, build: str, shards_dir: Path, manifests_dir: Path,
     for folder in (shards_dir, manifests_dir):
         remove_stray_temp_files(folder)
     done_counts, todo = [], []
+    present = file_listing(shards_dir, manifests_dir)
     for group in plan.groups:
-        counts = finished_counts(group, plan.config_hash, shards_dir, manifests_dir)
+        counts = finished_counts(group, plan.config_hash, shards_dir, manifests_dir, present)
         if counts is None:
             clear_group(group, build, shards_dir, manifests_dir)
             todo.append(group)

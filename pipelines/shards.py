@@ -20,13 +20,13 @@ import io
 import json
 import tarfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from prep.io import atomic_open, sha256_file
+from prep.io import atomic_open
 from prep.codec import encode_patch
 from prep.errors import ContralateralError
+from prep.storage import Location
 
 SHARD_STRIDE = 1000
 TAR_BLOCK = 512
@@ -85,9 +85,24 @@ def tar_member(name: str, data: bytes) -> tarfile.TarInfo:
     return info
 
 
-def write_tar(path: Path, samples: list[EncodedSample]) -> None:
-    """Write samples in the given order to `path`, atomically and byte-reproducibly."""
-    with atomic_open(path) as handle:
+class HashingWriter:
+    """A write-only stream that hashes and counts what passes through it (a tar is hashed as it is written,
+    never read back: on an object store that would be a second download)."""
+
+    def __init__(self, handle):
+        self.handle, self.digest, self.bytes = handle, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.bytes += memoryview(data).nbytes
+        return self.handle.write(data)
+
+
+def write_tar(path: Location, samples: list[EncodedSample]) -> dict:
+    """Write samples in the given order to `path`, atomically and byte-reproducibly; returns the done
+    marker's record of it ({"sha256", "bytes"})."""
+    with atomic_open(path) as raw:
+        handle = HashingWriter(raw)
         # TarWriter's stream mode; PAX is what TarWriter gets (Python's default), pinned so bytes stay put
         stream = tarfile.open(fileobj=handle, mode="w|", format=tarfile.PAX_FORMAT)
         try:
@@ -101,6 +116,7 @@ def write_tar(path: Path, samples: list[EncodedSample]) -> None:
                 stream.close()
             raise
         stream.close()
+    return {"sha256": handle.digest.hexdigest(), "bytes": handle.bytes}
 
 
 @dataclass
@@ -111,7 +127,7 @@ class ShardRoller:
     offset) and `shards` the shards.parquet rows of everything written so far.
     """
 
-    shards_dir: Path
+    shards_dir: Location
     build: str
     split: str
     group: int
@@ -136,9 +152,8 @@ class ShardRoller:
         relpath = shard_relpath(self.build, self.split, self.group, len(self.shards))
         rng = np.random.default_rng(derive_seed(self.seed, relpath))
         ordered = [self._buffer[i] for i in rng.permutation(len(self._buffer))]
-        path = Path(self.shards_dir) / relpath
-        write_tar(path, ordered)
+        record = write_tar(self.shards_dir / relpath, ordered)
         self.rows.extend({**s.row, "shard": relpath, "offset": offset} for offset, s in enumerate(ordered))
         self.shards.append({"shard": relpath, "split": self.split, "group": self.group, "nsamples": len(ordered),
-                            "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+                            "bytes": record["bytes"], "sha256": record["sha256"]})
         self._buffer, self._buffer_bytes = [], 0

@@ -122,10 +122,9 @@ def run_finetunes(cfg: StudyConfig, say: Callable[[str], None] = print) -> int:
 
 def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     """Pretrain + evaluate every (method, seed) not finished yet, then compare them all."""
-    import torch
-
     from prep.io import write_json_atomic
     from train.compare import compare_evaluations
+    from train.distributed import resolve_device
     from train.evaluate import EvalConfig, evaluate_encoder
     from train.methods import METHODS
     from train.metrics import Bootstrap
@@ -138,7 +137,7 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "study.json", asdict(cfg))
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     done = {"pretrained": 0, "evaluated": 0, "skipped": 0}
     for arm in arms:
         for seed in cfg.seeds:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,8 @@ import webdataset as wds
 
 from prep.io import sha256_file
 from prep.codec import decode_json, decode_pair
+from prep.storage import Location, location
+from train.data import shard_samples
 
 
 @dataclass
@@ -59,11 +60,12 @@ def check_decoded(sample: dict, patch_px: int) -> list[str]:
     return problems
 
 
-def verify_shard(path: Path, rows: list[dict]) -> tuple[int, list[str]]:
+def verify_shard(path: Location, rows: list[dict]) -> tuple[int, list[str]]:
     """Read every sample of one tar and compare with its manifest rows (sorted by offset)."""
     problems, count = [], 0
     try:
-        for offset, sample in enumerate(wds.WebDataset(str(path), shardshuffle=False, empty_check=False)):
+        stream = wds.DataPipeline(wds.SimpleShardList([path.url]), wds.pipelinefilter(shard_samples)())
+        for offset, sample in enumerate(stream):
             count += 1
             if offset >= len(rows):
                 continue
@@ -84,33 +86,34 @@ def verify_shard(path: Path, rows: list[dict]) -> tuple[int, list[str]]:
     return count, problems
 
 
-def verify_build(shards_dir: Path | str, manifests_dir: Path | str,
+def verify_build(shards_dir: Path | str | Location, manifests_dir: Path | str | Location,
                  on_shard: Callable[[str], None] | None = None) -> VerifyReport:
-    shards_dir, manifests_dir = Path(shards_dir).resolve(), Path(manifests_dir).resolve()
+    """Folders or URLs (`prep.storage`); an unserved scheme raises `StorageError`."""
+    shards_dir, manifests_dir = location(shards_dir), location(manifests_dir)
     report = VerifyReport()
-    missing = [n for n in ("shards.parquet", "samples.parquet", "wids.json") if not (manifests_dir / n).is_file()]
+    present = manifests_dir.listing()
+    missing = [n for n in ("shards.parquet", "samples.parquet", "wids.json") if n not in present]
     if missing:
         report.problems.append(f"missing manifest file(s) in {manifests_dir}: {', '.join(missing)}")
         return report
-    shards = pq.read_table(manifests_dir / "shards.parquet").to_pylist()
-    samples = pq.read_table(manifests_dir / "samples.parquet").to_pylist()
+    shards, samples = (read_rows(manifests_dir / name) for name in ("shards.parquet", "samples.parquet"))
     by_shard: dict[str, list[dict]] = {}
     for row in samples:
         by_shard.setdefault(row["shard"], []).append(row)
     listed = {s["shard"] for s in shards}
-    on_disk = {p.relative_to(shards_dir).as_posix() for p in shards_dir.rglob("*.tar")}
+    on_disk = {rel for rel in shards_dir.listing() if rel.endswith(".tar")}
     report.problems += [f"{s}: tar not listed in shards.parquet" for s in sorted(on_disk - listed)]
     report.problems += [f"{s}: samples.parquet names a shard not in shards.parquet"
                         for s in sorted(set(by_shard) - listed)]
     wids = json.loads((manifests_dir / "wids.json").read_text())
-    wids_counts = {os.path.realpath(manifests_dir / e["url"]): e["nsamples"] for e in wids.get("shardlist", [])}
+    wids_counts = {wids_target(manifests_dir, e["url"]): e["nsamples"] for e in wids.get("shardlist", [])}
 
     for shard in sorted(shards, key=lambda s: s["shard"]):
         name, path = shard["shard"], shards_dir / shard["shard"]
         report.shards += 1
         if on_shard:
             on_shard(name)
-        if not path.is_file():
+        if name not in on_disk:
             report.problems.append(f"{name}: missing")
             continue
         if sha256_file(path) != shard["sha256"]:
@@ -123,7 +126,17 @@ def verify_build(shards_dir: Path | str, manifests_dir: Path | str,
         report.problems += [f"{name}: {p}" for p in problems]
         if count != shard["nsamples"]:
             report.problems.append(f"{name}: {count} samples, shards.parquet says {shard['nsamples']}")
-        wids_count = wids_counts.get(os.path.realpath(path))
+        wids_count = wids_counts.get(path.url)
         if wids_count != count:
             report.problems.append(f"{name}: wids.json nsamples {wids_count} != {count}")
     return report
+
+
+def read_rows(path: Location) -> list[dict]:
+    with path.open("rb") as handle:
+        return pq.read_table(handle).to_pylist()
+
+
+def wids_target(manifests_dir: Location, url: str) -> str:
+    """The full URL a wids.json entry names (relative entries resolve against the manifest folder)."""
+    return url if "://" in url else (manifests_dir / url).url

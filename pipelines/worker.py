@@ -11,13 +11,13 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 from pipelines import manifests as mf
 from pipelines.pair_work import process_planned_pair
 from pipelines.plan import BuildOptions, ShardGroup
-from pipelines.resume import file_record, write_done_marker
+from pipelines.resume import write_done_marker
 from pipelines.shards import ShardRoller, encode_sample
+from prep.storage import Location
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,8 @@ class GroupTask:
     group: ShardGroup
     options: BuildOptions
     build: str
-    shards_dir: Path
-    manifests_dir: Path
+    shards_dir: Location
+    manifests_dir: Location
     config_hash: str
 
     @property
@@ -48,8 +48,8 @@ def limit_native_threads() -> None:
 def run_group(task: GroupTask) -> dict:
     """Process one shard group, write its tars, parts and (last) its done marker; return its counts."""
     limit_native_threads()
-    group, options, manifests_dir = task.group, task.options, Path(task.manifests_dir)
-    roller = ShardRoller(shards_dir=Path(task.shards_dir), build=task.build, split=group.split, group=group.group,
+    group, options, manifests_dir = task.group, task.options, task.manifests_dir
+    roller = ShardRoller(shards_dir=task.shards_dir, build=task.build, split=group.split, group=group.group,
                          seed=options.prep.seed, max_samples=options.shard_max_samples,
                          max_bytes=options.shard_max_bytes)
     images, pairs, rejects = [], [], []
@@ -68,16 +68,14 @@ def run_group(task: GroupTask) -> dict:
     started = time.perf_counter()
     roller.flush()
     tables = {"images": images, "pairs": pairs, "samples": roller.rows, "rejects": rejects, "shards": roller.shards}
+    files = {f"shards/{s['shard']}": {"sha256": s["sha256"], "bytes": s["bytes"]} for s in roller.shards}
     for name, rows in tables.items():
-        mf.write_table(mf.part_path(manifests_dir, group.name, name), name, rows)
+        path = mf.part_path(manifests_dir, group.name, name)
+        files[f"manifests/{path.relative_to(manifests_dir)}"] = mf.write_table(path, name, rows)
     timings["write_s"] += time.perf_counter() - started
     counts = {"split": group.split, "group": group.group, "pairs": len(group.pairs),
               "pairs_ok": sum(p["status"] == "ok" for p in pairs), "samples": len(roller.rows),
               "rejects": len({r["image_id"] for r in rejects}), "shards": len(roller.shards),
               "bytes": sum(s["bytes"] for s in roller.shards), "timings": dict(timings)}
-    files = {f"shards/{s['shard']}": {"sha256": s["sha256"], "bytes": s["bytes"]} for s in roller.shards}
-    for name in tables:
-        path = mf.part_path(manifests_dir, group.name, name)
-        files[f"manifests/{path.relative_to(manifests_dir).as_posix()}"] = file_record(path)
     write_done_marker(manifests_dir, group, task.config_hash, counts, files)
     return counts

@@ -74,7 +74,7 @@ class PretrainConfig:
     prefetch_factor: int = knob(4, "Batches prefetched per worker.", "Data", min=1, runtime=True)
     pin_memory: bool | None = knob(None, "Pinned host memory for batches [default: on with CUDA].", "Data", runtime=True)
     # method and model
-    method: str = knob("siamese-soft", "siamese-soft | siamese-hard | simclr | ld | random (exports the seeded init).", "Method")
+    method: str = knob("siamese-soft", " | ".join(METHODS) + " (random exports the seeded init).", "Method")
     backbone: str = knob("resnet18", "Any timm model name (in_chans=1, pretrained=False, num_classes=0).", "Method")
     embed_dim: int = knob(128, "Projection-head output size d (L2-normalised).", "Method", min=1)
     head_hidden: int = knob(512, "Projection-head hidden width.", "Method", min=1)

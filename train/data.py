@@ -10,6 +10,7 @@ With `deterministic=True` the stream is a function of (seed, data epoch, rank, w
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -17,15 +18,16 @@ import re
 import signal
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from prep.codec import decode_json, decode_pair
 from prep.errors import ContralateralError
+from prep.storage import Location, StorageError, location, open_url
 from train.augment import pair_geometry
 from train.normalisation import NORM_MEAN, NORM_STD, normalisation, standardise, to_model_input, unit_range  # noqa: F401  (the loader's public names)
 
@@ -50,16 +52,25 @@ class DataError(ContralateralError):
 # ---------------------------------------------------------------- shard lists and manifest selection
 
 
+def _located(target: str | os.PathLike | Location) -> Location:
+    """`prep.storage.location`, its refusals as `DataError` (one error type for the trainer's data)."""
+    try:
+        return location(target)
+    except StorageError as exc:
+        raise DataError(exc.reason, exc.detail) from None
+
+
 def resolve_shards(source: str | os.PathLike) -> list[str]:
-    """Shard paths from a directory (recursive `*.tar`), a glob pattern or a single tar, sorted."""
+    """Shard URLs from a folder (recursive `*.tar`), a glob pattern or a single tar, sorted; local or on an
+    object store (`prep.storage`)."""
     text = str(source)
-    path = Path(text)
+    path = _located(text)
     if path.is_dir():
-        urls = sorted(str(p) for p in path.rglob("*.tar"))
+        urls = sorted((path / rel).url for rel in path.listing() if rel.endswith(".tar"))
     elif glob.has_magic(text):
-        urls = sorted(glob.glob(text, recursive=True))
+        urls = sorted(dataclasses.replace(path, path=p).url for p in path.fs.glob(path.path))
     elif path.is_file():
-        urls = [text]
+        urls = [path.url]
     else:
         raise DataError("no_shards", f"{text} is neither a directory, a glob nor a tar file")
     if not urls:
@@ -81,19 +92,18 @@ def _label_columns_in(where: str) -> list[str]:
 
 
 def read_selection(
-    manifest: str | os.PathLike, where: str | None = None, include_finding: bool = False, label_free: bool = True
+    manifest: str | os.PathLike | Location, where: str | None = None, include_finding: bool = False,
+    label_free: bool = True,
 ):
-    """Rows of `samples.parquet` selected by a pandas `query` expression (a DataFrame).
+    """Rows of `samples.parquet` (a path or a URL) selected by a pandas `query` expression (a DataFrame).
 
     `label_free`: label columns may not appear in `where` (pretraining is label-free, also through selection);
     supervised readers (`PairDataset`, `train finetune`) pass False.
     """
-    import pandas as pd
-
-    manifest = Path(manifest)
+    manifest = _located(manifest)
     if not manifest.is_file():
         raise DataError("no_manifest", f"{manifest} does not exist")
-    table = pd.read_parquet(manifest)
+    table = read_parquet(manifest)
     if where:
         if label_free and (leaked := _label_columns_in(where)):
             raise DataError("label_in_selection", f"--where uses label field(s) {leaked}; pretraining is label-free")
@@ -108,19 +118,20 @@ def read_selection(
     return table
 
 
-def shard_urls(table, manifest: str | os.PathLike, shards_root: str | os.PathLike | None = None) -> list[str]:
-    """Paths of the shards holding the rows of `table` (a selection of `manifest`). Relative `shard` paths
-    resolve against `shards_root`, then the manifest's folder and its parents."""
-    manifest = Path(manifest)
-    bases = [Path(shards_root)] if shards_root else []
-    bases += [manifest.parent, *list(manifest.parents)[:3]]
+def shard_urls(table, manifest: str | os.PathLike | Location, shards_root: str | os.PathLike | None = None) -> list[str]:
+    """URLs (or paths) of the shards holding the rows of `table` (a selection of `manifest`). Relative `shard`
+    paths resolve against `shards_root`, then the manifest's folder and its parents."""
+    manifest = _located(manifest)
+    bases = [_located(shards_root)] if shards_root else []
+    bases += [manifest.parent, manifest.parent.parent, manifest.parent.parent.parent]
     urls = []
     for shard in sorted(table["shard"].unique()):
-        candidates = [Path(shard)] if Path(shard).is_absolute() else [b / shard for b in bases]
+        candidates = [_located(shard)] if os.path.isabs(shard) or "://" in shard else [b / shard for b in bases]
         found = next((c for c in candidates if c.is_file()), None)
         if found is None:
-            raise DataError("missing_shard", f"shard {shard} listed in {manifest} not found (tried {candidates})")
-        urls.append(str(found))
+            tried = ", ".join(c.url for c in candidates)
+            raise DataError("missing_shard", f"shard {shard} listed in {manifest} not found (tried {tried})")
+        urls.append(found.url)
     return urls
 
 
@@ -137,6 +148,29 @@ def select_from_manifest(
     """
     table = read_selection(manifest, where, include_finding)
     return Selection(urls=shard_urls(table, manifest, shards_root), keys=frozenset(table["key"]), n_samples=len(table))
+
+
+def read_parquet(target: str | os.PathLike | Location, columns: list[str] | None = None):
+    """A manifest table as a DataFrame, from a local path or a URL (`prep.storage`)."""
+    import pandas as pd
+
+    with _located(target).open("rb") as handle:
+        return pd.read_parquet(handle, columns=columns)
+
+
+def shard_samples(src: Iterator[dict], handler=wds.reraise_exception) -> Iterator[dict]:
+    """webdataset's `tarfile_samples` with the project's opener: {"url"} -> samples, where the url is a local
+    path or an object-store URL (`prep.storage.open_url`)."""
+    def opened(urls: Iterator[dict]) -> Iterator[dict]:
+        for sample in urls:
+            try:
+                yield {**sample, "stream": open_url(sample["url"])}
+            except Exception as exc:
+                exc.args = exc.args + (sample["url"],)
+                if not handler(exc):
+                    break
+
+    return group_by_keys(tar_file_expander(opened(src), handler=handler), handler=handler)
 
 
 def select(
@@ -262,7 +296,7 @@ def make_loader(
         wds.ResampledShards(selection.urls, seed=epoch_seed or 0, deterministic=cfg.deterministic),
         wds.split_by_node,
         wds.split_by_worker,
-        wds.tarfile_to_samples(handler=wds.reraise_exception),
+        wds.pipelinefilter(shard_samples)(),
         wds.pipelinefilter(_select_and_strip)(selection.keys, cfg.include_finding),
         # a full buffer before the first batch: the loader restarts every data epoch, and a barely filled
         # buffer would hand out runs of one shard, i.e. of a few studies
@@ -285,7 +319,7 @@ def peek_meta(selection: Selection, include_finding: bool = False) -> dict:
     for url in selection.urls:
         stream = wds.DataPipeline(
             wds.SimpleShardList([url]),
-            wds.tarfile_to_samples(),
+            wds.pipelinefilter(shard_samples)(),
             wds.pipelinefilter(_select_and_strip)(selection.keys, include_finding),
         )
         for sample in stream:

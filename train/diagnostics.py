@@ -17,7 +17,7 @@ import torch
 import webdataset as wds
 
 from prep.codec import decode_pair
-from train.data import DataError, select_from_manifest
+from train.data import DataError, read_parquet, select_from_manifest, shard_samples
 from train.normalisation import unit_range
 
 LESION_COLUMNS = ("ipsi_abnormal", "contra_abnormal")
@@ -48,7 +48,7 @@ def load_validation_pairs(
     import pandas as pd
 
     selection = select_from_manifest(manifest, where, include_finding=True, shards_root=shards_root)
-    table = pd.read_parquet(manifest, columns=["key", *LESION_COLUMNS])
+    table = read_parquet(manifest, columns=["key", *LESION_COLUMNS])
     table = table[table["key"].isin(selection.keys)]
     lesion = np.zeros(len(table), dtype=bool)
     for column in LESION_COLUMNS:
@@ -58,7 +58,7 @@ def load_validation_pairs(
     negatives = rng.permutation(np.flatnonzero(~lesion))[: max_pairs - len(positives)]
     wanted = dict(zip(table["key"].to_numpy()[np.r_[positives, negatives]], lesion[np.r_[positives, negatives]]))
     ipsi, contra, labels = [], [], []
-    stream = wds.DataPipeline(wds.SimpleShardList(selection.urls), wds.tarfile_to_samples(handler=wds.reraise_exception))
+    stream = wds.DataPipeline(wds.SimpleShardList(selection.urls), wds.pipelinefilter(shard_samples)())
     for sample in stream:
         if sample["__key__"] not in wanted:
             continue

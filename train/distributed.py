@@ -24,10 +24,15 @@ class DistInfo:
         return self.rank == 0
 
 
+def resolve_device(preference: str) -> str:
+    """The one place `--device auto` is resolved: `cuda` when a CUDA device is visible, else `cpu`; any other
+    value as given."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if preference == "auto" else preference
+
+
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     """`auto`: CUDA when available, else CPU; `cuda` on a machine without it is an error."""
-    if preference == "auto":
-        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    preference = resolve_device(preference)
     if preference.startswith("cuda"):
         if not torch.cuda.is_available():
             raise RuntimeError("--device cuda but no CUDA device is visible")

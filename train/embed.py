@@ -21,7 +21,7 @@ import webdataset as wds
 from prep.codec import decode_json, decode_pair
 from prep.errors import ContralateralError
 from train.checkpoint import CheckpointError, last_checkpoint, load_checkpoint
-from train.data import to_model_input
+from train.data import read_parquet, shard_samples, to_model_input
 from train.metrics import pixel_scores
 from train.models import ProjectionHead
 
@@ -47,7 +47,7 @@ class EvalSample:
 
 def manifest_labels(manifest: str | Path) -> pd.DataFrame:
     """Allow-listed columns of `samples.parquet`, indexed by key."""
-    table = pd.read_parquet(manifest)
+    table = read_parquet(manifest)
     return table[[c for c in EVAL_COLUMNS if c in table.columns]].set_index("key", drop=False)
 
 
@@ -56,7 +56,7 @@ def iter_samples(urls: list[str], keys: frozenset[str] | None = None, labels: pd
 
     With `labels` (manifest rows by key) the meta comes from the manifest, otherwise from the json.
     """
-    stream = wds.DataPipeline(wds.SimpleShardList(list(urls)), wds.tarfile_to_samples(handler=wds.reraise_exception))
+    stream = wds.DataPipeline(wds.SimpleShardList(list(urls)), wds.pipelinefilter(shard_samples)())
     for sample in stream:
         key = sample["__key__"]
         if keys is not None and key not in keys:

@@ -326,16 +326,15 @@ def evaluate_encoder(
     return metrics
 
 
-def resolve_device(device: str) -> str:
-    """`auto` -> cuda when available, else cpu; anything else as given."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
 def evaluate(cfg: EvaluateConfig, on_batch: Callable[[int], None] | None = None,
              on_total: Callable[[int | None], None] | None = None) -> dict:
     """`evaluate_encoder` with every input, output and knob from one `EvaluateConfig` (the command's path)."""
+    from prep.storage import local_path
+    from train.distributed import resolve_device
+
     if cfg.encoder is None or cfg.out is None:
         raise EvaluationError("bad_option", "give --encoder and --out")
+    local_path(cfg.out, "--out")  # the report's folder stays local
     return evaluate_encoder(
         cfg.encoder, cfg.out, shards=cfg.shards, manifest=cfg.manifest, root=cfg.root, dataset=cfg.dataset,
         heatmap_study=cfg.heatmap_study, heatmap_patches=cfg.heatmap_patches, assume_spacing_mm=cfg.assume_spacing_mm,

@@ -22,8 +22,8 @@ class EvaluateConfig:
     # input and output
     encoder: str | None = knob(None, "Run dir (uses its encoder.safetensors, else last.pt) or an encoder.safetensors file.", "Input and output")
     shards: str | None = knob(None, "Shard dir (recursive *.tar), glob or tar; with --manifest, the folder relative shard paths resolve against. Default: none.", "Input and output")
-    manifest: str | None = knob(None, "samples.parquet: evaluate exactly its rows, labels from the manifest. Default: none (every sample of --shards).", "Input and output")
-    out: str | None = knob(None, "Output dir for metrics.json, scores.parquet, report.md and the PNG figures.", "Input and output")
+    manifest: str | None = knob(None, "samples.parquet (a path or a URL): evaluate exactly its rows, labels from the manifest. Default: none (every sample of --shards).", "Input and output")
+    out: str | None = knob(None, "Output dir (local) for metrics.json, scores.parquet, report.md and the PNG figures.", "Input and output")
     train_split: str = knob("training", "Split the probes are fitted on.", "Input and output")
     test_split: str = knob("test", "Split the probes and detection are scored on.", "Input and output")
     detection_only: bool = knob(False, "Embed the test split of --manifest only: detection AUCs and pixel baselines, no probes or kNN (fast, for ablations).", "Input and output", flag="--detection-only")

@@ -4,10 +4,12 @@
       1. processes and device     (torchrun env or a single process)
       2. data selection           (shards or manifest; labels never pass the loader's allow-list)
       3. method, optimiser, schedule, AMP scaler
-      4. resume                   (last.pt of the run dir unless --resume never; config hash checked)
-      5. loop over data epochs    (a data epoch = --ckpt-every steps; its stream is seeded by (seed, epoch),
-                                   so a resumed run skips the consumed batches and sees the same ones)
-      6. checkpoint, export       (last.pt, step-N.pt, encoder.safetensors + encoder.json)
+      4. restore                  (`restart_from_checkpoint`: last.pt of the run dir unless --resume never;
+                                   config hash checked)
+      5. loop over data epochs    (`train_one_epoch`: a data epoch = --ckpt-every steps; its stream is seeded
+                                   by (seed, epoch), so a resumed run skips the consumed batches and sees the
+                                   same ones), checkpointing on the way (`CheckpointSaver`: last.pt, step-N.pt)
+      6. export                   (encoder.safetensors + encoder.json)
     Logged: every --log-every steps and at every mixture refit; with --val-where, the label diagnostic
     (train.diagnostics, evaluation only) every --val-every steps.
 """
@@ -23,6 +25,7 @@ import platform
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +33,7 @@ from torch import nn
 
 from prep.io import write_json_atomic
 from prep.progress import LineThrottle
+from prep.storage import StorageError, local_path
 from train import distributed
 from train.checkpoint import (
     CheckpointError,
@@ -57,7 +61,7 @@ from train.methods import get_method
 from train.models import ENCODER_FILE, save_encoder
 
 
-TRAIN_ERRORS = (ConfigError, DataError, CheckpointError)
+TRAIN_ERRORS = (ConfigError, DataError, CheckpointError, StorageError)
 
 
 class _StepModule(nn.Module):
@@ -165,7 +169,7 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
     cfg.validate(info.world_size)
     device = info.device
     configure_backends(cfg.deterministic, device)
-    run_dir = Path(cfg.out)
+    run_dir = local_path(cfg.out, "--out")
     say = print if info.is_main else (lambda *a, **k: None)
 
     # 2. data
@@ -205,20 +209,8 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
             "normalisation": normalisation(), "method": cfg.method, "step": step, "config_hash": run_hash,
         }  # fmt: skip
 
-    def checkpoint(step: int) -> dict:
-        rngs = [rng_state()]
-        if info.world_size > 1:
-            rngs = [None] * info.world_size
-            torch.distributed.all_gather_object(rngs, rng_state())
-        return {
-            "step": step, "method": method.state_dict(), "extra": method.extra_state(),
-            "optimizer": optimizer.state_dict() if optimizer else {},
-            "scheduler": scheduler.state_dict() if scheduler else {},
-            "scaler": scaler.state_dict(), "rng_by_rank": rngs,
-            "config_json": json.dumps(hashed, sort_keys=True, default=str), "config_hash": run_hash,
-            "versions": versions(), "encoder": {k: v.detach().cpu() for k, v in method.encoder().state_dict().items()},
-            "encoder_meta": encoder_meta(step),
-        }  # fmt: skip
+    state = TrainState(method, optimizer, scheduler, scaler)
+    saver = CheckpointSaver(run_dir, state, info, hashed, run_hash, encoder_meta, cfg.ckpt_every, cfg.keep)
 
     def export(step: int) -> Path:
         out = run_dir / ENCODER_FILE
@@ -230,27 +222,7 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
     step = 0
     resume_from = None if cfg.smoke else resolve_resume(cfg.resume, run_dir)
     if resume_from is not None:
-        ckpt = load_checkpoint(resume_from, map_location=device)
-        try:
-            check_compatible(ckpt, run_hash, hashed, cfg.force)
-            method.load_state_dict(ckpt["method"])
-            method.load_extra_state(ckpt["extra"])
-            if optimizer:
-                optimizer.load_state_dict(ckpt["optimizer"])
-                scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            rngs = ckpt["rng_by_rank"]
-            set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
-            step = int(ckpt["step"])
-        except (KeyError, RuntimeError, ValueError) as exc:  # a foreign checkpoint, or a forced resume across models
-            lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
-            first_line = " ".join(lines[:2])
-            first_line = first_line if len(first_line) <= 240 else first_line[:240] + " ..."
-            raise CheckpointError(
-                "incompatible_checkpoint",
-                f"{resume_from} does not fit this run's model or optimiser ({first_line}); use another --out "
-                "or --resume never",
-            ) from None
+        step = restart_from_checkpoint(resume_from, state, run_hash, hashed, cfg.force, info.rank, device)
         if step >= cfg.steps:
             say(f"{resume_from} is at step {step}, --steps {cfg.steps}: nothing to train (raise --steps and add --force to continue)")
         else:
@@ -284,7 +256,6 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
         return _smoke(cfg, selection, stream, per_rank_batch, device, run_step, amp_dtype, say)
 
     # 5. loop over data epochs
-    clip_groups = method.clip_groups() if hasattr(method, "clip_groups") else [list(method.parameters())]
     probe = None
     if cfg.val_where and info.is_main and hasattr(method, "label_scores"):
         probe = LabelProbe(load_validation_pairs(cfg.manifest, cfg.val_where, cfg.shards, crop_px, cfg.val_max_pairs), device)
@@ -292,50 +263,20 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
     stop = {"signal": None}
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal="SIGTERM"))
     tb, metrics = _open_logs(run_dir, step) if info.is_main else (None, None)
-    progress = _progress(cfg, info.is_main, step)
-    started = time.monotonic()
-    window = {"t": time.monotonic(), "wait": 0.0, "steps": 0}
+    epochs = EpochRunner(
+        cfg=cfg, info=info, device=device, state=state, saver=saver, run_step=run_step, amp_dtype=amp_dtype,
+        clip_groups=method.clip_groups() if hasattr(method, "clip_groups") else [list(method.parameters())],
+        probe=probe, selection=selection, stream=stream, per_rank_batch=per_rank_batch, tb=tb, metrics=metrics,
+        progress=_progress(cfg, info.is_main, step), stop=stop,
+    )  # fmt: skip
+    started = epochs.started
     stopped, logs = "completed", {}
     try:
         while step < cfg.steps and stopped == "completed":
-            epoch = step // cfg.ckpt_every
-            epoch_end = min(cfg.steps, (epoch + 1) * cfg.ckpt_every)
-            loader = make_loader(selection, stream, per_rank_batch, epoch_end - epoch * cfg.ckpt_every, cfg.seed, epoch)
-            batches = itertools.islice(iter(loader), step - epoch * cfg.ckpt_every, None)
-            while step < epoch_end:
-                t0 = time.monotonic()
-                ipsi, contra, _groups = next(batches)
-                window["wait"] += time.monotonic() - t0
-                ipsi = unit_range(ipsi.to(device, non_blocking=True))
-                contra = unit_range(contra.to(device, non_blocking=True))
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss, logs = run_step(ipsi, contra, step)
-                optimiser_step(loss, optimizer, scheduler, scaler, clip_groups, cfg.grad_clip)
-                step += 1
-                window["steps"] += 1
-
-                refitted = float(logs.get("gmm_refits", 0)) > 0  # a python float: no device sync
-                if step % cfg.log_every == 0 or step == cfg.steps or refitted:
-                    global_batch = per_rank_batch * info.world_size
-                    record = _log(cfg, step, loss, logs, scheduler, window, global_batch, device, info)
-                    if probe is not None and (step % cfg.val_every == 0 or step == cfg.steps):
-                        record.update(probe.run(method))
-                    if info.is_main:
-                        _write_logs(tb, metrics, record)
-                    progress.update(step, record)
-                    window.update(t=time.monotonic(), wait=0.0, steps=0)
-                stopped = _should_stop(cfg, step, stop, started, info, device)
-                if step % cfg.ckpt_every == 0 or step == cfg.steps or stopped != "completed":
-                    state = checkpoint(step)
-                    if info.is_main:
-                        save_run_checkpoint(run_dir, state, periodic=step % cfg.ckpt_every == 0, keep=cfg.keep)
-                    distributed.barrier()
-                if stopped != "completed":
-                    break
-            del batches, loader
+            step, stopped, logs = train_one_epoch(epochs, step)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-        progress.close()
+        epochs.progress.close()
         if info.is_main:
             tb.close()
             metrics.close()
@@ -355,6 +296,147 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
         write_json_atomic(run_dir / "summary.json", summary)
     say(f"{stopped} at step {step}/{cfg.steps}; encoder {encoder_path}")
     return summary
+
+
+# ---------------------------------------------------------------- the phases: restore, one epoch, checkpoint
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides the RNGs: the method (networks and mixture state), the optimiser,
+    its schedule and the AMP scaler (optimiser and schedule are None for a method that does not train)."""
+
+    method: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    scaler: torch.amp.GradScaler
+
+
+def restart_from_checkpoint(path: Path, state: TrainState, run_hash: str, hashed: dict, force: bool, rank: int,
+                            device: torch.device) -> int:
+    """Load `path` into `state` and this rank's RNGs (cf. DINO's `restart_from_checkpoint`); returns its step.
+    A checkpoint of another config is refused unless forced; one that does not fit the model is
+    `incompatible_checkpoint`."""
+    ckpt = load_checkpoint(path, map_location=device)
+    try:
+        check_compatible(ckpt, run_hash, hashed, force)
+        state.method.load_state_dict(ckpt["method"])
+        state.method.load_extra_state(ckpt["extra"])
+        if state.optimizer:
+            state.optimizer.load_state_dict(ckpt["optimizer"])
+            state.scheduler.load_state_dict(ckpt["scheduler"])
+        state.scaler.load_state_dict(ckpt["scaler"])
+        rngs = ckpt["rng_by_rank"]
+        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        return int(ckpt["step"])
+    except (KeyError, RuntimeError, ValueError) as exc:  # a foreign checkpoint, or a forced resume across models
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+        first_line = " ".join(lines[:2])
+        first_line = first_line if len(first_line) <= 240 else first_line[:240] + " ..."
+        raise CheckpointError(
+            "incompatible_checkpoint",
+            f"{path} does not fit this run's model or optimiser ({first_line}); use another --out "
+            "or --resume never",
+        ) from None
+
+
+class CheckpointSaver:
+    """Builds the one checkpoint dict (RNGs of every rank gathered) and writes it from rank 0: `last.pt` at every
+    save, a numbered copy at every --ckpt-every step (the newest --keep kept), then a barrier (cf. timm's
+    `CheckpointSaver`)."""
+
+    def __init__(self, run_dir: Path, state: TrainState, info: distributed.DistInfo, hashed: dict, run_hash: str,
+                 encoder_meta, ckpt_every: int, keep: int):
+        self.run_dir, self.state, self.info, self.hashed, self.run_hash = run_dir, state, info, hashed, run_hash
+        self.encoder_meta, self.ckpt_every, self.keep = encoder_meta, ckpt_every, keep
+
+    def checkpoint(self, step: int) -> dict:
+        method, optimizer, scheduler = self.state.method, self.state.optimizer, self.state.scheduler
+        rngs = [rng_state()]
+        if self.info.world_size > 1:
+            rngs = [None] * self.info.world_size
+            torch.distributed.all_gather_object(rngs, rng_state())
+        return {
+            "step": step, "method": method.state_dict(), "extra": method.extra_state(),
+            "optimizer": optimizer.state_dict() if optimizer else {},
+            "scheduler": scheduler.state_dict() if scheduler else {},
+            "scaler": self.state.scaler.state_dict(), "rng_by_rank": rngs,
+            "config_json": json.dumps(self.hashed, sort_keys=True, default=str), "config_hash": self.run_hash,
+            "versions": versions(), "encoder": {k: v.detach().cpu() for k, v in method.encoder().state_dict().items()},
+            "encoder_meta": self.encoder_meta(step),
+        }  # fmt: skip
+
+    def save(self, step: int) -> None:
+        checkpoint = self.checkpoint(step)
+        if self.info.is_main:
+            save_run_checkpoint(self.run_dir, checkpoint, periodic=step % self.ckpt_every == 0, keep=self.keep)
+        distributed.barrier()
+
+
+@dataclass
+class EpochRunner:
+    """Everything one data epoch of steps needs, fixed for the run (`train_one_epoch`)."""
+
+    cfg: PretrainConfig
+    info: distributed.DistInfo
+    device: torch.device
+    state: TrainState
+    saver: CheckpointSaver
+    run_step: object
+    amp_dtype: torch.dtype | None
+    clip_groups: list
+    probe: object
+    selection: object
+    stream: StreamConfig
+    per_rank_batch: int
+    tb: object
+    metrics: object
+    progress: object
+    stop: dict
+    started: float = field(default_factory=time.monotonic)
+    window: dict = field(default_factory=lambda: {"t": time.monotonic(), "wait": 0.0, "steps": 0})
+
+
+def train_one_epoch(run: EpochRunner, step: int) -> tuple[int, str, dict]:
+    """Steps from `step` to the end of its data epoch (--ckpt-every steps, a stream seeded by (seed, epoch):
+    a resumed run skips the batches it consumed), logging and checkpointing on the way (cf. DINO's
+    `train_one_epoch`); returns (step, why it stopped, the last step's logs)."""
+    cfg, info, device, state = run.cfg, run.info, run.device, run.state
+    optimizer, scheduler, scaler, window = state.optimizer, state.scheduler, state.scaler, run.window
+    epoch = step // cfg.ckpt_every
+    epoch_end = min(cfg.steps, (epoch + 1) * cfg.ckpt_every)
+    loader = make_loader(run.selection, run.stream, run.per_rank_batch, epoch_end - epoch * cfg.ckpt_every, cfg.seed,
+                         epoch)
+    batches = itertools.islice(iter(loader), step - epoch * cfg.ckpt_every, None)
+    stopped, logs = "completed", {}
+    while step < epoch_end:
+        t0 = time.monotonic()
+        ipsi, contra, _groups = next(batches)
+        window["wait"] += time.monotonic() - t0
+        ipsi = unit_range(ipsi.to(device, non_blocking=True))
+        contra = unit_range(contra.to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+            loss, logs = run.run_step(ipsi, contra, step)
+        optimiser_step(loss, optimizer, scheduler, scaler, run.clip_groups, cfg.grad_clip)
+        step += 1
+        window["steps"] += 1
+
+        refitted = float(logs.get("gmm_refits", 0)) > 0  # a python float: no device sync
+        if step % cfg.log_every == 0 or step == cfg.steps or refitted:
+            global_batch = run.per_rank_batch * info.world_size
+            record = _log(cfg, step, loss, logs, scheduler, window, global_batch, device, info)
+            if run.probe is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+                record.update(run.probe.run(state.method))
+            if info.is_main:
+                _write_logs(run.tb, run.metrics, record)
+            run.progress.update(step, record)
+            window.update(t=time.monotonic(), wait=0.0, steps=0)
+        stopped = _should_stop(cfg, step, run.stop, run.started, info, device)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or stopped != "completed":
+            run.saver.save(step)
+        if stopped != "completed":
+            break
+    return step, stopped, logs
 
 
 def _should_stop(cfg, step, stop, started, info, device) -> str:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prep.errors import ContralateralError
+from prep.storage import Location, location
 from train.checkpoint import LAST as LAST_CHECKPOINT
 from train.checkpoint import load_checkpoint
 
@@ -67,16 +68,17 @@ class EmbeddingNet(nn.Module):
 # ---------------------------------------------------------------- export / load
 
 
-def save_encoder(backbone: nn.Module, meta: dict, out: str | Path) -> tuple[Path, Path]:
-    """Write `out` (safetensors, backbone state dict) and `out` with suffix .json, both atomically."""
+def save_encoder(backbone: nn.Module, meta: dict, out: str | Path) -> tuple[Location, Location]:
+    """Write `out` (safetensors, backbone state dict; a local path or a URL, `prep.storage`) and `out` with
+    suffix .json, both atomically."""
     from safetensors.torch import save
 
     from prep.io import write_bytes_atomic, write_json_atomic
 
-    out = Path(out)
+    out = location(out)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     write_bytes_atomic(out, save(state, metadata={"encoder_json": json.dumps(meta, sort_keys=True)}))
-    meta_path = out.with_suffix(".json")
+    meta_path = out.parent / (out.name.rsplit(".", 1)[0] + ".json")
     write_json_atomic(meta_path, meta)
     return out, meta_path
 

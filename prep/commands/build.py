@@ -30,9 +30,10 @@ def build_shards(
     pair_by: Optional[str] = typer.Option(None, "--pair-by", help="dicom-dir: pair L/R within a study "
                                           "(StudyInstanceUID) or a patient (PatientID, for archives that store each "
                                           "view as its own study). Default: study."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Shard folder. Default: shards/<build>/."),
-    manifests: Optional[Path] = typer.Option(None, "--manifests",
-                                             help="Manifest folder. Default: data_manifests/<build>/."),
+    out: Optional[str] = typer.Option(None, "--out", help="Shard folder or URL (s3://bucket/prefix, gs://...; "
+                                      "docs/USAGE.md 'Object storage'). Default: shards/<build>/."),
+    manifests: Optional[str] = typer.Option(None, "--manifests", help="Manifest folder or URL. "
+                                            "Default: data_manifests/<build>/."),
     build: Optional[str] = typer.Option(None, "--build", help="Build name (prefix of every shard). "
                                         "Default: <dataset>-<first 8 hex of the config hash>."),
     mm_per_px: float = typer.Option(_DEFAULTS.mm_per_px, "--mm-per-px", help="Canonical spacing (mm per pixel)."),

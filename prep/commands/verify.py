@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 from rich.console import Console
 from rich.progress import Progress
@@ -12,17 +10,26 @@ MAX_PROBLEMS_SHOWN = 20
 
 
 def verify(
-    shards: Path = typer.Option(..., "--shards", help="Shard folder of the build (holds <split>/*.tar)."),
-    manifests: Path = typer.Option(..., "--manifests", help="Manifest folder of the build (shards.parquet, "
-                                   "samples.parquet, wids.json)."),
+    shards: str = typer.Option(..., "--shards", help="Shard folder or URL of the build (holds <split>/*.tar)."),
+    manifests: str = typer.Option(..., "--manifests", help="Manifest folder or URL of the build (shards.parquet, "
+                                  "samples.parquet, wids.json)."),
 ) -> None:
     """Read every sample and check counts, checksums, keys, json and decoding against the manifests."""
     from pipelines.verify import verify_build
+    from prep.storage import StorageError, check_storage, location
 
     console = Console(stderr=True)
+    try:
+        shards_dir, manifests_dir = location(shards), location(manifests)
+        for target in (shards_dir, manifests_dir):
+            check_storage(target)
+    except StorageError as exc:
+        console.print(f"prep verify: {exc}", soft_wrap=True, markup=False)
+        raise typer.Exit(2) from None
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("verifying shards", total=None)
-        report = verify_build(shards, manifests, on_shard=lambda name: progress.update(task, description=name))
+        report = verify_build(shards_dir, manifests_dir,
+                              on_shard=lambda name: progress.update(task, description=name))
     for problem in report.problems[:MAX_PROBLEMS_SHOWN]:
         console.print(f"[red]mismatch:[/] {problem}", soft_wrap=True)
     if len(report.problems) > MAX_PROBLEMS_SHOWN:

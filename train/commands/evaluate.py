@@ -58,6 +58,7 @@ def evaluate(**options) -> None:
     except ConfigError as exc:
         console.print(f"[red]train evaluate: {exc.reason}[/red]: {exc.detail}")
         raise typer.Exit(2) from None
+    from prep.storage import StorageError
     from train.evaluate import EvaluationError, evaluate as run
 
     with Progress(TextColumn("embedding pairs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -66,6 +67,9 @@ def evaluate(**options) -> None:
         try:
             metrics = run(cfg, on_batch=lambda n: progress.advance(task, n),
                           on_total=lambda total: progress.update(task, total=total))
+        except StorageError as exc:
+            console.print(f"train evaluate: {exc}", markup=False, soft_wrap=True)
+            raise typer.Exit(2) from None
         except EvaluationError as exc:
             console.print(f"[red]train evaluate: {exc.reason}[/red]: {exc.detail}")
             raise typer.Exit(1) from None

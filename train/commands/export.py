@@ -10,7 +10,7 @@ import typer
 
 def export(
     source: Annotated[Path, typer.Argument(help="A run dir (uses its last.pt) or a .pt checkpoint.")],
-    out: Annotated[Path, typer.Option(help="Output .safetensors; encoder.json goes beside it with the same stem.")] = Path("encoder.safetensors"),
+    out: Annotated[str, typer.Option(help="Output .safetensors, a local path or a URL (s3://bucket/enc.safetensors); encoder.json goes beside it with the same stem.")] = "encoder.safetensors",
 ) -> None:
     """Write the backbone as safetensors + its encoder.json, restorable with one
     `timm.create_model(timm_name, in_chans=1, num_classes=0)` + `load_state_dict`."""
@@ -26,5 +26,13 @@ def export(
     except (CheckpointError, EncoderError) as exc:
         typer.echo(f"train export: {exc}", err=True)
         raise typer.Exit(2) from None
-    weights, meta_path = save_encoder(backbone, meta, out)
+    from prep.storage import StorageError, check_storage, location
+
+    try:
+        target = location(out)
+        check_storage(target)
+        weights, meta_path = save_encoder(backbone, meta, target)
+    except StorageError as exc:
+        typer.echo(f"train export: {exc}", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"wrote {weights} and {meta_path} ({meta['timm_name']}, {meta['method']}, step {meta['step']})")
