@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from train.commands import compare, evaluate, export, pretrain
+from train.commands import compare, detect, evaluate, export, pretrain
 
 app = typer.Typer(
     name="train",
@@ -21,6 +21,7 @@ app.command("pretrain")(pretrain.pretrain)
 app.command("export")(export.export)
 app.command("evaluate")(evaluate.evaluate)
 app.command("compare")(compare.compare)
+app.command("detect")(detect.detect)
 
 if __name__ == "__main__":
     app()

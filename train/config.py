@@ -39,6 +39,22 @@ def knob(
     return field(default=default, metadata=meta)
 
 
+def check_knobs(config) -> None:
+    """Raise `ConfigError` naming the flag for the first knob of a config dataclass outside its declared
+    choices / min / max (None values pass: they mean "the default")."""
+    for f in dataclasses.fields(config):
+        value, meta = getattr(config, f.name), f.metadata
+        flag = "--" + f.name.replace("_", "-")
+        if value is None or not meta:
+            continue
+        if meta["choices"] is not None and value not in meta["choices"]:
+            raise ConfigError("bad_option", f"{flag} {value!r}: choose one of {'|'.join(meta['choices'])}")
+        if meta["min"] is not None and value < meta["min"]:
+            raise ConfigError("bad_option", f"{flag} must be >= {meta['min']}, got {value}")
+        if meta["max"] is not None and value > meta["max"]:
+            raise ConfigError("bad_option", f"{flag} must be <= {meta['max']}, got {value}")
+
+
 SCOPES = ("bank", "batch", "epoch")
 
 
@@ -133,17 +149,7 @@ class PretrainConfig:
 
     def validate(self, world_size: int = 1) -> "PretrainConfig":
         """Raise `ConfigError` with the flag to fix for the first invalid value; returns self."""
-        for f in dataclasses.fields(self):
-            value, meta = getattr(self, f.name), f.metadata
-            flag = "--" + f.name.replace("_", "-")
-            if value is None:
-                continue
-            if meta["choices"] is not None and value not in meta["choices"]:
-                raise ConfigError("bad_option", f"{flag} {value!r}: choose one of {'|'.join(meta['choices'])}")
-            if meta["min"] is not None and value < meta["min"]:
-                raise ConfigError("bad_option", f"{flag} must be >= {meta['min']}, got {value}")
-            if meta["max"] is not None and value > meta["max"]:
-                raise ConfigError("bad_option", f"{flag} must be <= {meta['max']}, got {value}")
+        check_knobs(self)
         checks = [
             (self.method in METHODS, "unknown_method", f"--method {self.method!r}: choose one of {'|'.join(sorted(METHODS))}"),
             (self.batch_size % world_size == 0, "bad_batch", f"--batch-size {self.batch_size} (global) must divide by {world_size} ranks"),
@@ -162,10 +168,12 @@ class PretrainConfig:
         return self
 
 
-def cli_fields() -> list[tuple[dataclasses.Field, Any]]:
-    """(field, resolved type) of every knob, in declaration order, for the CLI generator."""
-    hints = typing.get_type_hints(PretrainConfig)
-    return [(f, hints[f.name]) for f in dataclasses.fields(PretrainConfig)]
+def cli_fields(config_class: type | None = None) -> list[tuple[dataclasses.Field, Any]]:
+    """(field, resolved type) of every knob of `config_class` (default `PretrainConfig`), in declaration
+    order, for the CLI generator."""
+    config_class = config_class or PretrainConfig
+    hints = typing.get_type_hints(config_class)
+    return [(f, hints[f.name]) for f in dataclasses.fields(config_class)]
 
 
 RUNTIME_FIELDS = frozenset(f.name for f in dataclasses.fields(PretrainConfig) if f.metadata["runtime"])
