@@ -247,6 +247,7 @@ class ImagePatches:
     split: str
     centres: np.ndarray  # (N, 2) canonical px
     tissue: np.ndarray  # (N,) breast fraction of each patch
+    contra_tissue: np.ndarray  # (N,) breast fraction of the registered contralateral patch (NaN: not registered)
     edge_mm: np.ndarray
     chest_wall_mm: np.ndarray
     ipsi: np.ndarray  # uint16 (N, P, P)
@@ -299,15 +300,18 @@ def cut_view(left, right, cfg: PrepConfig, stride_px: int) -> tuple[list[ImagePa
         centres = snapped_centres(corners, P)
         inside = c.mask[_rows_cols(centres, c.mask.shape)] if len(centres) else np.zeros(0, bool)
         corners, centres = corners[inside], centres[inside]
-        contra = None
+        contra, contra_tissue = None, np.full(len(corners), np.nan)
         if registered and len(corners):
             contra = np.stack([to_uint16(warp_patch(canon[other].image, reg.affine, int(x0), int(y0), P))
                                for x0, y0 in corners])
+            contra_mask = canon[other].mask.astype(np.uint8)
+            contra_tissue = np.array([warp_patch(contra_mask, reg.affine, int(x0), int(y0), P, nearest=True).mean()
+                                      for x0, y0 in corners])
         thumb, thumb_mask, scale = thumbnail(c)
         record = inputs[side]
         out.append(ImagePatches(
             study_id=record.study_id, image_id=record.image_id, side=side, view=record.view, split="",
-            centres=centres, tissue=window_means(c.mask, corners, P),
+            centres=centres, tissue=window_means(c.mask, corners, P), contra_tissue=contra_tissue,
             edge_mm=edge_distance_px(c.mask, centres) * cfg.mm_per_px,
             chest_wall_mm=chest_wall_distance_px(c.mask, centres) * cfg.mm_per_px,
             ipsi=grid_patches(c.image, corners, P), contra=contra, canonical=c,
@@ -383,14 +387,17 @@ class ImageFeatures:
     pair: np.ndarray  # (N,) NaN without a registration
 
 
-def image_features(im: ImagePatches, features: Callable[[np.ndarray], np.ndarray]) -> ImageFeatures:
-    """Features of an image's patches and the pair distance to their registered contralateral patches
-    (both sets go through the features in one call)."""
+def image_features(im: ImagePatches, features: Callable[[np.ndarray], np.ndarray], min_tissue: float) -> ImageFeatures:
+    """Features of an image's patches and the pair distance to their registered contralateral patches (both
+    sets through the features in one call). No pair distance where the contralateral patch is less than
+    `min_tissue` breast: a patch the registration sends off the other breast (past its chest wall or skin
+    line) differs from its own for that reason alone."""
     n = len(im.ipsi)
     if im.contra is None:
         return ImageFeatures(features(im.ipsi), np.full(n, np.nan))
     f = features(np.concatenate([im.ipsi, im.contra]))
-    return ImageFeatures(f[:n], np.linalg.norm(f[:n] - f[n:], axis=1))
+    pair = np.linalg.norm(f[:n] - f[n:], axis=1)
+    return ImageFeatures(f[:n], np.where(im.contra_tissue >= min_tissue, pair, np.nan))
 
 
 def knn_distance(query: np.ndarray, query_groups: np.ndarray, bank: np.ndarray, bank_groups: np.ndarray,
@@ -551,7 +558,7 @@ def detect(cfg: DetectConfig, backbone=None, encoder_meta: dict | None = None, e
         for im in run_study(study):
             for scores in methods.values():
                 t = time.perf_counter()
-                f = image_features(im, scores.features)
+                f = image_features(im, scores.features, cfg.min_tissue)
                 scores.seconds += time.perf_counter() - t
                 scores.bank.append(f.ipsi)
                 scores.bank_pair.append(f.pair)
@@ -563,7 +570,7 @@ def detect(cfg: DetectConfig, backbone=None, encoder_meta: dict | None = None, e
         for im in run_study(study):
             for scores in methods.values():
                 t = time.perf_counter()
-                f = image_features(im, scores.features)
+                f = image_features(im, scores.features, cfg.min_tissue)
                 scores.seconds += time.perf_counter() - t
                 scores.feats.append(f.ipsi)
                 scores.pair.append(f.pair)
@@ -618,7 +625,7 @@ def positions_table(images: list[ImagePatches], patch_px: int, min_tissue: float
             "image_key": i, "study_id": im.study_id, "image_id": im.image_id, "side": im.side, "view": im.view,
             "split": im.split, "cx": im.centres[:, 0], "cy": im.centres[:, 1],
             "x_mm": xy_mm[:, 0], "y_mm": xy_mm[:, 1], "tissue": im.tissue, "edge_mm": im.edge_mm,
-            "chest_wall_mm": im.chest_wall_mm, "candidate": im.tissue >= min_tissue,
+            "chest_wall_mm": im.chest_wall_mm, "contra_tissue": im.contra_tissue, "candidate": im.tissue >= min_tissue,
         }))
     return pd.concat(frames, ignore_index=True)
 
