@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from pydicom.uid import generate_uid
 from typer.testing import CliRunner
 
@@ -16,6 +17,7 @@ from train.detect_metrics import false_mark_scores, froc, hits, lateralisation, 
 from train.metrics import Bootstrap
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+slow = pytest.mark.slow
 
 
 # ---------------------------------------------------------------- FROC arithmetic, counted by hand
@@ -151,3 +153,32 @@ def test_detect_command_refuses_a_bad_option(tmp_path):
     result = CliRunner().invoke(app, ["detect", "--root", str(tmp_path), "--stride", "0.8", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "--stride must be <= 0.5" in result.output
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- train compare's detection section
+
+
+@slow
+def test_compare_tests_detectors_across_seeds_against_the_pixel_baselines(synth_archive, tmp_path):
+    from train.compare import detection_section
+    from train.detect import DetectConfig
+    from train.detect_report import run_detection
+    from train.models import create_backbone, save_encoder
+
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        encoder = tmp_path / f"enc{seed}" / "encoder.safetensors"
+        encoder.parent.mkdir()
+        save_encoder(create_backbone("test_resnet"), {"timm_name": "test_resnet", "mm_per_px": 0.8, "patch_px": 32,
+                                                      "method": "random", "seed": seed}, encoder)
+        run_detection(DetectConfig(root=str(synth_archive), encoder=str(encoder), out=str(tmp_path / f"det{seed}"),
+                                   n_boot=50, overlays=1, device="cpu").validate())
+    md, tests = detection_section([tmp_path], Bootstrap(50, 0))
+    text = "\n".join(md)
+    assert "| random | " in text and "| baseline: raw-pixel | " in text
+    assert {t.metric for t in tests} == {"exam_auc", "lateralisation_auc", "froc_sensitivity@1"}
+    assert {(t.a, t.b) for t in tests} == {("random", "baseline: raw-pixel"), ("random", "baseline: mean-intensity")}
+    assert all(t.seeds == [0, 1] for t in tests) and all(t.p_holm is None or t.p_holm >= t.result["p"] for t in tests)
+    summary = json.loads((tmp_path / "det0" / "detect.json").read_text())
+    exam = summary["metrics"]["random"]["combined"]["exam"]
+    assert exam["n_pos"] + exam["n_neg"] == summary["counts"]["studies"] and len(exam["auc_ci"]) == 2
