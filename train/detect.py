@@ -554,12 +554,18 @@ def detect(cfg: DetectConfig, backbone=None, encoder_meta: dict | None = None, e
             on_study(study)
         return images
 
+    def embed(im: ImagePatches) -> dict[str, ImageFeatures]:
+        out = {}
+        for name, scores in methods.items():
+            t = time.perf_counter()
+            out[name] = image_features(im, scores.features, cfg.min_tissue)
+            scores.seconds += time.perf_counter() - t
+        return out
+
     for study in bank_ids:
         for im in run_study(study):
-            for scores in methods.values():
-                t = time.perf_counter()
-                f = image_features(im, scores.features, cfg.min_tissue)
-                scores.seconds += time.perf_counter() - t
+            for name, f in embed(im).items():
+                scores = methods[name]
                 scores.bank.append(f.ipsi)
                 scores.bank_pair.append(f.pair)
                 scores.bank_groups.append(np.full(len(f.ipsi), study))
@@ -568,12 +574,9 @@ def detect(cfg: DetectConfig, backbone=None, encoder_meta: dict | None = None, e
     for study in chosen:
         timing["studies"] += 1
         for im in run_study(study):
-            for scores in methods.values():
-                t = time.perf_counter()
-                f = image_features(im, scores.features, cfg.min_tissue)
-                scores.seconds += time.perf_counter() - t
-                scores.feats.append(f.ipsi)
-                scores.pair.append(f.pair)
+            for name, f in embed(im).items():
+                methods[name].feats.append(f.ipsi)
+                methods[name].pair.append(f.pair)
             im.ipsi = im.contra = None  # pixels no longer needed
             images.append(im)
     if not images:

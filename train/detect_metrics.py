@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from train.metrics import Bootstrap, auc_with_ci, group_codes, percentile_ci, resample_weights
+from train.metrics import Bootstrap, auc_with_ci, percentile_ci, resample_weights
 
 FP_RATES = (0.5, 1.0, 2.0)  # false marks per image at which FROC sensitivity is reported
 
@@ -34,6 +34,18 @@ def distinct_studies(*arrays: np.ndarray) -> np.ndarray:
 
 def codes_in(studies: np.ndarray, distinct: np.ndarray) -> np.ndarray:
     return np.searchsorted(distinct, np.asarray(studies).astype(str))
+
+
+def mean_ci(values: np.ndarray, studies: np.ndarray, boot: Bootstrap) -> list[float] | None:
+    """Percentile CI of the mean of per-row values (an accuracy, a hit rate) over study-level resamples."""
+    values = np.asarray(values, float)
+    codes, chunks = study_resamples(studies, boot)
+    resampled = []
+    for counts in chunks:
+        w = counts[:, codes]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            resampled.append((w * values).sum(1) / w.sum(1))
+    return percentile_ci(np.concatenate(resampled), boot.level) if resampled else None
 
 
 # ---------------------------------------------------------------- geometry
@@ -74,14 +86,7 @@ def lateralisation(lesion_left: np.ndarray, score_left: np.ndarray, score_right:
     if len(y) == 0:
         return {"skipped": "no exam with a finding in one breast only", "n_exams": 0}
     correct = np.where(diff == 0, 0.5, ((diff > 0) == y).astype(float))
-    codes, chunks = study_resamples(studies, boot)
-    resampled = []
-    for counts in chunks:
-        w = counts[:, codes]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            resampled.append((w * correct).sum(1) / w.sum(1))
-    out = {"accuracy": float(correct.mean()),
-           "accuracy_ci": percentile_ci(np.concatenate(resampled), boot.level) if resampled else None,
+    out = {"accuracy": float(correct.mean()), "accuracy_ci": mean_ci(correct, studies, boot),
            "n_exams": int(len(y)), "n_left": int(y.sum())}
     auc = auc_with_ci(y, diff, studies, boot)
     return {**out, **({"auc": auc["auc"], "auc_ci": auc["auc_ci"]} if "auc" in auc else {"auc_skipped": auc["skipped"]})}
@@ -95,14 +100,7 @@ def localisation(hit: np.ndarray, studies: np.ndarray, boot: Bootstrap) -> dict:
     hit = np.asarray(hit, float)
     if len(hit) == 0:
         return {"skipped": "no finding with a box", "n_findings": 0}
-    codes, chunks = study_resamples(studies, boot)
-    resampled = []
-    for counts in chunks:
-        w = counts[:, codes]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            resampled.append((w * hit).sum(1) / w.sum(1))
-    return {"hit_rate": float(hit.mean()),
-            "hit_rate_ci": percentile_ci(np.concatenate(resampled), boot.level) if resampled else None,
+    return {"hit_rate": float(hit.mean()), "hit_rate_ci": mean_ci(hit, studies, boot),
             "n_findings": int(len(hit)), "n_studies": int(len(np.unique(np.asarray(studies).astype(str))))}
 
 
@@ -205,7 +203,3 @@ def paired_froc_deltas(items_a: list[dict], items_b: list[dict], boot: Bootstrap
                  for w in resample_weights(distinct, len(distinct), boot.n_boot, boot.seed)]
     boot_delta = np.concatenate(resampled) if resampled else np.zeros(0)
     return per_seed, boot_delta[np.isfinite(boot_delta)]
-
-
-def kind_codes(kinds: list[str]) -> np.ndarray:
-    return group_codes(np.asarray(kinds), len(kinds))
