@@ -238,10 +238,11 @@ def score_all(cfg: CDJobConfig, runs: dict[str, Path], trials: pd.DataFrame, pat
     table and the measured seconds per method (scored in this call)."""
     import torch
 
+    from train.distributed import resolve_device
     from train.embed import load_projection_head
     from train.models import load_encoder
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     folder = Path(cfg.out) / "scores"
     folder.mkdir(parents=True, exist_ok=True)
     seconds = {}

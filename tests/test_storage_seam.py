@@ -21,6 +21,12 @@ ALLOWED = {
     ("train/evaluate.py", ".mkdir"): "the evaluation's report folder (local: --out)",
     ("pipelines/study.py", ".mkdir"): "the study's local output folder",
     ("pipelines/demo.py", ".mkdir"): "the demo's local output folder",
+    ("train/finetune.py", ".mkdir"): "a fine-tuning run dir is local, like a pretraining run's",
+    ("train/finetune.py", ".rename"): "pandas Series.rename (a column label, no file)",
+    ("train/data.py", ".rename"): "pandas Series.rename (a column label, no file)",
+    ("pipelines/contrast_detail.py", ".mkdir"): "the benchmark's local output folder",
+    ("pipelines/contrast_detail.py", ".rename"): "pandas DataFrame.rename (column labels, no file)",
+    ("pipelines/cd_extract.py", ".mkdir"): "the benchmark's local patch cache folder",
 }
 
 PATH_WRITES = {".write_text", ".write_bytes", ".unlink", ".rmdir", ".mkdir", ".touch", ".rename", ".symlink_to",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from train.commands import compare, evaluate, export, finetune, pretrain
+from train.commands import compare, detect, evaluate, export, finetune, pretrain
 
 app = typer.Typer(
     name="train",
@@ -22,6 +22,7 @@ app.command("export")(export.export)
 app.command("evaluate")(evaluate.evaluate)
 app.command("compare")(compare.compare)
 app.command("finetune")(finetune.finetune)
+app.command("detect")(detect.detect)
 
 if __name__ == "__main__":
     app()

@@ -408,6 +408,8 @@ def compare_evaluations(paths: list[str | Path], out: str | Path, boot: Bootstra
            f"failed to reject is read as equality.", "",
            *pair_verdicts(tests, margin), *primary_summary(tests), "",
            "## Highest means (description, not a claim)", "", *best_means(table), ""]
+    detection_md, detection = detection_section(paths, boot)
+    md += detection_md
     if notes:
         md += ["## Notes", "", *[f"- {n}" for n in notes], ""]
     md += finetune_section(paths, out, boot)
@@ -415,7 +417,7 @@ def compare_evaluations(paths: list[str | Path], out: str | Path, boot: Bootstra
     write_bytes_atomic(out / "compare.md", "\n".join(md).encode())
     write_bytes_atomic(out / "compare.csv", _table_csv(table, metrics).encode())
     write_bytes_atomic(out / "paired.csv", _tests_csv(tests).encode())
-    return {"table": table, "tests": tests, "n_evaluations": len(evals), "markdown": out / "compare.md",
+    return {"table": table, "tests": tests, "detection_tests": detection, "n_evaluations": len(evals), "markdown": out / "compare.md",
             "csv": out / "compare.csv", "paired_csv": out / "paired.csv"}
 
 
@@ -621,3 +623,145 @@ def compare_finetunes(paths: list[str | Path], out: str | Path, boot: Bootstrap 
         raise CompareError("no_evaluations", f"neither `train evaluate` nor `train finetune` results under {[str(p) for p in paths]}")
     write_bytes_atomic(Path(out) / "compare.md", "\n".join(["# Method comparison", "", *md]).encode())
     return {"markdown": Path(out) / "compare.md", "n_finetunes": len(find_finetunes(paths))}
+
+
+# ---------------------------------------------------------------- detection (`train detect` outputs)
+
+DETECT_METRICS = {"exam_auc": "exam-level AUC", "lateralisation_auc": "lateralisation AUC",
+                  "froc_sensitivity@1": "FROC sensitivity at 1 false mark per image"}
+DETECT_BASELINES = ("raw-pixel", "mean-intensity")
+
+
+@dataclass
+class DetectRun:
+    path: Path
+    method: str
+    seed: int | None
+    summary: dict
+
+    def values(self, method: str, variant: str = "combined") -> dict[str, float | None]:
+        m = self.summary["metrics"].get(method, {}).get(variant, {})
+        return {"exam_auc": m.get("exam", {}).get("auc"), "lateralisation_auc": m.get("lateralisation", {}).get("auc"),
+                "froc_sensitivity@1": m.get("froc", {}).get("sensitivity@1")}
+
+    def table(self, name: str) -> pd.DataFrame:
+        return pd.read_parquet(self.path / f"{name}.parquet")
+
+
+def find_detect_runs(paths: list[str | Path]) -> list[DetectRun]:
+    """Every labelled `train detect` output (detect.json) in or under the given paths, with an encoder."""
+    runs = []
+    for p in map(Path, paths):
+        for f in sorted([p] if p.name == "detect.json" else p.rglob("detect.json") if p.is_dir() else []):
+            s = json.loads(f.read_text())
+            if s.get("labelled") and s.get("encoder_name"):
+                runs.append(DetectRun(f.parent, s["encoder_name"], s.get("run", {}).get("seed"), s))
+    return sorted(runs, key=lambda r: (r.method, r.seed is None, r.seed, str(r.path)))
+
+
+def _detect_inputs(run: DetectRun, method: str) -> dict:
+    """Per-study scores of one method's combined variant: exam rows, lateralisation rows, FROC items."""
+    exams = run.table("exams")
+    exams = exams[(exams["method"] == method) & (exams["variant"] == "combined")].set_index("study_id").sort_index()
+    marks = run.table("detections")
+    marks = marks[(marks["method"] == method) & (marks["variant"] == "combined")]
+    lesions = run.table("lesions")
+    lesions = lesions[(lesions["method"] == method) & (lesions["variant"] == "combined")]
+    images = run.table("images")
+    false = marks[marks["hit"].map(lambda h: h is not None and not pd.isna(h) and not bool(h))]  # None: not judged
+    return {"exams": exams, "froc": {
+        "lesion_score": lesions["lesion_score"].to_numpy(float), "lesion_study": lesions["study_id"].to_numpy(),
+        "fp_score": false["score"].to_numpy(float), "fp_study": false["study_id"].to_numpy(),
+        "image_study": images.loc[images["judged"], "study_id"].to_numpy()}}
+
+
+def detection_tests(runs: list[DetectRun], boot: Bootstrap) -> tuple[list[PairTest], list[str]]:
+    """Every encoder pair, and every encoder against the pixel baselines (from the same detector path), on
+    exam-level AUC, lateralisation AUC (score_L - score_R) and FROC sensitivity at 1 false mark per image,
+    paired on the same test studies over shared seeds; Holm over this family."""
+    from train.detect_metrics import paired_froc_deltas
+    from train.metrics import paired_delta_test
+
+    notes: list[str] = []
+    entities: dict[str, dict] = {}
+    for r in runs:
+        entities.setdefault(r.method, {})[r.seed] = _detect_inputs(r, r.method)
+    for name in DETECT_BASELINES:
+        if name in runs[0].summary["metrics"]:
+            entities[baseline_row(name)] = {None: _detect_inputs(runs[0], name)}
+    methods = sorted({r.method for r in runs}, key=lambda m: (m != PRIMARY, m))
+    pairs = list(combinations(methods, 2)) + [(m, b) for m in methods for b in entities if b.startswith("baseline: ")]
+    ref = next(iter(entities[methods[0]].values()))["exams"]
+    tests = []
+    for a, b in pairs:
+        seeds = sorted(entities[a], key=str) if b.startswith("baseline: ") else sorted(set(entities[a]) & set(entities[b]), key=str)
+        if not seeds:
+            notes.append(f"detection: {a} vs {b}: no seed run for both: not paired")
+            continue
+        A = [entities[a][s] for s in seeds]
+        B = [entities[b][None if b.startswith("baseline: ") else s] for s in seeds]
+        if any(not x["exams"].index.equals(ref.index) for x in A + B):
+            notes.append(f"detection: {a} vs {b}: other test studies than the first run: not paired")
+            continue
+        groups = ref.index.to_numpy().astype(str)
+        y = ref["has_finding"].to_numpy(bool)
+        if 0 < y.sum() < len(y):
+            result = paired_auc_test(y, [x["exams"]["score"].to_numpy(float) for x in A],
+                                     [x["exams"]["score"].to_numpy(float) for x in B], groups, boot)
+            tests.append(PairTest(a, b, "exam_auc", seeds, result))
+        one = ref["lesion_side"].isin(["L", "R"]).to_numpy()
+        y_lat = (ref["lesion_side"] == "L").to_numpy()[one]
+        if 0 < y_lat.sum() < len(y_lat):
+            diff = [(x["exams"]["score_L"] - x["exams"]["score_R"]).to_numpy(float)[one] for x in A]
+            diff_b = [(x["exams"]["score_L"] - x["exams"]["score_R"]).to_numpy(float)[one] for x in B]
+            tests.append(PairTest(a, b, "lateralisation_auc", seeds, paired_auc_test(y_lat, diff, diff_b, groups[one], boot)))
+        if len(A[0]["froc"]["lesion_score"]):
+            per_seed, boot_delta = paired_froc_deltas([x["froc"] for x in A], [x["froc"] for x in B], boot)
+            result = paired_delta_test(per_seed, boot_delta, boot.level)
+            result.update(n_pos=len(A[0]["froc"]["lesion_score"]), n_neg=len(A[0]["froc"]["fp_score"]),
+                          n_pos_studies=len(set(A[0]["froc"]["lesion_study"])))
+            tests.append(PairTest(a, b, "froc_sensitivity@1", seeds, result))
+    adjusted = iter(holm([t.result["p"] for t in tests if t.result["p"] is not None]))
+    for t in tests:
+        if t.result["p"] is not None:
+            t.p_holm = next(adjusted)
+    return tests, notes
+
+
+def detection_section(paths: list[str | Path], boot: Bootstrap) -> tuple[list[str], list[PairTest]]:
+    """compare.md's detection section (empty without labelled `train detect` outputs): the table over seeds
+    (encoders; pixel baselines as rows of their own) and the paired, Holm-corrected tests."""
+    runs = find_detect_runs(paths)
+    if not runs:
+        return [], []
+    rows: dict[str, dict[str, list[float]]] = {}
+    for r in runs:
+        for metric, v in r.values(r.method).items():
+            if v is not None:
+                rows.setdefault(r.method, {}).setdefault(metric, []).append(float(v))
+    for name in DETECT_BASELINES:
+        for metric, v in runs[0].values(name).items():
+            if v is not None:
+                rows.setdefault(baseline_row(name), {}).setdefault(metric, []).append(float(v))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        tests, notes = detection_tests(runs, boot)
+    md = ["## Detection (`train detect`, combined score)", "",
+          "Mean over seeds with the 95 % t-interval of the mean (pixel baselines: one run, same detector path).", "",
+          "| method | " + " | ".join(DETECT_METRICS.values()) + " |", "|---|" + "---|" * len(DETECT_METRICS)]
+    for method, values in rows.items():
+        cells = []
+        for metric in DETECT_METRICS:
+            v = values.get(metric)
+            cells.append(_cell({**t_interval(v), "values": v}, method.startswith("baseline: ")) if v else "n/a")
+        md.append(f"| {method} | " + " | ".join(cells) + " |")
+    md += ["", f"Paired tests on the same test studies (Holm-corrected over these {len(tests)} tests; 'better' / "
+           f"'worse' only where the corrected p < {ALPHA}):", ""]
+    for t in tests:
+        r = t.result
+        ci = f" [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]" if r.get("ci") else ""
+        p = f", Holm p={t.p_holm:.2g}" if t.p_holm is not None else ""
+        md.append(f"- **{t.a} vs {t.b}**, {DETECT_METRICS[t.metric]}: Δ {r['delta']:+.3f}{ci}{p} "
+                  f"({r['scope']}): {t.verdict}")
+    md += [*(f"- {n}" for n in notes), ""]
+    return md, tests

@@ -39,13 +39,13 @@ def knob(
     return field(default=default, metadata=meta)
 
 
-def check_knobs(cfg) -> None:
-    """Check every `knob()` field of a config dataclass against its declared choices and range; raise
-    `ConfigError` naming the flag of the first bad value."""
-    for f in dataclasses.fields(cfg):
-        value, meta = getattr(cfg, f.name), f.metadata
+def check_knobs(config) -> None:
+    """Raise `ConfigError` naming the flag for the first knob of a config dataclass outside its declared
+    choices / min / max (None values pass: they mean "the default")."""
+    for f in dataclasses.fields(config):
+        value, meta = getattr(config, f.name), f.metadata
         flag = "--" + f.name.replace("_", "-")
-        if value is None:
+        if value is None or not meta:
             continue
         if meta["choices"] is not None and value not in meta["choices"]:
             raise ConfigError("bad_option", f"{flag} {value!r}: choose one of {'|'.join(meta['choices'])}")

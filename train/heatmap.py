@@ -1,7 +1,8 @@
-"""Pair distance over one whole canonical breast: the only part of evaluation that reads the archive.
+"""Pair distance over one whole canonical breast: a client of the detector (`train.detect`).
 
-It cuts a dense grid of registered pairs over one study with prep's own functions (decode, canonicalise,
-register, cut), embeds them with the frozen encoder and averages each pixel over the patches covering it.
+It cuts the detector's dense grid over one study with a lesion (prep's decode, canonicalise, register and
+patch functions, through `train.detect.cut_view`), embeds both members of every position's pair and maps each
+breast pixel to the pair distance of its nearest grid position (a peak keeps its height).
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ import numpy as np
 from prep.config import PrepConfig
 from prep.datasets import get_adapter
 from prep.decode import UnsupportedImage, decode_dicom, read_dicom
-from prep.pairs import canonicalise, image_input, located_findings, process_pair
-from prep.patches import top_left
-from train.embed import EvalSample, embed_pairs
+from prep.pairs import image_input, located_findings
+from train.detect import cut_view, encoder_features, image_features, nearest_map
 
 
 @dataclass
@@ -30,18 +30,6 @@ class Heatmap:
     distance_map: np.ndarray
     boxes: list[dict]  # findings in canonical px
     n_patches: int
-
-
-def coverage_mean(shape: tuple[int, int], corners: np.ndarray, patch_px: int, values: np.ndarray) -> np.ndarray:
-    """Per pixel, the mean value of the patches covering it (NaN where none does)."""
-    total = np.zeros(shape, np.float64)
-    count = np.zeros(shape, np.float64)
-    for (x0, y0), v in zip(corners.astype(int), values):
-        window = (slice(max(y0, 0), y0 + patch_px), slice(max(x0, 0), x0 + patch_px))
-        total[window] += v
-        count[window] += 1
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, total / count, np.nan)
 
 
 def pick_study(records, study_id: str | None, test_split: str, assumed_spacing_mm: float | None = None):
@@ -77,42 +65,30 @@ def study_heatmap(
     test_split: str = "test",
     assumed_spacing_mm: float | None = None,
 ) -> tuple[Heatmap | None, str]:
-    """Cut a dense grid of registered pairs over one study with a lesion (prep's own functions) and
-    map the pair distance over the lesion-side canonical breast. Returns (heatmap or None, note).
-    `assumed_spacing_mm`: for archives whose headers carry no pixel spacing (CBIS-DDSM), as `prep build-shards
-    --assume-spacing-mm`; the note says it was assumed."""
+    """The detector's pair distance over the lesion-side canonical breast of one study with a lesion.
+    Returns (heatmap or None, note). The grid is the detector's (stride half a patch over the whole breast);
+    `n_patches` is kept for callers and no longer thins it. `assumed_spacing_mm`: for archives whose headers
+    carry no pixel spacing (CBIS-DDSM), as `prep build-shards --assume-spacing-mm`; the note says it was assumed."""
     picked = pick_study(get_adapter(dataset)(root).images(), study_id, test_split, assumed_spacing_mm)
     if picked is None:
         return None, f"no study with both breasts{' and a finding' if study_id is None else ''} in {root}"
     study, view, left_rec, right_rec, lesion_side = picked
-    cfg = PrepConfig(
-        mm_per_px=float(encoder_meta.get("mm_per_px", 0.1)),
-        patch_px=int(encoder_meta.get("patch_px", 256)),
-        grid_patches_per_direction=n_patches,
-        finding_patches_per_lesion=0,
-        min_tissue_fraction=0.3,
-    )
+    cfg = PrepConfig(mm_per_px=float(encoder_meta.get("mm_per_px", 0.1)), patch_px=int(encoder_meta.get("patch_px", 256)))
     inputs = {}
     try:
         for rec in (left_rec, right_rec):
             inputs[rec.laterality] = image_input(rec, decode_dicom(read_dicom(rec.path), assumed_spacing_mm=assumed_spacing_mm))
     except UnsupportedImage as exc:
         return None, f"study {study} {view}: {exc}"
-    result = process_pair(inputs["L"], inputs["R"], cfg, seed=0)
-    samples = [s for s in result.samples if s.meta["ipsi_lat"] == lesion_side]
-    if not samples:
-        return None, f"study {study} {view}: no pairs ({result.error or 'no patch passed the tissue check'})"
-    emb = embed_pairs(
-        backbone,
-        (EvalSample(str(i), s.ipsi, s.contra, {}) for i, s in enumerate(samples)),
-        batch_size=batch_size, device=device, top_k=0,
-    )
-    canon = canonicalise(inputs[lesion_side], cfg)
-    centres = np.array([[s.meta["ipsi_cx"], s.meta["ipsi_cy"]] for s in samples])
-    corners = top_left(centres, cfg.patch_px)
-    dmap = coverage_mean(canon.image.shape, corners, cfg.patch_px, emb.distance)
-    dmap[~canon.mask] = np.nan
+    images, problem = cut_view(inputs["L"], inputs["R"], cfg, max(1, cfg.patch_px // 2))
+    side = next((im for im in images if im.side == lesion_side), None)
+    if side is None or side.contra is None or not len(side.centres):
+        return None, f"study {study} {view}: no pairs ({problem or 'no grid position inside the breast'})"
+    pair = image_features(side, encoder_features(backbone, batch_size, device), min_tissue=0.3).pair
+    canon = side.canonical
+    dmap = nearest_map(canon.image.shape, side.centres[np.isfinite(pair)], pair[np.isfinite(pair)], canon.mask)
     assumed = "" if assumed_spacing_mm is None else f" (pixel spacing assumed {assumed_spacing_mm} mm where the header has none)"
-    return Heatmap(study, view, lesion_side, canon.image, dmap, canon.boxes, len(samples)), (
-        f"study {study} {view}, {lesion_side} breast: {len(samples)} grid pairs{assumed}"
+    n = int(np.isfinite(pair).sum())
+    return Heatmap(study, view, lesion_side, canon.image, dmap, canon.boxes, n), (
+        f"study {study} {view}, {lesion_side} breast: {n} grid pairs{assumed}"
     )

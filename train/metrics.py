@@ -199,10 +199,17 @@ def paired_auc_test(y, scores_a: list[np.ndarray], scores_b: list[np.ndarray], g
         diffs = [weighted_aucs(y, a, w) - weighted_aucs(y, b, w) for a, b in zip(scores_a, scores_b)]
         resampled.append(np.mean(diffs, axis=0))
     boot_delta = np.concatenate(resampled) if resampled else np.array([])
-    boot_delta = boot_delta[np.isfinite(boot_delta)]
+    return {**paired_delta_test(per_seed, boot_delta[np.isfinite(boot_delta)], boot.level), **counts_beside(y, groups)}
+
+
+def paired_delta_test(per_seed: np.ndarray, boot_delta: np.ndarray, level: float = 0.95) -> dict:
+    """The test behind `paired_auc_test`, for any paired statistic: `per_seed` the per-seed differences,
+    `boot_delta` their mean over seeds under each shared study-level resample. Variance = the resamples'
+    (test sampling) + the spread over seeds / n_seeds (training); Welch-Satterthwaite t (normal with one seed)."""
+    per_seed = np.asarray(per_seed, dtype=float)
     delta = float(per_seed.mean())
     n_seeds = len(per_seed)
-    out = {"delta": delta, "per_seed": per_seed.tolist(), "n_seeds": n_seeds, **counts_beside(y, groups)}
+    out = {"delta": delta, "per_seed": per_seed.tolist(), "n_seeds": n_seeds}
     scope = "seeds and studies" if n_seeds > 1 else "studies (one seed)"
     if len(boot_delta) < 20:
         return {**out, "scope": scope, "ci": None, "p": None, "df": None}
@@ -213,7 +220,7 @@ def paired_auc_test(y, scores_a: list[np.ndarray], scores_b: list[np.ndarray], g
         return {**out, "scope": scope, "ci": [delta, delta], "p": 1.0 if delta == 0 else 0.0, "df": None,
                 "sd_test": 0.0, "sd_seed": 0.0}
     df = float("inf") if var_seed == 0 else (n_seeds - 1) * (var / var_seed) ** 2
-    half = float(stats.t.ppf(0.5 + boot.level / 2, df) * np.sqrt(var))
+    half = float(stats.t.ppf(0.5 + level / 2, df) * np.sqrt(var))
     p = float(2 * stats.t.sf(abs(delta) / np.sqrt(var), df))
     return {**out, "scope": scope, "ci": [delta - half, delta + half], "p": p, "df": df,
             "sd_test": float(np.sqrt(var_test)), "sd_seed": float(np.sqrt(var_seed))}

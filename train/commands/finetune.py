@@ -11,7 +11,7 @@ import inspect
 
 import typer
 
-from train.commands.pretrain import _parameters
+from train.commands.pretrain import knob_parameters
 from train.config import ConfigError
 from train.finetune_config import FinetuneConfig
 
@@ -38,5 +38,5 @@ def finetune(**options) -> None:
     typer.echo(f"run {run_dir}" + (f": {run_dir / 'report.md'}" if (run_dir / "report.md").is_file() else ""))
 
 
-finetune.__signature__ = inspect.Signature(_parameters(FinetuneConfig), return_annotation=None)
+finetune.__signature__ = inspect.Signature(knob_parameters(FinetuneConfig), return_annotation=None)
 finetune.__annotations__ = {p.name: p.annotation for p in finetune.__signature__.parameters.values()}

@@ -26,8 +26,8 @@ def _optional(tp):
     return tp
 
 
-def _parameters(config_class: type = PretrainConfig) -> list[inspect.Parameter]:
-    """Typer options generated from the `knob()` fields of a config dataclass (also `train finetune`'s)."""
+def knob_parameters(config_class: type = PretrainConfig) -> list[inspect.Parameter]:
+    """Keyword-only Typer parameters, one per knob of `config_class` (help, panel and flag from its metadata)."""
     params = []
     for f, tp in cli_fields(config_class):
         meta = f.metadata
@@ -63,5 +63,5 @@ def pretrain(**options) -> None:
         typer.echo(f"run {summary['run_dir']}: step {summary['step']} ({summary['stopped']})")
 
 
-pretrain.__signature__ = inspect.Signature(_parameters(), return_annotation=None)
+pretrain.__signature__ = inspect.Signature(knob_parameters(), return_annotation=None)
 pretrain.__annotations__ = {p.name: p.annotation for p in pretrain.__signature__.parameters.values()}

@@ -1,0 +1,41 @@
+"""`train detect`: a thin Typer wrapper over `train.detect_report.run_detection(DetectConfig)`; the options
+are generated from `DetectConfig`'s knobs (train/detect.py), as `train pretrain`'s are from PretrainConfig."""
+
+from __future__ import annotations
+
+import inspect
+
+import typer
+
+from train.commands.pretrain import knob_parameters
+from train.config import ConfigError
+from train.detect import DetectConfig
+
+
+def detect(**options) -> None:
+    """Unsupervised lesion detection over whole studies: a dense score map per image (contralateral pair distance,
+    a one-sided kNN score against a label-free bank, and their combination), marks, breast and exam scores;
+    exam-level AUC, lateralisation, localisation and FROC where the archive has labels; detections.parquet,
+    detect.md, FROC curve and overlays."""
+    from rich.console import Console
+
+    from prep.datasets import DatasetError
+    from train.detect import DetectError
+    from train.detect_report import run_detection
+
+    console = Console(stderr=True)
+    try:
+        cfg = DetectConfig(**options).validate()
+        summary = run_detection(cfg, on_study=lambda study: console.print(f"  {study}", highlight=False))
+    except (ConfigError, DetectError, DatasetError) as exc:
+        typer.echo(f"train detect: {exc}", err=True)
+        raise typer.Exit(2) from None
+    method, variant = summary["primary"]
+    exam = summary["metrics"][method][variant].get("exam", {})
+    auc = f", exam AUC {exam['auc']:.3f}" if "auc" in exam else ""
+    typer.echo(f"{summary['counts']['studies']} studies, {summary['timing']['seconds_per_study']:.1f} s per study"
+               f"{auc} ({method}, {variant}) -> {cfg.out}/detect.md")
+
+
+detect.__signature__ = inspect.Signature(knob_parameters(DetectConfig), return_annotation=None)
+detect.__annotations__ = {p.name: p.annotation for p in detect.__signature__.parameters.values()}
