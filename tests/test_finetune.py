@@ -171,7 +171,7 @@ def test_compare_tabulates_label_efficiency_with_paired_holm_tests(tmp_path):
     assert row["mean"] == pytest.approx(np.mean([aucs["siamese-soft", 1.0, s] for s in range(3)]))
     paired = pd.read_csv(out / "finetune_paired.csv")
     assert len(paired) == 2 and set(paired["metric"]) == {"ipsi_abnormal@0.01", "ipsi_abnormal@1"}
-    assert (paired["verdict"] == "better").all() and (paired["p_holm"] >= paired["p"]).all()
+    assert (paired["verdict"] == "a better").all() and (paired["p_holm"] >= paired["p"]).all()
     md = (out / "compare.md").read_text()
     assert "## Fine-tuning: label efficiency" in md and "| random-init |" in md and (out / "finetune_curves.png").is_file()
 

@@ -208,6 +208,11 @@ class PairTest:
             return "equivalent"
         return "inconclusive"
 
+    @property
+    def verdict_words(self) -> str:
+        """The verdict with the better method named: "siamese-soft better", "equivalent", "inconclusive"."""
+        return {"a better": f"{self.a} better", "b better": f"{self.b} better"}.get(self.verdict, self.verdict)
+
 
 def _test_rows(table: pd.DataFrame, spec: PairedMetric, test_split: str) -> pd.DataFrame:
     rows = table[table["split"].astype(str) == test_split]
@@ -595,13 +600,14 @@ def finetune_section(paths: list[str | Path], out: str | Path, boot: Bootstrap =
         md.append("")
     md += ["Paired tests: Δ = mean over shared seeds of AUC(first) - AUC(second) on the same test samples, 95 % CI "
            f"from study-level resamples ({boot.n_boot}) plus the spread over seeds; Holm-corrected over the "
-           f"{len(tests)} fine-tuning tests (their own family); 'better' / 'worse' only where the corrected p < {ALPHA}.", ""]
+           f"{len(tests)} fine-tuning tests (their own family); a method is called better only where the corrected p < "
+           f"{ALPHA}, otherwise 'inconclusive' (no equivalence test here).", ""]
     for t in tests:
         r = t.result
         ci = f" [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]" if r["ci"] else ""
         p = f", Holm p={t.p_holm:.2g}" if t.p_holm is not None else ""
         scope = f"{len(t.seeds)} seeds" if len(t.seeds) > 1 else f"one seed ({t.seeds[0]}): test studies only"
-        md.append(f"- **{t.a} vs {t.b}**, {t.metric}: {t.verdict} (Δ {r['delta']:+.3f}{ci}{p}; {scope})")
+        md.append(f"- **{t.a} vs {t.b}**, {t.metric}: {t.verdict_words} (Δ {r['delta']:+.3f}{ci}{p}; {scope})")
     md += ["", "![label efficiency](finetune_curves.png)", ""] + [f"- {n}" for n in notes] + ([""] if notes else [])
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -755,13 +761,13 @@ def detection_section(paths: list[str | Path], boot: Bootstrap) -> tuple[list[st
             v = values.get(metric)
             cells.append(_cell({**t_interval(v), "values": v}, method.startswith("baseline: ")) if v else "n/a")
         md.append(f"| {method} | " + " | ".join(cells) + " |")
-    md += ["", f"Paired tests on the same test studies (Holm-corrected over these {len(tests)} tests; 'better' / "
-           f"'worse' only where the corrected p < {ALPHA}):", ""]
+    md += ["", f"Paired tests on the same test studies (Holm-corrected over these {len(tests)} tests; a method is called "
+           f"better only where the corrected p < {ALPHA}, otherwise 'inconclusive': no equivalence test here):", ""]
     for t in tests:
         r = t.result
         ci = f" [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]" if r.get("ci") else ""
         p = f", Holm p={t.p_holm:.2g}" if t.p_holm is not None else ""
         md.append(f"- **{t.a} vs {t.b}**, {DETECT_METRICS[t.metric]}: Δ {r['delta']:+.3f}{ci}{p} "
-                  f"({r['scope']}): {t.verdict}")
+                  f"({r['scope']}): {t.verdict_words}")
     md += [*(f"- {n}" for n in notes), ""]
     return md, tests
