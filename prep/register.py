@@ -20,8 +20,9 @@ both the independent texture and each side's own overall density.
      C1. at the coarsest level, affine ECC from (rotation, scale) offsets of the outline fit about the ipsi
          centroid (the outline fit can slide tens of mm along a breast cut by the canvas); the best plausible
          score wins (`_plausible`: no stretch beyond MAX_ANISOTROPY),
-     C2. each finer level polishes the answer while it stays plausible; the result is kept only if no breast
-         point moved more than `cfg.reg_refine_max_shift_mm` from the coarse answer.
+     C2. each finer level polishes the answer while it stays plausible, the last step on a sharper band of the
+         pattern (POLISH_BLUR_MM) at the finest level; the result is kept only if no breast point moved more than
+         `cfg.reg_refine_max_shift_mm` from the coarse answer.
 
 A pair is fitted once (L -> R); R -> L is its inverse (`inverse_registration`), judged again in its own frame.
 No non-rigid step: dense warps register unilateral lesions away, which would poison the labels.
