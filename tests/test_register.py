@@ -225,7 +225,7 @@ def realistic():
 
 
 def test_realistic_pair_registers_within_target_both_ways(realistic):
-    """Against the generator's true correspondences: median <= 1.5 mm and p95 <= 4 mm in both directions, and the
+    """Against the generator's true correspondences: median <= 1.4 mm and p95 <= 3 mm in both directions, and the
     R -> L registration is the exact inverse of the L -> R fit."""
     from prep.pairs import map_stored_points, register_pair
 
@@ -238,7 +238,8 @@ def test_realistic_pair_registers_within_target_both_ways(realistic):
     back = map_stored_points(truth[:, 2:], canon["R"].frame, canon["L"].frame, backward.affine)
     for predicted, true in ((ahead, truth[:, 2:]), (back, truth[:, :2])):
         error_mm = np.linalg.norm(predicted - true, axis=1) * spacing
-        assert np.median(error_mm) <= 1.5 and np.percentile(error_mm, 95) <= 4.0
+        median, p95 = np.median(error_mm), np.percentile(error_mm, 95)
+        assert median <= 1.4 and p95 <= 3.0, (median, p95)
     np.testing.assert_allclose(compose_affines(forward.affine, backward.affine), np.eye(3)[:2], atol=1e-9)
 
 

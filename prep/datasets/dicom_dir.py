@@ -7,7 +7,8 @@ one for real archives). The split comes from a hash of the study. No findings or
 
 `pair_by="patient"` (`--pair-by patient`) makes the pairing unit (`study_id`) the keyed hash of PatientID, for
 archives that store each view as its own study: all of a patient's images then pair (and split) together,
-so a patient imaged in several rounds has duplicate views (rejected as `duplicate_view`).
+so a patient imaged in several rounds has several images of a view per side: the plan pairs one of them
+(`pipelines.plan.choose_retake`) and marks the others `retake_not_chosen`.
 
 Folder and file names of real archives often carry patient names ("DOE^JANE/..."), so `rel_path` holds a
 keyed hash of the relative path (`pseudonym(rel_path, salt)`); `prep.decode` error texts never quote the path.

@@ -3,8 +3,9 @@
 - `train_images/<patient_id>/<image_id>.dcm`; `train.csv`: `site_id, patient_id, image_id, laterality, view, age,
   cancer, biopsy, invasive, BIRADS, implant, density, machine_id, difficult_negative_case`.
 - One exam per patient: the patient is the study. Usually 4 images; others exist and are left to the planner:
-  a missing view leaves its partner `missing_partner`, a second image of one side and view rejects that view's
-  images as `duplicate_view`, a view other than CC/MLO (AT, ML, LM, LMO) is rejected as `unknown_view`.
+  a missing view leaves its partner `missing_partner`, several images of one side and view (re-takes) still pair:
+  the plan uses one (`pipelines.plan.choose_retake`) and marks the others `retake_not_chosen`, a view other than
+  CC/MLO (AT, ML, LM, LMO) is rejected as `unknown_view`.
 - Labels: BIRADS (0-2, often empty) -> breast_birads "BI-RADS n"; density (A-D, often empty) -> breast_density
   "DENSITY A"; cancer = 1 -> a finding "Unspecified" (RSNA names no lesion type) of pathology "malignant", else
   biopsy = 1 -> one of pathology "benign" (biopsied, no cancer); no boxes (RSNA gives none). `invasive`,
