@@ -7,7 +7,6 @@ BIN := $(VENV)/bin
 # so torch and torchvision are pinned as a pair (see README "Install").
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO ?= demo
-DEMO_STUDIES ?= 40
 DEMO_SEED ?= 7
 STUDY_SEEDS ?= 0 1 2
 STUDY_STEPS ?= 60
@@ -31,7 +30,7 @@ CD_TRAIN_SEED ?= 0
 CD_METHODS ?= random siamese-hard siamese-soft simclr ld
 CD_BOOT ?= 2000
 
-.PHONY: venv demo test bench study ablation cd clean-demo
+.PHONY: venv demo test bench study study-archive ablation cd clean-demo
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,7 +42,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/python -m pipelines.demo --out $(DEMO) --studies $(DEMO_STUDIES) --seed $(DEMO_SEED)
+	$(BIN)/python -m pipelines.demo --out $(DEMO) --seed $(DEMO_SEED)
 
 test: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider
@@ -51,17 +50,21 @@ test: venv
 # every method x $(STUDY_SEEDS) with the demo's budget on a $(STUDY_STUDIES)-study archive of its own: the demo job
 # makes the archive, the shards and the seed-0 runs, the study adds the other seeds; resumes when rerun.
 # Longer: make study STUDY_STEPS=300 STUDY_OUT=study250/study-300
-study: venv
-	$(BIN)/python -m pipelines.demo --out $(STUDY_DIR) --studies $(STUDY_STUDIES) --seed $(DEMO_SEED) \
-		--steps $(STUDY_STEPS)
+study: venv study-archive
 	$(BIN)/python -m pipelines.study --shards $(STUDY_DIR)/shards --manifests $(STUDY_DIR)/manifests \
 		--out $(STUDY_OUT) $(foreach s,$(STUDY_SEEDS),--seeds $(s)) --steps $(STUDY_STEPS) --batch-size 32 \
 		--num-workers 1 --root $(STUDY_DIR)/archive $(foreach f,$(STUDY_FINETUNE),--finetune-fractions $(f))
 
+# the study's own generator 2.0 archive and its shards at the demo's scale (0.4 mm/px, 64-px patches); both resume
+study-archive: venv
+	test -f $(STUDY_DIR)/archive/SHA256SUMS.txt || $(BIN)/prep synth --out $(STUDY_DIR)/archive \
+		--studies $(STUDY_STUDIES) --seed $(DEMO_SEED) --overwrite
+	$(BIN)/prep build-shards --dataset vindr --root $(STUDY_DIR)/archive --out $(STUDY_DIR)/shards \
+		--manifests $(STUDY_DIR)/manifests --build study --mm-per-px 0.4 --patch-px 64 --shard-max-samples 256
+
 # siamese-soft with one part changed at a time (docs/RESULTS.md "Ablations"), SimCLR and LD at the same budget, and learning curves of
 # siamese-soft, siamese-hard and random at $(ABLATION_CURVE) steps, on the study's archive; resumes when rerun.
-ablation: venv
-	$(BIN)/python -m pipelines.demo --out $(STUDY_DIR) --studies $(STUDY_STUDIES) --seed $(DEMO_SEED) --build-only
+ablation: venv study-archive
 	$(BIN)/python -m pipelines.ablation --shards $(STUDY_DIR)/shards --manifests $(STUDY_DIR)/manifests \
 		--out $(STUDY_DIR)/ablation --steps $(ABLATION_STEPS) $(foreach s,$(ABLATION_SEEDS),--seeds $(s)) \
 		$(foreach n,$(ABLATION_CURVE),--curve-steps $(n))
