@@ -40,7 +40,7 @@ from prep.decode import UnsupportedImage, decode_dicom, read_dicom
 from prep.errors import ContralateralError
 from prep.pairs import CanonicalImage, canonicalise, image_input, register_pair
 from prep.patches import crop, snapped_centres, to_uint16, warp_patch
-from train.config import knob
+from prep.knobs import knob
 
 VARIANTS = ("pair", "one-sided", "combined")
 PIXEL_METHODS = ("raw-pixel", "mean-intensity")
@@ -83,7 +83,7 @@ class DetectConfig:
     device: str = knob("auto", "auto (CUDA if present) | cpu | cuda | cuda:N.", "Run")
 
     def validate(self) -> "DetectConfig":
-        from train.config import ConfigError, check_knobs
+        from prep.knobs import ConfigError, check_knobs
 
         check_knobs(self)
         if not self.root:

@@ -1,4 +1,4 @@
-"""`FinetuneConfig`: every knob of `train finetune`, declared once with `train.config.knob()` (torch-free, so
+"""`FinetuneConfig`: every knob of `train finetune`, declared once with `prep.knobs.knob()` (torch-free, so
 `train --help` stays fast). `train/commands/finetune.py` generates the Typer options from these fields and
 `validate()` checks any config, however it was built (CLI, `pipelines.study`, the contrast-detail benchmark).
 """
@@ -9,7 +9,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from train.config import ConfigError, check_knobs, knob
+from prep.knobs import ConfigError, check_knobs, knob
 
 FREEZE_PATTERN = re.compile(r"^(none|backbone|stages:\d+)$")
 

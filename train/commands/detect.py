@@ -3,11 +3,9 @@ are generated from `DetectConfig`'s knobs (train/detect.py), as `train pretrain`
 
 from __future__ import annotations
 
-import inspect
-
 import typer
 
-from train.commands.pretrain import knob_parameters
+from prep.knobs import config_kwargs, generated_command, knob_parameters
 from train.config import ConfigError
 from train.detect import DetectConfig
 
@@ -25,7 +23,7 @@ def detect(**options) -> None:
 
     console = Console(stderr=True)
     try:
-        cfg = DetectConfig(**options).validate()
+        cfg = DetectConfig(**config_kwargs(DetectConfig, options)).validate()
         summary = run_detection(cfg, on_study=lambda study: console.print(f"  {study}", highlight=False))
     except (ConfigError, DetectError, DatasetError) as exc:
         typer.echo(f"train detect: {exc}", err=True)
@@ -37,5 +35,4 @@ def detect(**options) -> None:
                f"{auc} ({method}, {variant}) -> {cfg.out}/detect.md")
 
 
-detect.__signature__ = inspect.Signature(knob_parameters(DetectConfig), return_annotation=None)
-detect.__annotations__ = {p.name: p.annotation for p in detect.__signature__.parameters.values()}
+generated_command(detect, knob_parameters(DetectConfig))

@@ -7,11 +7,9 @@ the command so `train --help` stays fast.
 
 from __future__ import annotations
 
-import inspect
-
 import typer
 
-from train.commands.pretrain import knob_parameters
+from prep.knobs import config_kwargs, generated_command, knob_parameters
 from train.config import ConfigError
 from train.finetune_config import FinetuneConfig
 
@@ -30,7 +28,7 @@ def finetune(**options) -> None:
     from train.models import EncoderError
 
     try:
-        cfg = FinetuneConfig(**options).validate()
+        cfg = FinetuneConfig(**config_kwargs(FinetuneConfig, options)).validate()
         run_dir = run(cfg)
     except (ConfigError, CheckpointError, DataError, EncoderError, FinetuneError) as exc:
         typer.echo(f"train finetune: {exc}", err=True)
@@ -38,5 +36,4 @@ def finetune(**options) -> None:
     typer.echo(f"run {run_dir}" + (f": {run_dir / 'report.md'}" if (run_dir / "report.md").is_file() else ""))
 
 
-finetune.__signature__ = inspect.Signature(knob_parameters(FinetuneConfig), return_annotation=None)
-finetune.__annotations__ = {p.name: p.annotation for p in finetune.__signature__.parameters.values()}
+generated_command(finetune, knob_parameters(FinetuneConfig))
