@@ -28,7 +28,7 @@ from pipelines.cluster import DaskSession
 from pipelines.errors import BuildError
 from pipelines.pair_work import estimate, plan_rejected_image_rows
 from pipelines.plan import BuildOptions, Plan, ShardGroup, no_pairs_hint, plan_build
-from pipelines.progress import make_progress, print_cluster, print_plan, print_summary
+from pipelines.progress import build_progress, print_cluster, print_plan, print_summary
 from pipelines.provenance import git_commit, package_versions
 from pipelines.resume import LOCK_FILE, resume_state
 from pipelines.worker import GroupTask, run_group
@@ -225,7 +225,7 @@ def track(finished: Iterator, groups: list[ShardGroup], console: Console) -> tup
     """Consume (name, finished future) pairs; report progress (a live bar, or plain lines in a log)."""
     results, failures = [], []
     samples = rejects = done = 0
-    with make_progress(console, sum(len(g.pairs) for g in groups)) as progress:
+    with build_progress(console, sum(len(g.pairs) for g in groups)) as progress:
         for name, outcome in finished:
             try:
                 counts = outcome.result()
@@ -234,5 +234,5 @@ def track(finished: Iterator, groups: list[ShardGroup], console: Console) -> tup
                 continue
             results.append(counts)
             samples, rejects, done = samples + counts["samples"], rejects + counts["rejects"], done + counts["pairs"]
-            progress.update(done, samples, rejects)
+            progress.update(done, samples=samples, rejects=rejects)
     return results, failures

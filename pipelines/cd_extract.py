@@ -153,7 +153,7 @@ def extract_patches(trials: pd.DataFrame, root: Path, out: Path, cfg: PrepConfig
     status, reg_ok and seconds per trial; {"trial_id", "ipsi_on", "ipsi_off", "contra"} arrays of the ok
     trials, patches (N, 1 + jitter, P, P) uint16)."""
     from prep.io import write_bytes_atomic
-    from prep.progress import LineThrottle, format_duration
+    from prep.progress import format_duration, make_progress
 
     out = Path(out)
     if (out / PATCHES_FILE).is_file() and (out / TRIALS_FILE).is_file():
@@ -161,21 +161,18 @@ def extract_patches(trials: pd.DataFrame, root: Path, out: Path, cfg: PrepConfig
         return pd.read_parquet(out / TRIALS_FILE), load_patches(out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = trial_jobs(trials, image_refs(Path(root)), cfg, jitter)
-    throttle = LineThrottle(len(jobs))
     results = []
-
-    def collect(result: dict) -> None:
-        results.append(result)
-        if throttle.due(len(results)):
-            say(f"patches: {len(results)}/{len(jobs)} trials, {format_duration(throttle.elapsed())}")
-
-    if workers and workers > 0:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for result in pool.map(cut_trial, jobs, chunksize=4):
-                collect(result)
-    else:
-        for job in jobs:
-            collect(cut_trial(job))
+    started = time.perf_counter()
+    with make_progress("patches", len(jobs), unit="trials", write=say) as progress:
+        if workers and workers > 0:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for result in pool.map(cut_trial, jobs, chunksize=4):
+                    results.append(result)
+                    progress.update(len(results))
+        else:
+            for job in jobs:
+                results.append(cut_trial(job))
+                progress.update(len(results))
     ok = [r for r in results if r["status"] == "ok"]
     if not ok:
         reasons = sorted({f"{r['status']}: {r['reason']}" for r in results})[:3]
@@ -191,7 +188,7 @@ def extract_patches(trials: pd.DataFrame, root: Path, out: Path, cfg: PrepConfig
     table.to_parquet(buffer, index=False)
     write_bytes_atomic(out / TRIALS_FILE, buffer.getvalue())
     say(f"patches: {len(ok)} of {len(results)} trials cut ({sum(1 for r in ok if not r['reg_ok'])} with registration "
-        f"QC failed, kept), {format_duration(throttle.elapsed())}")
+        f"QC failed, kept), {format_duration(time.perf_counter() - started)}")
     return table, arrays
 
 

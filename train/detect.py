@@ -518,9 +518,10 @@ def score_columns(methods: list[str]) -> list[str]:
 
 
 def detect(cfg: DetectConfig, backbone=None, encoder_meta: dict | None = None, encoder_name: str = "encoder",
-           on_study: Callable[[str], None] | None = None) -> Detection:
+           progress: Callable[[int, int], None] | None = None) -> Detection:
     """Score every selected study (see the module docstring). `backbone`: a loaded encoder (None: baselines
-    only); its meta gives the canonical spacing and patch size unless the config sets them."""
+    only); its meta gives the canonical spacing and patch size unless the config sets them. `progress(done,
+    total)` counts the studies cut, bank studies first."""
     meta = encoder_meta or {}
     mm_per_px = float(cfg.mm_per_px or meta.get("mm_per_px") or 0.1)
     patch_px = int(cfg.patch_px or meta.get("patch_px") or 256)
@@ -544,14 +545,16 @@ def detect(cfg: DetectConfig, backbone=None, encoder_meta: dict | None = None, e
         notes.append(f"no '{cfg.bank_split}' study outside the scored ones: the bank is the scored studies, "
                      "each left out of its own scoring")
     timing = {"cut_seconds": 0.0, "studies": 0}
+    cut = {"done": 0, "total": len(bank_ids) + len(chosen)}
 
     def run_study(study: str) -> list[ImagePatches]:
         started = time.perf_counter()
         images, study_notes = cut_study(study, views, prep_cfg, stride_px, cfg.assume_spacing_mm)
         timing["cut_seconds"] += time.perf_counter() - started
         notes.extend(study_notes)
-        if on_study is not None:
-            on_study(study)
+        cut["done"] += 1
+        if progress is not None:
+            progress(cut["done"], cut["total"])
         return images
 
     def embed(im: ImagePatches) -> dict[str, ImageFeatures]:

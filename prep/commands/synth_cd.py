@@ -13,10 +13,10 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from prep.knobs import config_kwargs, generated_command, knob, knob_parameters
+from prep.progress import make_progress
 from prep.synth.archive import SynthError
 from prep.synth.contrast_detail import ContrastDetailConfig, calcification_subset
 
@@ -43,18 +43,14 @@ def synth_cd(**options) -> None:
 
     run = SynthCDRun(**config_kwargs(SynthCDRun, options))
     given = config_kwargs(ContrastDetailConfig, options)
-    with Progress(TextColumn("[bold]synth-cd[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("studies"),
-                  TimeElapsedColumn(), console=_console, transient=True) as progress:
-        task = progress.add_task("studies", total=None)
-        try:
+    try:
+        with make_progress("synth-cd", None, unit="studies", console=_console) as progress:
             base = calcification_subset() if run.calcifications else ContrastDetailConfig()
-            summary = write_contrast_detail_archive(
-                run.out, dataclasses.replace(base, **given), overwrite=run.overwrite,
-                progress=lambda done, total: progress.update(task, completed=done, total=total))
-        except SynthError as err:  # ContrastDetailError included
-            progress.stop()
-            _console.print(f"[red]prep synth-cd failed[/] ({err.reason}): {err.detail}", soft_wrap=True)
-            raise typer.Exit(1) from None
+            summary = write_contrast_detail_archive(run.out, dataclasses.replace(base, **given),
+                                                    overwrite=run.overwrite, progress=progress.update)
+    except SynthError as err:  # ContrastDetailError included
+        _console.print(f"[red]prep synth-cd failed[/] ({err.reason}): {err.detail}", soft_wrap=True)
+        raise typer.Exit(1) from None
 
     table = Table(title=f"Contrast-detail archive {summary['out']}", show_header=False)
     for key in ("studies", "images", "cells", "trials", "backgrounds", "training_studies", "training_lesion_studies"):

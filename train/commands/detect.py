@@ -15,16 +15,15 @@ def detect(**options) -> None:
     a one-sided kNN score against a label-free bank, and their combination), marks, breast and exam scores;
     exam-level AUC, lateralisation, localisation and FROC where the archive has labels; detections.parquet,
     detect.md, FROC curve and overlays."""
-    from rich.console import Console
-
     from prep.datasets import DatasetError
+    from prep.progress import make_progress
     from train.detect import DetectError
     from train.detect_report import run_detection
 
-    console = Console(stderr=True)
     try:
         cfg = DetectConfig(**config_kwargs(DetectConfig, options)).validate()
-        summary = run_detection(cfg, on_study=lambda study: console.print(f"  {study}", highlight=False))
+        with make_progress("detect", None, unit="studies") as progress:
+            summary = run_detection(cfg, progress=lambda done, total: progress.update(done, total))
     except (ConfigError, DetectError, DatasetError) as exc:
         typer.echo(f"train detect: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -17,7 +17,8 @@ def evaluate(**options) -> None:
     probe on grid samples (1/10/100 % labels; finding-centred lesions apart), BI-RADS / density, kNN vote;
     study-level CIs; writes metrics.json, scores.parquet, report.md and figures."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from prep.progress import make_progress
 
     console = Console(stderr=True)
     try:
@@ -28,12 +29,15 @@ def evaluate(**options) -> None:
     from prep.storage import StorageError
     from train.evaluate import EvaluationError, evaluate as run
 
-    with Progress(TextColumn("embedding pairs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        task = progress.add_task("embed", total=None)
+    embedded = {"pairs": 0}
+
+    def on_batch(n: int) -> None:
+        embedded["pairs"] += n
+        progress.update(embedded["pairs"])
+
+    with make_progress("embedding", None, unit="pairs", console=console) as progress:
         try:
-            metrics = run(cfg, on_batch=lambda n: progress.advance(task, n),
-                          on_total=lambda total: progress.update(task, total=total))
+            metrics = run(cfg, on_batch=on_batch, on_total=lambda total: progress.update(embedded["pairs"], total))
         except StorageError as exc:
             console.print(f"train evaluate: {exc}", markup=False, soft_wrap=True)
             raise typer.Exit(2) from None
