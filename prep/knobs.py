@@ -80,13 +80,13 @@ def cli_fields(config_class: type) -> list[tuple[dataclasses.Field, Any]]:
 
 def check_knobs(config, error: Callable[[str, str], Exception] = ConfigError) -> None:
     """Raise `error("bad_option", ...)` naming the flag for the first knob of a config dataclass outside its
-    declared choices / min / max (every value of a tuple; an empty tuple is refused too). None values pass:
-    they mean "the default"."""
+    declared choices / min / max (every value of a tuple; an empty tuple where the default holds values is
+    refused too). None values pass: they mean "the default"."""
     for f in dataclasses.fields(config):
         if not is_knob(f):
             continue
         value, meta, flag = getattr(config, f.name), f.metadata, option_name(f)
-        if isinstance(value, tuple) and not value:
+        if isinstance(value, tuple) and not value and f.default:
             raise error("bad_option", f"{flag} needs at least one value")
         for v in value if isinstance(value, tuple) else (value,):
             if v is None:
@@ -129,7 +129,7 @@ def _cli_type(tp):
 def _shown_default(f: dataclasses.Field, tp) -> str:
     """' Default: X.' for the help text ('' where the help says it, the default is None, or it is an off flag)."""
     default, help = f.default, f.metadata["help"]
-    if default is MISSING or default is None or f.metadata.get("required") or "default:" in help.lower():
+    if default in (MISSING, None, ()) or f.metadata.get("required") or "default:" in help.lower():
         return ""
     if isinstance(default, bool):
         flag = f.metadata.get("flag")
@@ -183,9 +183,17 @@ def config_kwargs(config_class: type, options: dict) -> dict:
     return out
 
 
-def generated_command(command: Callable, *parameter_lists: list[inspect.Parameter]) -> Callable:
-    """Give `command(**options)` the Typer signature made of `parameter_lists`; returns it."""
+def generated_command(command: Callable, *parameter_lists: list[inspect.Parameter],
+                      panels: tuple[str, ...] = ()) -> Callable:
+    """Give `command(**options)` the Typer signature made of `parameter_lists` (in `panels` order where given:
+    `--help` shows the panels in the order their first option comes); returns it."""
     params = [p for group in parameter_lists for p in group]
+    if panels:
+        def rank(p: inspect.Parameter) -> int:
+            panel = p.annotation.__metadata__[0].rich_help_panel
+            return panels.index(panel) if panel in panels else len(panels)
+
+        params.sort(key=rank)
     command.__signature__ = inspect.Signature(params, return_annotation=None)
     command.__annotations__ = {p.name: p.annotation for p in params}
     return command
