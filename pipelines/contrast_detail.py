@@ -112,7 +112,7 @@ def build(cfg: CDJobConfig, archive: Path, say: Callable[[str], None]) -> tuple[
         say(f"shards exist: {shards} (skipped)")
         return shards, manifests
     options = BuildOptions(dataset="vindr", prep=prep_config(cfg), shard_max_samples=1024)
-    build_shards("vindr", archive, options=options, out=shards, manifests=manifests, build="cd",
+    build_shards(archive, options, out=shards, manifests=manifests, build="cd",
                  workers=cfg.workers)
     return shards, manifests
 

@@ -46,7 +46,7 @@ def build(archive: Path, out: Path, workers: int | None) -> dict:
     from prep.config import PrepConfig
 
     options = BuildOptions(dataset="vindr", prep=PrepConfig(mm_per_px=0.4, patch_px=64), shard_max_samples=256)
-    return build_shards("vindr", archive, options=options, out=out / "shards", manifests=out / "manifests",
+    return build_shards(archive, options, out=out / "shards", manifests=out / "manifests",
                         build="demo", workers=workers, console=console)
 
 

@@ -363,6 +363,7 @@ def load_records(dataset: str, root: Path, dask: DaskSession | None = None,
         raise BuildError("bad_input", str(exc)) from exc
 
 
-def plan_build(dataset: str, root: Path, options: BuildOptions, dask: DaskSession | None = None) -> Plan:
-    """Read the archive's images table (headers on the cluster when it is up) and plan it."""
-    return make_plan(load_records(dataset, root, dask, options.pair_by), options)
+def plan_build(root: Path, options: BuildOptions, dask: DaskSession | None = None) -> Plan:
+    """Read the archive's images table (`options.dataset`'s adapter; headers on the cluster when it is up) and
+    plan it."""
+    return make_plan(load_records(options.dataset, root, dask, options.pair_by), options)

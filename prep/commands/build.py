@@ -69,7 +69,7 @@ def build_shards(**options) -> None:
         console.print(f"[red]error:[/] bad_config: {escape(exc.detail)}", soft_wrap=True)
         raise typer.Exit(2) from None
     try:
-        summary = run_build(build_options.dataset, run.root, options=build_options, out=run.out,
+        summary = run_build(run.root, build_options, out=run.out,
                             manifests=run.manifests, build=run.build, workers=run.workers, scheduler=run.scheduler,
                             scheduler_file=str(run.scheduler_file) if run.scheduler_file else None,
                             memory_limit=run.memory_limit, overwrite=run.overwrite, dry_run=run.dry_run,
