@@ -48,13 +48,17 @@ class ExtractionError(ContralateralError):
 
 @dataclass(frozen=True)
 class ImageRef:
-    """What the image core needs of one archive image (an `ImageRecord`'s fields, picklable and small)."""
+    """What the image core needs of one archive image (an `ImageRecord`'s fields, picklable and small; the
+    trial's lesion is not handed to the image core as a finding: it is the trial's own geometry)."""
 
     image_id: str
     study_id: str
     path: str
     laterality: str
     view: str
+    findings: tuple = ()
+    breast_birads: str | None = None
+    breast_density: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,28 +76,19 @@ def trial_seed(trial_id: str) -> int:
     return int.from_bytes(hashlib.sha256(str(trial_id).encode()).digest()[:8], "little") >> 1
 
 
-def _decoded_input(ref: ImageRef):
-    from prep.decode import decode_dicom, read_dicom
-    from prep.pairs import ImageInput
-
-    decoded = decode_dicom(read_dicom(ref.path))
-    return ImageInput(image_id=ref.image_id, laterality=ref.laterality, view=ref.view, decoded=decoded,
-                      study_id=ref.study_id)
-
-
 def cut_trial(job: TrialJob) -> dict:
     """{trial_id, status, reason, reg_ok, centres (canonical px), ipsi_on, ipsi_off, contra (K, P, P) uint16}."""
     from prep.decode import UnsupportedImage
     from prep.geometry import resample_to_spacing
     from prep.orient import to_canonical
-    from prep.pairs import canonicalise, register_pair
+    from prep.pairs import canonicalise, load_image_input, register_pair
     from prep.patches import crop, finding_candidates, to_uint16, top_left, warp_patch
 
     trial, cfg, P = job.trial, job.cfg, job.cfg.patch_px
     out = {"trial_id": trial["trial_id"], "status": "ok", "reason": None, "reg_ok": None, "seconds": 0.0}
     started = time.perf_counter()
     try:
-        ipsi_in, contra_in, twin_in = (_decoded_input(r) for r in (job.on_ipsi, job.contra, job.twin_ipsi))
+        ipsi_in, contra_in, twin_in = (load_image_input(r) for r in (job.on_ipsi, job.contra, job.twin_ipsi))
     except UnsupportedImage as exc:
         return {**out, "status": "decode_failed", "reason": f"{exc.reason}: {exc.detail}"[:300]}
     side = trial["side"]

@@ -36,9 +36,9 @@ from scipy.spatial import cKDTree
 
 from prep.config import PrepConfig
 from prep.datasets import get_adapter
-from prep.decode import UnsupportedImage, decode_dicom, read_dicom
+from prep.decode import UnsupportedImage
 from prep.errors import ContralateralError
-from prep.pairs import CanonicalImage, canonicalise, image_input, register_pair
+from prep.pairs import CanonicalImage, canonicalise, load_image_input, register_pair
 from prep.patches import crop, snapped_centres, to_uint16, warp_patch
 from prep.knobs import knob
 
@@ -329,8 +329,7 @@ def cut_study(study: str, views: dict, cfg: PrepConfig, stride_px: int,
         if sid != study:
             continue
         try:
-            inputs = {s: image_input(sides[s], decode_dicom(read_dicom(sides[s].path), assumed_spacing_mm=assumed_spacing_mm))
-                      for s in SIDES}
+            inputs = {s: load_image_input(sides[s], assumed_spacing_mm) for s in SIDES}
         except UnsupportedImage as exc:
             notes.append(f"{study} {view}: {exc}")
             continue
