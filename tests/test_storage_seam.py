@@ -26,6 +26,7 @@ ALLOWED = {
     ("train/data.py", ".rename"): "pandas Series.rename (a column label, no file)",
     ("pipelines/contrast_detail.py", ".mkdir"): "the benchmark's local output folder",
     ("pipelines/contrast_detail.py", ".rename"): "pandas DataFrame.rename (column labels, no file)",
+    ("train/detect_report.py", ".mkdir"): "the detection's local output folder (--out stays local)",
     ("pipelines/cd_extract.py", ".mkdir"): "the benchmark's local patch cache folder",
 }
 

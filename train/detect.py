@@ -57,7 +57,7 @@ class DetectConfig:
     # data
     root: str | None = knob(None, "Archive root (read with --dataset's adapter); required.", "Data")
     dataset: str = knob("vindr", "Dataset adapter of --root (prep.datasets).", "Data")
-    manifest: str | None = knob(None, "A build's samples/images/pairs.parquet: score only the studies it lists (after --where).", "Data")
+    manifest: str | None = knob(None, "A build's samples/images/pairs.parquet (a path or a URL): score only the studies it lists (after --where).", "Data")
     where: str | None = knob(None, "pandas query selecting studies: over --manifest if given, else over the archive's images (columns study_id, image_id, split, view, laterality), e.g. \"split == 'test'\" [default: every study].", "Data")
     assume_spacing_mm: float | None = knob(None, "Pixel spacing (mm) for images whose header has none (CBIS-DDSM), as for prep build-shards [default: such images are refused].", "Data", min=0.001)
     # detector
@@ -78,7 +78,7 @@ class DetectConfig:
     n_boot: int = knob(2000, "Study-level bootstrap resamples for the 95 % CIs.", "Output", min=0)
     seed: int = knob(0, "Seed of the bank pick and the bootstrap.", "Output")
     overlays: int = knob(3, "Overlay PNGs for this many top and this many bottom exams.", "Output", min=0)
-    out: str = knob("detect", "Output dir: detections.parquet, positions.parquet, exams.parquet, detect.md, detect.json, PNGs.", "Output")
+    out: str = knob("detect", "Output dir (local): detections.parquet, positions.parquet, exams.parquet, detect.md, detect.json, PNGs.", "Output")
     batch_size: int = knob(64, "Patches per forward pass.", "Run", min=1)
     device: str = knob("auto", "auto (CUDA if present) | cpu | cuda | cuda:N.", "Run")
 
@@ -121,10 +121,15 @@ def records_table(records) -> pd.DataFrame:
 
 
 def selected_studies(records, manifest: str | None, where: str | None) -> list[str]:
-    """Study ids chosen by the manifest (its study_id column) and the query."""
+    """Study ids chosen by the manifest (its study_id column; a path or a URL, `prep.storage`) and the query."""
     if manifest:
+        from prep.storage import StorageError, location
+
         try:
-            table = pd.read_parquet(manifest)
+            with location(manifest).open("rb") as handle:
+                table = pd.read_parquet(handle)
+        except StorageError as exc:
+            raise DetectError(exc.reason, exc.detail) from None
         except (OSError, ValueError) as exc:
             raise DetectError("bad_manifest", f"{manifest}: {exc}") from exc
         if "study_id" not in table.columns:

@@ -42,8 +42,11 @@ RUN_FIELDS = ("method", "tag", "seed", "steps", "backbone")
 def run_detection(cfg: DetectConfig, progress: Callable[[int, int], None] | None = None) -> dict:
     """Detect, evaluate and write every output of `cfg.out`; returns detect.json's content. `progress(done,
     total)` counts the studies cut (`train.detect.detect`)."""
+    from prep.storage import local_path
     from train.checkpoint import run_config, run_dir_of
     from train.models import EncoderError, load_encoder
+
+    out = local_path(cfg.out, "--out")  # the report's folder stays local; refused before any work
 
     backbone, meta, run = None, {}, {}
     encoder_name = "encoder"
@@ -80,7 +83,7 @@ def run_detection(cfg: DetectConfig, progress: Callable[[int, int], None] | None
                    "seconds_per_study": seconds / max(det.timing["studies"], 1)},
         "metrics": metrics, "notes": det.notes,
     }
-    write_outputs(Path(cfg.out), det, exams, tables, summary, cfg)
+    write_outputs(out, det, exams, tables, summary, cfg)
     return summary
 
 

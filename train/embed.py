@@ -186,7 +186,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[PairBatch]:
         info = torch.utils.data.get_worker_info()
         urls = self.urls if info is None else self.urls[info.id :: info.num_workers]
-        stream = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=wds.reraise_exception))
+        stream = wds.DataPipeline(wds.SimpleShardList(urls), wds.pipelinefilter(shard_samples)())
         yield from _decode_batches(stream, self.keys, self.batch_size, self.read_json)
 
 

@@ -39,6 +39,7 @@ from torch import nn
 from prep.errors import ContralateralError
 from prep.io import write_bytes_atomic, write_json_atomic
 from prep.progress import step_progress
+from prep.storage import local_path
 from train import distributed
 from train.augment import augment
 from train.checkpoint import (
@@ -396,7 +397,7 @@ def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo) -> Path:
     cfg.validate(info.world_size)
     device = info.device
     configure_backends(cfg.deterministic, device)
-    run_dir = Path(cfg.out)
+    run_dir = local_path(cfg.out, "--out")
     say = print if info.is_main and cfg.progress else (lambda *a, **k: None)
 
     # 1. selection and splits

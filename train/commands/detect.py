@@ -17,6 +17,7 @@ def detect(**options) -> None:
     detect.md, FROC curve and overlays."""
     from prep.datasets import DatasetError
     from prep.progress import make_progress
+    from prep.storage import StorageError
     from train.detect import DetectError
     from train.detect_report import run_detection
 
@@ -24,7 +25,7 @@ def detect(**options) -> None:
         cfg = DetectConfig(**config_kwargs(DetectConfig, options)).validate()
         with make_progress("detect", None, unit="studies") as progress:
             summary = run_detection(cfg, progress=lambda done, total: progress.update(done, total))
-    except (ConfigError, DetectError, DatasetError) as exc:
+    except (ConfigError, DetectError, DatasetError, StorageError) as exc:
         typer.echo(f"train detect: {exc}", err=True)
         raise typer.Exit(2) from None
     method, variant = summary["primary"]

@@ -22,6 +22,7 @@ def finetune(**options) -> None:
     ipsi_abnormal). Writes finetune.json, test_scores.parquet, report.md, classifier.safetensors under --out.
     Rerunning the same command continues the run; SIGTERM checkpoints and exits.
     """
+    from prep.storage import StorageError
     from train.checkpoint import CheckpointError
     from train.data import DataError
     from train.finetune import FinetuneError, finetune as run
@@ -30,7 +31,7 @@ def finetune(**options) -> None:
     try:
         cfg = FinetuneConfig(**config_kwargs(FinetuneConfig, options)).validate()
         run_dir = run(cfg)
-    except (ConfigError, CheckpointError, DataError, EncoderError, FinetuneError) as exc:
+    except (ConfigError, CheckpointError, DataError, EncoderError, FinetuneError, StorageError) as exc:
         typer.echo(f"train finetune: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"run {run_dir}" + (f": {run_dir / 'report.md'}" if (run_dir / "report.md").is_file() else ""))
