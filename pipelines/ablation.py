@@ -29,7 +29,7 @@ import typer
 
 from pipelines.study import Arm, StudyConfig, run_study
 from prep.io import write_bytes_atomic
-from prep.knobs import ConfigError, check_knobs, config_kwargs, generated_command, knob, knob_from, knob_parameters
+from prep.knobs import config_or_exit, generated_command, knob, knob_from, knob_parameters
 
 REFERENCE = "siamese-soft"
 # one change each from the reference (PAPER.md section 1 and our choices in docs/ARCHITECTURE.md), in the
@@ -207,12 +207,7 @@ app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0])
 
 def main(**options) -> None:
     """Run the ablation arms and learning curves; rerunning resumes."""
-    cfg = AblationConfig(**config_kwargs(AblationConfig, options))
-    try:
-        check_knobs(cfg)
-    except ConfigError as exc:
-        typer.echo(f"ablation: {exc}", err=True)
-        raise typer.Exit(2) from None
+    cfg = config_or_exit(AblationConfig, options, "ablation")
     known = {a.name: a for a in ALL_ARMS}
     run_ablation(cfg.study_config(), cfg.steps, cfg.curve_steps, tuple(known[a] for a in cfg.arms))
 

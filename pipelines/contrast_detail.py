@@ -33,7 +33,7 @@ import typer
 
 from pipelines.study import StudyConfig
 from prep.config import PrepConfig
-from prep.knobs import ConfigError, check_knobs, config_kwargs, generated_command, knob, knob_from, knob_parameters
+from prep.knobs import config_or_exit, generated_command, knob, knob_from, knob_parameters
 from prep.synth.contrast_detail import ContrastDetailConfig
 from train.methods import METHODS  # the registry module is torch-free
 
@@ -377,12 +377,7 @@ def main(**options) -> None:
     """Synthesize -> build -> pretrain -> extract -> score -> analyse; reruns skip finished stages."""
     from prep.errors import ContralateralError
 
-    cfg = CDJobConfig(**config_kwargs(CDJobConfig, options))
-    try:
-        check_knobs(cfg)
-    except ConfigError as exc:
-        typer.echo(f"cd: {exc}", err=True)
-        raise typer.Exit(2) from None
+    cfg = config_or_exit(CDJobConfig, options, "cd")
     try:
         result = run_contrast_detail(cfg)
     except ContralateralError as exc:

@@ -19,7 +19,7 @@ from typing import Callable
 
 import typer
 
-from prep.knobs import check_knobs, config_kwargs, generated_command, knob, knob_parameters
+from prep.knobs import check_knobs, config_or_exit, generated_command, knob, knob_parameters
 from train.methods import METHODS  # the registry module is torch-free
 
 DEFAULT_METHODS = ("random", "siamese-soft", "siamese-hard", "simclr", "ld")
@@ -186,19 +186,13 @@ app = typer.Typer(add_completion=False, help="Every method x seed: pretrain -> e
 
 def main(**options) -> None:
     """Run the comparison study; re-running resumes and skips finished runs and evaluations."""
-    from prep.knobs import ConfigError
     from train.checkpoint import CheckpointError
     from train.compare import CompareError
     from train.data import DataError
     from train.evaluate import EvaluationError
     from train.finetune import FinetuneError
 
-    cfg = StudyConfig(**config_kwargs(StudyConfig, options))
-    try:
-        check_knobs(cfg)
-    except ConfigError as exc:
-        typer.echo(f"study: {exc}", err=True)
-        raise typer.Exit(2) from None
+    cfg = config_or_exit(StudyConfig, options, "study")
     try:
         run_study(cfg)
     except (CheckpointError, CompareError, DataError, EvaluationError, ConfigError, FinetuneError) as exc:

@@ -183,6 +183,20 @@ def config_kwargs(config_class: type, options: dict) -> dict:
     return out
 
 
+def config_or_exit(config_class: type, options: dict, name: str):
+    """`config_class` from a generated command's parsed `options`, checked by `check_knobs`; a bad value is one
+    line `name: bad_option: ...` on stderr and exit status 2."""
+    import typer
+
+    try:
+        config = config_class(**config_kwargs(config_class, options))
+        check_knobs(config)
+    except ConfigError as exc:
+        typer.echo(f"{name}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return config
+
+
 def generated_command(command: Callable, *parameter_lists: list[inspect.Parameter],
                       panels: tuple[str, ...] = ()) -> Callable:
     """Give `command(**options)` the Typer signature made of `parameter_lists` (in `panels` order where given:
