@@ -112,7 +112,7 @@ from prep.config import PrepConfig
 root, out, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 options = BuildOptions(dataset="vindr", prep=PrepConfig(mm_per_px=0.4, patch_px=64), group_pairs=4)
 t0 = time.perf_counter()
-summary = build_shards("vindr", root, options=options, out=out / "shards", manifests=out / "manifests",
+summary = build_shards(root, options, out=out / "shards", manifests=out / "manifests",
                        build="bench", workers=n, console=Console(quiet=True))
 seconds = time.perf_counter() - t0
 timings = json.loads((out / "manifests" / "build.json").read_text())["timings"]

@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 from prep.config import PrepConfig  # noqa: E402
 from prep.datasets import get_adapter  # noqa: E402
 from prep.decode import UnsupportedImage, decode_dicom, read_dicom  # noqa: E402
-from prep.pairs import ImageInput, canonicalise, image_input, process_pair  # noqa: E402
+from prep.pairs import ImageInput, canonicalise, load_image_input, process_pair  # noqa: E402
 from prep.synth.anatomy import fit_power_law_beta  # noqa: E402
 
 FINE_SIGMA_MM = 0.8
@@ -142,7 +142,7 @@ def synth_pairs(root: Path, cfg: PrepConfig, max_pairs: int) -> list[dict]:
         if set(sides) != {"L", "R"}:
             continue
         try:
-            inputs = {lat: image_input(rec, decode_dicom(read_dicom(rec.path))) for lat, rec in sides.items()}
+            inputs = {lat: load_image_input(rec) for lat, rec in sides.items()}
         except UnsupportedImage:
             continue
         p = pair_patches(inputs["L"], inputs["R"], cfg, seed=0)

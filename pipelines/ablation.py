@@ -21,14 +21,15 @@ pair distance finds lesions. Every stage resumes: finished runs and evaluations 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable
 
 import typer
 
 from pipelines.study import Arm, StudyConfig, run_study
 from prep.io import write_bytes_atomic
+from prep.knobs import config_or_exit, generated_command, knob, knob_from, knob_parameters
 
 REFERENCE = "siamese-soft"
 # one change each from the reference (PAPER.md section 1 and our choices in docs/ARCHITECTURE.md), in the
@@ -50,6 +51,32 @@ ABLATIONS = (
 OTHER_METHODS = (Arm("simclr", "simclr"), Arm("ld", "ld"))
 ALL_ARMS = ABLATIONS + OTHER_METHODS
 CURVE_ARMS = (REFERENCE, "siamese-hard", "random")
+ARM_NAMES = tuple(a.name for a in ALL_ARMS)
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """Every knob of `python -m pipelines.ablation` (the study's own knobs, with the ablation's defaults)."""
+
+    shards: str = knob_from(StudyConfig, "shards")
+    manifests: str = knob_from(StudyConfig, "manifests")
+    out: str = knob_from(StudyConfig, "out", help="Ablation folder: steps-<N>/ study folders and ablation.md.")
+    steps: int = knob_from(StudyConfig, "steps", 300, help="Optimiser steps of every ablation arm.")
+    curve_steps: tuple[int, ...] = knob((60, 300, 1000), "Step counts of the learning curves (siamese-soft, "
+                                        "siamese-hard, random).", "Budget", min=1)
+    seeds: tuple[int, ...] = knob_from(StudyConfig, "seeds", (0,), help="Seeds per arm.")
+    arms: tuple[str, ...] = knob(ARM_NAMES, "Arms to run, by name (repeatable). Default: every ablation, then "
+                                 "simclr and ld.", "Budget", flag="--arm", choices=ARM_NAMES)
+    batch_size: int = knob_from(StudyConfig, "batch_size", 32, help="Pairs per step, equal for every arm.")
+    num_workers: int = knob_from(StudyConfig, "num_workers", 1)
+    n_boot: int = knob_from(StudyConfig, "n_boot")
+    device: str = knob_from(StudyConfig, "device")
+
+    def study_config(self) -> StudyConfig:
+        """The study every step count runs (`run_ablation` sets its folder, steps and arms)."""
+        return StudyConfig(shards=self.shards, manifests=self.manifests, out=self.out, seeds=self.seeds,
+                           batch_size=self.batch_size, num_workers=self.num_workers, n_boot=self.n_boot,
+                           device=self.device)
 
 
 def step_folder(out: Path, steps: int) -> Path:
@@ -178,28 +205,14 @@ def ablation_report(out: Path, step_counts: list[int]) -> str:
 app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0])
 
 
-@app.command()
-def main(
-    shards: str = typer.Option(..., "--shards", help="Shard folder of the build."),
-    manifests: Path = typer.Option(..., "--manifests", help="Manifest folder of the build (or its samples.parquet)."),
-    out: Path = typer.Option(..., "--out", help="Ablation folder: steps-<N>/ study folders and ablation.md."),
-    steps: int = typer.Option(300, "--steps", min=1, help="Optimiser steps of every ablation arm. Default: 300."),
-    curve_steps: List[int] = typer.Option([60, 300, 1000], "--curve-steps", help="Step counts of the learning curves (siamese-soft, siamese-hard, random). Default: 60 300 1000."),
-    seeds: List[int] = typer.Option([0], "--seeds", help="Seeds per arm. Default: 0."),
-    arms: List[str] = typer.Option([a.name for a in ALL_ARMS], "--arm", help="Arms to run, by name (repeatable). Default: every ablation, then simclr and ld."),
-    batch_size: int = typer.Option(32, "--batch-size", min=2, help="Pairs per step, equal for every arm. Default: 32."),
-    num_workers: int = typer.Option(1, "--num-workers", min=0, help="Loader worker processes per run. Default: 1."),
-    n_boot: int = typer.Option(2000, "--n-boot", min=0, help="Study-level bootstrap resamples. Default: 2000."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto. Default: auto."),
-) -> None:
+def main(**options) -> None:
     """Run the ablation arms and learning curves; rerunning resumes."""
+    cfg = config_or_exit(AblationConfig, options, "ablation")
     known = {a.name: a for a in ALL_ARMS}
-    if unknown := sorted(set(arms) - set(known)):
-        typer.echo(f"ablation: bad_option: unknown arm(s) {unknown}; choose from {sorted(known)}", err=True)
-        raise typer.Exit(2)
-    base = StudyConfig(shards=shards, manifests=str(manifests), out=str(out), seeds=tuple(seeds),
-                       batch_size=batch_size, num_workers=num_workers, n_boot=n_boot, device=device)
-    run_ablation(base, steps, tuple(curve_steps), tuple(known[a] for a in arms))
+    run_ablation(cfg.study_config(), cfg.steps, cfg.curve_steps, tuple(known[a] for a in cfg.arms))
+
+
+app.command()(generated_command(main, knob_parameters(AblationConfig)))
 
 
 if __name__ == "__main__":

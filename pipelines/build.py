@@ -28,7 +28,7 @@ from pipelines.cluster import DaskSession
 from pipelines.errors import BuildError
 from pipelines.pair_work import estimate, plan_rejected_image_rows
 from pipelines.plan import BuildOptions, Plan, ShardGroup, no_pairs_hint, plan_build
-from pipelines.progress import make_progress, print_cluster, print_plan, print_summary
+from pipelines.progress import build_progress, print_cluster, print_plan, print_summary
 from pipelines.provenance import git_commit, package_versions
 from pipelines.resume import LOCK_FILE, resume_state
 from pipelines.worker import GroupTask, run_group
@@ -72,22 +72,23 @@ def reject_problem(summary: dict, max_fraction: float | None) -> str | None:
             "pairs were written.")
 
 
-def build_shards(dataset: str, root: Path | str, **kwargs) -> dict:
-    """Plan, run (resumably) and finalize a build; returns the summary printed at the end.
+def build_shards(root: Path | str, options: BuildOptions, **kwargs) -> dict:
+    """Plan, run (resumably) and finalize a build of the archive at `root` (read with `options.dataset`'s
+    adapter); returns the summary printed at the end.
 
     Keyword arguments are those of `run_build`. `dry_run` plans and times a few pairs, writes nothing and
     returns the plan summary. An output folder that cannot be written is a `BuildError("cannot_write")`; an
     unserved URL scheme, a missing bucket or refused credentials a `BuildError` with the storage's reason.
     """
     try:
-        return run_build(dataset, root, **kwargs)
+        return run_build(root, options, **kwargs)
     except StorageError as exc:
         raise BuildError(exc.reason, exc.detail) from None
     except OSError as exc:
         raise BuildError("cannot_write", str(exc)) from exc
 
 
-def run_build(dataset: str, root: Path | str, *, options: BuildOptions | None = None,
+def run_build(root: Path | str, options: BuildOptions, *,
               out: Path | str | None = None, manifests: Path | str | None = None, build: str | None = None,
               workers: int | None = None,
               scheduler: str | None = None, scheduler_file: str | None = None, memory_limit: str | None = None,
@@ -103,7 +104,7 @@ def run_build(dataset: str, root: Path | str, *, options: BuildOptions | None = 
     if dask is not None and not finished_build_at(build, manifests):
         dask.start()
     try:
-        return build_in_session(dataset, Path(root), options or BuildOptions(dataset=dataset), dask,
+        return build_in_session(Path(root), options, dask,
                                 out=out, manifests=manifests, build=build, workers=workers, overwrite=overwrite,
                                 dry_run=dry_run, console=console or Console(stderr=True))
     finally:
@@ -111,12 +112,12 @@ def run_build(dataset: str, root: Path | str, *, options: BuildOptions | None = 
             dask.close()
 
 
-def build_in_session(dataset: str, root: Path, options: BuildOptions, dask: DaskSession | None, *,
+def build_in_session(root: Path, options: BuildOptions, dask: DaskSession | None, *,
                      out: Path | str | None, manifests: Path | str | None, build: str | None, workers: int | None,
                      overwrite: bool, dry_run: bool, console: Console) -> dict:
     timings = {}
     build_started = started = time.perf_counter()
-    plan = plan_build(dataset, root, options, dask)
+    plan = plan_build(root, options, dask)
     timings["plan_s"] = time.perf_counter() - started
     build = build or plan.default_build_name()
     shards_dir, manifests_dir = default_dirs(build, out, manifests)
@@ -155,7 +156,7 @@ def build_in_session(dataset: str, root: Path, options: BuildOptions, dask: Dask
                "config_hash": plan.config_hash, "groups_run": len(todo), "groups_skipped": len(done_counts),
                **counts, "seconds": round(time.perf_counter() - build_started, 3)}
     write_json_atomic(manifests_dir / "build.json", {
-        "build": build, "dataset": dataset, "root": str(root.resolve()), "config_hash": plan.config_hash,
+        "build": build, "dataset": options.dataset, "root": str(root.resolve()), "config_hash": plan.config_hash,
         "config": options.to_dict(), "plan": plan.counts(), "counts": counts, "labels": label_counts(plan),
         "pixel_spacing": {"assume_spacing_mm": options.assume_spacing_mm,
                           "images_assumed": counts["images_spacing_assumed"]},
@@ -225,7 +226,7 @@ def track(finished: Iterator, groups: list[ShardGroup], console: Console) -> tup
     """Consume (name, finished future) pairs; report progress (a live bar, or plain lines in a log)."""
     results, failures = [], []
     samples = rejects = done = 0
-    with make_progress(console, sum(len(g.pairs) for g in groups)) as progress:
+    with build_progress(console, sum(len(g.pairs) for g in groups)) as progress:
         for name, outcome in finished:
             try:
                 counts = outcome.result()
@@ -234,5 +235,5 @@ def track(finished: Iterator, groups: list[ShardGroup], console: Console) -> tup
                 continue
             results.append(counts)
             samples, rejects, done = samples + counts["samples"], rejects + counts["rejects"], done + counts["pairs"]
-            progress.update(done, samples, rejects)
+            progress.update(done, samples=samples, rejects=rejects)
     return results, failures

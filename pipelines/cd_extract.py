@@ -48,13 +48,17 @@ class ExtractionError(ContralateralError):
 
 @dataclass(frozen=True)
 class ImageRef:
-    """What the image core needs of one archive image (an `ImageRecord`'s fields, picklable and small)."""
+    """What the image core needs of one archive image (an `ImageRecord`'s fields, picklable and small; the
+    trial's lesion is not handed to the image core as a finding: it is the trial's own geometry)."""
 
     image_id: str
     study_id: str
     path: str
     laterality: str
     view: str
+    findings: tuple = ()
+    breast_birads: str | None = None
+    breast_density: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,28 +76,19 @@ def trial_seed(trial_id: str) -> int:
     return int.from_bytes(hashlib.sha256(str(trial_id).encode()).digest()[:8], "little") >> 1
 
 
-def _decoded_input(ref: ImageRef):
-    from prep.decode import decode_dicom, read_dicom
-    from prep.pairs import ImageInput
-
-    decoded = decode_dicom(read_dicom(ref.path))
-    return ImageInput(image_id=ref.image_id, laterality=ref.laterality, view=ref.view, decoded=decoded,
-                      study_id=ref.study_id)
-
-
 def cut_trial(job: TrialJob) -> dict:
     """{trial_id, status, reason, reg_ok, centres (canonical px), ipsi_on, ipsi_off, contra (K, P, P) uint16}."""
     from prep.decode import UnsupportedImage
     from prep.geometry import resample_to_spacing
     from prep.orient import to_canonical
-    from prep.pairs import canonicalise, register_pair
+    from prep.pairs import canonicalise, load_image_input, register_pair
     from prep.patches import crop, finding_candidates, to_uint16, top_left, warp_patch
 
     trial, cfg, P = job.trial, job.cfg, job.cfg.patch_px
     out = {"trial_id": trial["trial_id"], "status": "ok", "reason": None, "reg_ok": None, "seconds": 0.0}
     started = time.perf_counter()
     try:
-        ipsi_in, contra_in, twin_in = (_decoded_input(r) for r in (job.on_ipsi, job.contra, job.twin_ipsi))
+        ipsi_in, contra_in, twin_in = (load_image_input(r) for r in (job.on_ipsi, job.contra, job.twin_ipsi))
     except UnsupportedImage as exc:
         return {**out, "status": "decode_failed", "reason": f"{exc.reason}: {exc.detail}"[:300]}
     side = trial["side"]
@@ -153,7 +148,7 @@ def extract_patches(trials: pd.DataFrame, root: Path, out: Path, cfg: PrepConfig
     status, reg_ok and seconds per trial; {"trial_id", "ipsi_on", "ipsi_off", "contra"} arrays of the ok
     trials, patches (N, 1 + jitter, P, P) uint16)."""
     from prep.io import write_bytes_atomic
-    from prep.progress import LineThrottle, format_duration
+    from prep.progress import format_duration, make_progress
 
     out = Path(out)
     if (out / PATCHES_FILE).is_file() and (out / TRIALS_FILE).is_file():
@@ -161,21 +156,18 @@ def extract_patches(trials: pd.DataFrame, root: Path, out: Path, cfg: PrepConfig
         return pd.read_parquet(out / TRIALS_FILE), load_patches(out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = trial_jobs(trials, image_refs(Path(root)), cfg, jitter)
-    throttle = LineThrottle(len(jobs))
     results = []
-
-    def collect(result: dict) -> None:
-        results.append(result)
-        if throttle.due(len(results)):
-            say(f"patches: {len(results)}/{len(jobs)} trials, {format_duration(throttle.elapsed())}")
-
-    if workers and workers > 0:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            for result in pool.map(cut_trial, jobs, chunksize=4):
-                collect(result)
-    else:
-        for job in jobs:
-            collect(cut_trial(job))
+    started = time.perf_counter()
+    with make_progress("patches", len(jobs), unit="trials", write=say) as progress:
+        if workers and workers > 0:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                for result in pool.map(cut_trial, jobs, chunksize=4):
+                    results.append(result)
+                    progress.update(len(results))
+        else:
+            for job in jobs:
+                results.append(cut_trial(job))
+                progress.update(len(results))
     ok = [r for r in results if r["status"] == "ok"]
     if not ok:
         reasons = sorted({f"{r['status']}: {r['reason']}" for r in results})[:3]
@@ -191,7 +183,7 @@ def extract_patches(trials: pd.DataFrame, root: Path, out: Path, cfg: PrepConfig
     table.to_parquet(buffer, index=False)
     write_bytes_atomic(out / TRIALS_FILE, buffer.getvalue())
     say(f"patches: {len(ok)} of {len(results)} trials cut ({sum(1 for r in ok if not r['reg_ok'])} with registration "
-        f"QC failed, kept), {format_duration(throttle.elapsed())}")
+        f"QC failed, kept), {format_duration(time.perf_counter() - started)}")
     return table, arrays
 
 

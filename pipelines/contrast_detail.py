@@ -25,13 +25,19 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import typer
 
-DEFAULT_METHODS = ("random", "siamese-hard", "siamese-soft", "simclr", "ld")
+from pipelines.study import StudyConfig
+from prep.config import PrepConfig
+from prep.knobs import config_or_exit, generated_command, knob, knob_from, knob_parameters
+from prep.synth.contrast_detail import ContrastDetailConfig
+from train.methods import METHODS  # the registry module is torch-free
+
+CD_METHODS = ("random", "siamese-hard", "siamese-soft", "simclr", "ld")
 REFERENCE = "random"  # every other backbone distance is compared with the untrained encoder's
 PIXEL_METHODS = ("pixel_l2", "mean_intensity_diff")
 MATCHED_FILTER = "matched_filter"
@@ -43,31 +49,36 @@ TIMINGS_FILE = "timings.json"  # seconds of every stage that did work, and of ev
 
 @dataclass(frozen=True)
 class CDJobConfig:
-    """Every knob of the benchmark run (saved as OUT/cd_job.json)."""
+    """Every knob of the benchmark run (saved as OUT/cd_job.json); `python -m pipelines.contrast_detail`'s
+    options are generated from the `knob` fields (`prep.knobs`), the dicts are for library callers."""
 
-    out: str
-    seed: int = 0  # archive seed
-    size: str = "small"
-    trials_per_cell: int = 45
+    out: str = knob("cd", "Folder for everything the benchmark writes.", "Run")
+    seed: int = knob_from(ContrastDetailConfig, "seed", panel="Archive")
+    size: str = knob_from(ContrastDetailConfig, "size", panel="Archive")
+    trials_per_cell: int = knob_from(ContrastDetailConfig, "trials_per_cell", panel="Archive", min=2)
     archive_options: dict = field(default_factory=dict)  # other `write_contrast_detail_archive` keywords (grid)
-    mm_per_px: float = 0.4
-    patch_px: int = 64
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    supervised: bool = True
-    steps: int = 300
-    batch_size: int = 32
-    backbone: str = "resnet18"
-    crop_px: int | None = None  # training crop; None: train pretrain's rule (7/8 of the patch)
-    train_seed: int = 0
-    num_workers: int = 1
+    mm_per_px: float = knob_from(PrepConfig, "mm_per_px", 0.4, panel="Build")
+    patch_px: int = knob_from(PrepConfig, "patch_px", 64, panel="Build")
+    methods: tuple[str, ...] = knob_from(StudyConfig, "methods", CD_METHODS, panel="Methods",
+                                         help="Label-free methods to pretrain and score: " + " | ".join(METHODS) + ".")
+    supervised: bool = knob(True, "Add the supervised ceiling (uses the lesion labels) where train.finetune "
+                            "exists.", "Methods")
+    steps: int = knob_from(StudyConfig, "steps", 300, panel="Methods")
+    batch_size: int = knob_from(StudyConfig, "batch_size", 32, panel="Methods")
+    backbone: str = knob_from(StudyConfig, "backbone", panel="Methods")
+    crop_px: int | None = knob_from(StudyConfig, "crop_px", panel="Methods")
+    train_seed: int = knob(0, "Seed of every pretraining run.", "Methods")
+    num_workers: int = knob_from(StudyConfig, "num_workers", 1)
     pretrain_overrides: dict = field(default_factory=dict)
     finetune_overrides: dict = field(default_factory=dict)  # other FinetuneConfig fields of the supervised ceiling
-    jitter: int = 0  # extra jittered centres per trial (the lesion's box stays inside the patch)
-    workers: int = 2  # build Dask workers and extraction processes
-    embed_batch: int = 256
-    n_boot: int = 2000
-    boot_seed: int = 0
-    device: str = "auto"
+    jitter: int = knob(0, "Extra jittered patch centres per trial (the lesion's box stays inside the patch); "
+                       "scores average over them.", "Scoring", min=0)
+    workers: int = knob(2, "Dask workers of the build and extraction processes.", "Run", min=0)
+    embed_batch: int = knob(256, "Patches per forward pass when scoring.", "Scoring", min=1)
+    n_boot: int = knob_from(StudyConfig, "n_boot", panel="Scoring", min=100,
+                            help="Background-study bootstrap resamples.")
+    boot_seed: int = knob(0, "Seed of the bootstrap.", "Scoring")
+    device: str = knob_from(StudyConfig, "device")
 
 
 # ---------------------------------------------------------------- stages 1-3
@@ -75,14 +86,17 @@ class CDJobConfig:
 
 def synthesize(cfg: CDJobConfig, say: Callable[[str], None]) -> Path:
     from prep.io import write_json_atomic
+    from prep.progress import make_progress
     from prep.synth.contrast_detail import write_contrast_detail_archive
 
     archive = Path(cfg.out) / "archive"
     if (Path(cfg.out) / ARCHIVE_DONE).is_file():
         say(f"archive exists: {archive} (skipped)")
         return archive
-    summary = write_contrast_detail_archive(archive, seed=cfg.seed, size=cfg.size, trials_per_cell=cfg.trials_per_cell,
-                                            **cfg.archive_options)
+    with make_progress("synthesize", None, unit="studies", write=say) as progress:
+        summary = write_contrast_detail_archive(archive, seed=cfg.seed, size=cfg.size,
+                                                trials_per_cell=cfg.trials_per_cell, progress=progress.update,
+                                                **cfg.archive_options)
     write_json_atomic(Path(cfg.out) / ARCHIVE_DONE, {"summary": summary})
     say(f"contrast-detail archive -> {archive}")
     return archive
@@ -98,7 +112,7 @@ def build(cfg: CDJobConfig, archive: Path, say: Callable[[str], None]) -> tuple[
         say(f"shards exist: {shards} (skipped)")
         return shards, manifests
     options = BuildOptions(dataset="vindr", prep=prep_config(cfg), shard_max_samples=1024)
-    build_shards("vindr", archive, options=options, out=shards, manifests=manifests, build="cd",
+    build_shards(archive, options, out=shards, manifests=manifests, build="cd",
                  workers=cfg.workers)
     return shards, manifests
 
@@ -359,35 +373,21 @@ def run_contrast_detail(cfg: CDJobConfig, say: Callable[[str], None] = print) ->
 app = typer.Typer(add_completion=False, help=__doc__.split("\n")[0])
 
 
-@app.command()
-def main(
-    out: Path = typer.Option(Path("cd"), "--out", help="Folder for everything the benchmark writes. Default: cd."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the contrast-detail archive. Default: 0."),
-    size: str = typer.Option("small", "--size", help="Image size of the archive (small | full). Default: small."),
-    trials_per_cell: int = typer.Option(45, "--trials-per-cell", min=2, help="Test trials per kind x diameter x contrast cell (CI ~0.10 wide near AUC 0.75 at 45). Default: 45."),
-    methods: List[str] = typer.Option(list(DEFAULT_METHODS), "--methods", help="Label-free methods to pretrain and score. Default: random siamese-hard siamese-soft simclr ld."),
-    supervised: bool = typer.Option(True, "--supervised/--no-supervised", help="Add the supervised ceiling (uses the lesion labels) where train.finetune exists. Default: on."),
-    steps: int = typer.Option(300, "--steps", min=1, help="Pretraining steps per method, equal for every method. Default: 300."),
-    batch_size: int = typer.Option(32, "--batch-size", min=2, help="Pairs per step. Default: 32."),
-    backbone: str = typer.Option("resnet18", "--backbone", help="timm backbone shared by every method. Default: resnet18."),
-    train_seed: int = typer.Option(0, "--train-seed", help="Seed of every pretraining run. Default: 0."),
-    jitter: int = typer.Option(0, "--jitter", min=0, help="Extra jittered patch centres per trial (the lesion stays inside); scores average over them. Default: 0."),
-    workers: int = typer.Option(2, "--workers", min=0, help="Dask workers of the build and extraction processes. Default: 2."),
-    n_boot: int = typer.Option(2000, "--n-boot", min=100, help="Background-study bootstrap resamples. Default: 2000."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto. Default: auto."),
-) -> None:
+def main(**options) -> None:
     """Synthesize -> build -> pretrain -> extract -> score -> analyse; reruns skip finished stages."""
     from prep.errors import ContralateralError
 
-    cfg = CDJobConfig(out=str(out), seed=seed, size=size, trials_per_cell=trials_per_cell, methods=tuple(methods),
-                      supervised=supervised, steps=steps, batch_size=batch_size, backbone=backbone,
-                      train_seed=train_seed, jitter=jitter, workers=workers, n_boot=n_boot, device=device)
+    cfg = config_or_exit(CDJobConfig, options, "cd")
     try:
         result = run_contrast_detail(cfg)
     except ContralateralError as exc:
         typer.echo(f"cd: {exc.reason}: {exc.detail}", err=True)
         raise typer.Exit(1) from None
     print(Path(result["markdown"]).read_text())
+
+
+app.command()(generated_command(main, knob_parameters(CDJobConfig),
+                                panels=("Archive", "Build", "Methods", "Scoring", "Run")))
 
 
 if __name__ == "__main__":

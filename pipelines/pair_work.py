@@ -16,7 +16,7 @@ from pipelines.plan import BuildOptions, Plan, PlannedPair, reject_row
 from pipelines.shards import encode_sample
 from prep.codec import sample_key
 from prep.datasets import ImageRecord
-from prep.decode import UnsupportedImage, decode_dicom, read_dicom
+from prep.decode import UnsupportedImage
 
 
 @dataclass
@@ -62,15 +62,15 @@ def plan_rejected_image_rows(plan: Plan) -> list[dict]:
 
 def process_planned_pair(planned: PlannedPair, options: BuildOptions) -> PairOutcome:
     """Decode both images and run `process_pair`; every failure becomes reject rows, never an exception."""
-    from prep.pairs import ImageInput, process_pair
+    from prep.pairs import load_image_input, process_pair
 
     timings = {"decode_s": 0.0, "process_s": 0.0}
     records = {"L": planned.left, "R": planned.right}
-    decoded, failures = {}, {}
+    inputs, failures = {}, {}
     started = time.perf_counter()
     for side, record in records.items():
         try:
-            decoded[side] = decode_dicom(read_dicom(record.path), assumed_spacing_mm=options.assume_spacing_mm)
+            inputs[side] = load_image_input(record, options.assume_spacing_mm)
         except UnsupportedImage as exc:
             failures[side] = (exc.reason, str(exc.detail)[:500])
         except Exception as exc:  # a decoder bug must not stop the build: record it with its text
@@ -86,13 +86,10 @@ def process_planned_pair(planned: PlannedPair, options: BuildOptions) -> PairOut
                 reason = "partner_rejected"
                 rejects.append(reject_row(record, reason, f"partner rejected: {next(iter(failures.values()))[0]}",
                                           "pair", stage="decode"))
-            facts = {**record.header, **(decoded[side].meta if side in decoded else {})}
+            facts = {**record.header, **(inputs[side].decoded.meta if side in inputs else {})}
             images.append(image_row(record, facts, None, "rejected", reason))
         return PairOutcome(images=images, pair=None, samples=[], rejects=rejects, timings=timings)
 
-    inputs = {side: ImageInput(image_id=r.image_id, laterality=r.laterality, view=r.view, decoded=decoded[side],
-                               findings=r.findings, breast_birads=r.breast_birads, breast_density=r.breast_density,
-                               study_id=r.study_id) for side, r in records.items()}
     started = time.perf_counter()
     try:
         result = process_pair(inputs["L"], inputs["R"], options.prep, planned.seed)
@@ -108,7 +105,8 @@ def process_planned_pair(planned: PlannedPair, options: BuildOptions) -> PairOut
                   "registration_failed" if pair_fields and not pair_fields.get("reg_ok") else "process_failed")
     images = []
     for side, record in records.items():
-        facts = {**record.header, **decoded[side].meta, "spacing_mm": decoded[side].spacing_mm}
+        decoded = inputs[side].decoded
+        facts = {**record.header, **decoded.meta, "spacing_mm": decoded.spacing_mm}
         info = infos.get(side, {})
         status = "ok" if info.get("status") == "ok" else "rejected"
         images.append(image_row(record, facts, info, status, None if status == "ok" else info.get("status", reason)))

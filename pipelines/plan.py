@@ -32,9 +32,11 @@ from typing import TYPE_CHECKING
 
 from pipelines.errors import BuildError
 from pipelines.shards import derive_seed
+from prep.codec import CODECS
 from prep.config import PrepConfig
-from prep.datasets import DatasetError, ImageRecord, get_adapter, read_header_checked
-from prep.decode import check_assumed_spacing
+from prep.datasets import ADAPTERS, DatasetError, ImageRecord, get_adapter, read_header_checked
+from prep.decode import MAX_SPACING_MM, MIN_SPACING_MM
+from prep.knobs import check_knobs, knob
 
 if TYPE_CHECKING:
     from pipelines.cluster import DaskSession
@@ -68,23 +70,25 @@ HEADER_CHUNK = 256  # header reads per cluster task: enough work per round trip,
 class BuildOptions:
     """Everything that changes the bytes of a build (its hash guards resumes)."""
 
-    dataset: str
-    prep: PrepConfig = field(default_factory=PrepConfig)
-    codec: str = "npy"
-    shard_max_samples: int = 10_000
-    shard_max_bytes: int = 500_000_000
-    group_pairs: int = 100
-    # used only for images whose header has no spacing (never guessed: None rejects them as no_pixel_spacing)
-    assume_spacing_mm: float | None = None
-    pair_by: str | None = None  # the adapter's pairing unit when it offers a choice (dicom-dir: study | patient)
+    dataset: str = knob("vindr", "Dataset adapter: " + " | ".join(sorted(ADAPTERS))
+                        + " (docs/USAGE.md: what each reads).", "Input")
+    prep: PrepConfig = field(default_factory=PrepConfig)  # the image core's knobs (their own options)
+    codec: str = knob("npy", f"Patch codec: {' | '.join(CODECS)}.", "Shards", choices=CODECS)
+    shard_max_samples: int = knob(10_000, "Samples per shard at most.", "Shards", min=1)
+    shard_max_bytes: int = knob(500_000_000, "Bytes per shard at most (500000000 = 500 MB).", "Shards", min=1)
+    group_pairs: int = knob(100, "Pairs per shard group (one Dask task), on average.", "Shards", min=1)
+    assume_spacing_mm: float | None = knob(
+        None, "Pixel spacing (mm) for images whose header states none (CBIS-DDSM never does). Never guessed: "
+        "without this flag they are rejected as no_pixel_spacing. Recorded in build.json and images.parquet "
+        "(spacing_source = assumed); part of the config hash. Default: none.", "Input",
+        min=MIN_SPACING_MM, max=MAX_SPACING_MM)
+    pair_by: str | None = knob(None, "dicom-dir: pair L/R within a study (StudyInstanceUID) or a patient "
+                               "(PatientID, for archives that store each view as its own study). Default: study.",
+                               "Input", choices=PAIR_BY)
 
     def __post_init__(self) -> None:
-        if self.shard_max_samples < 1 or self.shard_max_bytes < 1 or self.group_pairs < 1:
-            raise ValueError("shard_max_samples, shard_max_bytes and group_pairs must be positive")
-        if self.assume_spacing_mm is not None:
-            check_assumed_spacing(self.assume_spacing_mm)
-        if self.pair_by is not None and self.pair_by not in PAIR_BY:
-            raise ValueError(f"pair_by {self.pair_by!r}: choose one of {PAIR_BY}")
+        """Refuses a bad value with `prep.knobs.ConfigError` (a ValueError) naming the flag."""
+        check_knobs(self)
 
     def to_dict(self) -> dict:
         # the two optional keys appear only when set, so builds that use neither keep their config hash
@@ -359,6 +363,7 @@ def load_records(dataset: str, root: Path, dask: DaskSession | None = None,
         raise BuildError("bad_input", str(exc)) from exc
 
 
-def plan_build(dataset: str, root: Path, options: BuildOptions, dask: DaskSession | None = None) -> Plan:
-    """Read the archive's images table (headers on the cluster when it is up) and plan it."""
-    return make_plan(load_records(dataset, root, dask, options.pair_by), options)
+def plan_build(root: Path, options: BuildOptions, dask: DaskSession | None = None) -> Plan:
+    """Read the archive's images table (`options.dataset`'s adapter; headers on the cluster when it is up) and
+    plan it."""
+    return make_plan(load_records(options.dataset, root, dask, options.pair_by), options)

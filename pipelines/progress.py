@@ -12,13 +12,10 @@ would cut at 80 columns. Progress moves one shard group (one Dask task) at a tim
 
 from __future__ import annotations
 
-import time
-
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from prep.progress import LINE_INTERVAL_S, LINE_STEP_FRACTION, LineThrottle, format_duration
+from prep.progress import format_duration, make_progress
 
 MIN_SHARDS_PER_SPLIT = 8  # a typical GPUs x loader workers; fewer leaves workers idle
 
@@ -31,52 +28,17 @@ def progress_line(done: int, total: int, samples: int, rejects: int, elapsed_s: 
             f"{rate:.1f} pairs/s, eta {eta}")
 
 
-class LineProgress:
-    """Plain progress lines, throttled (`prep.progress.LineThrottle`)."""
-
-    def __init__(self, console: Console, total: int, interval_s: float = LINE_INTERVAL_S,
-                 step_fraction: float = LINE_STEP_FRACTION):
-        self.console, self.total = console, total
-        self.throttle = LineThrottle(total, interval_s=interval_s, step_fraction=step_fraction)
-
-    def __enter__(self) -> "LineProgress":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-    def update(self, done: int, samples: int, rejects: int) -> None:
-        if self.throttle.due(done):
-            print_line(self.console, progress_line(done, self.total, samples, rejects, self.throttle.elapsed()))
+BAR_TEXT = "pairs  {task.fields[samples]} samples  {task.fields[rejects]} rejects  {task.fields[rate]:.2f} pairs/s"
 
 
-class BarProgress:
-    """The live rich bar (an interactive terminal)."""
+def build_progress(console: Console, total: int, **line_options):
+    """The build's progress (`prep.progress.make_progress`): `update(done, samples=, rejects=)` in pairs."""
 
-    COLUMNS = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("pairs  {task.fields[samples]} samples  {task.fields[rejects]} rejects  "
-                          "{task.fields[rate]:.2f} pairs/s"), TimeRemainingColumn())
+    def describe(done: int, total: int | None, elapsed_s: float, fields: dict) -> str:
+        return progress_line(done, total or 0, fields["samples"], fields["rejects"], elapsed_s)
 
-    def __init__(self, console: Console, total: int):
-        self.progress = Progress(*self.COLUMNS, console=console)
-        self.task = self.progress.add_task("build", total=total, samples=0, rejects=0, rate=0.0)
-        self.started = time.monotonic()
-
-    def __enter__(self) -> "BarProgress":
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.stop()
-
-    def update(self, done: int, samples: int, rejects: int) -> None:
-        rate = done / max(time.monotonic() - self.started, 1e-9)
-        self.progress.update(self.task, completed=done, samples=samples, rejects=rejects, rate=rate)
-
-
-def make_progress(console: Console, total: int) -> LineProgress | BarProgress:
-    """The bar on an interactive terminal, plain lines otherwise (files, pipes, TERM=dumb)."""
-    return BarProgress(console, total) if console.is_interactive else LineProgress(console, total)
+    return make_progress("build", total, console=console, describe=describe, text=BAR_TEXT,
+                         fields={"samples": 0, "rejects": 0}, **line_options)
 
 
 def print_line(console: Console, text: str, markup: bool = False) -> None:

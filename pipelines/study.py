@@ -15,9 +15,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable
 
 import typer
+
+from prep.knobs import check_knobs, config_or_exit, generated_command, knob, knob_parameters
+from train.methods import METHODS  # the registry module is torch-free
 
 DEFAULT_METHODS = ("random", "siamese-soft", "siamese-hard", "simclr", "ld")
 
@@ -34,27 +37,41 @@ class Arm:
 
 @dataclass(frozen=True)
 class StudyConfig:
-    shards: str
-    manifests: str
-    out: str
-    seeds: tuple[int, ...] = (0, 1, 2)
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    steps: int = 500
-    batch_size: int = 64
-    backbone: str = "resnet18"
-    crop_px: int | None = None
-    lr: float = 1e-3
-    num_workers: int = 2
-    device: str = "auto"
-    train_split: str = "training"
-    test_split: str = "test"
-    n_boot: int = 2000
-    root: str | None = None  # archive for the heat map of each evaluation
+    """Every knob of a study (saved as study.json); `python -m pipelines.study`'s options are generated from
+    the `knob` fields (`prep.knobs`), the others are for library callers (ablations, the contrast-detail job)."""
+
+    shards: str = knob(help="Shard folder of the build (relative manifest shard paths resolve against it).",
+                       panel="Data")
+    manifests: str = knob(help="Manifest folder of the build (its samples.parquet) or the samples.parquet itself.",
+                          panel="Data")
+    out: str = knob(help="Study folder: runs/, evals/, compare/.", panel="Data")
+    seeds: tuple[int, ...] = knob((0, 1, 2), "Seeds per method (give >= 3 for intervals).", "Budget")
+    methods: tuple[str, ...] = knob(DEFAULT_METHODS, "Methods from train's registry: " + " | ".join(METHODS) + ".",
+                                    "Budget")
+    steps: int = knob(500, "Optimiser steps per run, equal for every method.", "Budget", min=1)
+    batch_size: int = knob(64, "Global batch (pairs) per step, equal for every method.", "Budget", min=2)
+    backbone: str = knob("resnet18", "timm backbone shared by every method.", "Budget")
+    crop_px: int | None = knob(None, "Training crop in px. Default: 7/8 of the patch (train pretrain's rule).",
+                               "Budget", min=8)
+    lr: float = knob(1e-3, "Learning rate, equal for every method.", "Budget", min=0.0)
+    num_workers: int = knob(2, "Loader worker processes per run.", "Run", min=0)
+    device: str = knob("auto", "cpu, cuda, cuda:N or auto (cuda when available).", "Run")
+    train_split: str = knob("training", "Split the runs pretrain on and the probes are fitted on.", "Evaluation")
+    test_split: str = knob("test", "Split the evaluations score.", "Evaluation")
+    n_boot: int = knob(2000, "Study-level bootstrap resamples per evaluation CI and per paired test.", "Evaluation",
+                       min=0)
+    root: str | None = knob(None, "Archive root for each evaluation's heat map. Default: none (skipped).",
+                            "Evaluation")
+    detection_only: bool = knob(False, "Evaluate the test split's detection AUCs only, no probes (ablations).",
+                                "Evaluation", flag="--detection-only")
+    finetune_fractions: tuple[float, ...] = knob(
+        (), "Also fine-tune every run's encoder end to end at these fractions of the labelled training studies, at "
+        "the same --steps (repeat the flag: --finetune-fractions 0.1 --finetune-fractions 1); label-efficiency "
+        "table in compare.md. Default: none.",
+        "Fine-tuning", min=1e-6, max=1.0)
+    finetune_task: str = knob("ipsi_abnormal", "Label column the fine-tuning predicts.", "Fine-tuning")
     pretrain_overrides: dict = field(default_factory=dict)  # any other PretrainConfig field, same for all methods
     arms: tuple[Arm, ...] = ()  # rows of the study; empty: one arm per method, with no overrides
-    detection_only: bool = False  # evaluate the test split's detection AUCs only (no probes): ablations
-    finetune_fractions: tuple[float, ...] = ()  # fine-tune every run's encoder at these label fractions (empty: none)
-    finetune_task: str = "ipsi_abnormal"
 
     def study_arms(self) -> tuple[Arm, ...]:
         return self.arms or tuple(Arm(m, m) for m in self.methods)
@@ -126,9 +143,9 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
     from train.compare import compare_evaluations
     from train.distributed import resolve_device
     from train.evaluate import EvalConfig, evaluate_encoder
-    from train.methods import METHODS
     from train.metrics import Bootstrap
 
+    check_knobs(cfg)
     arms = cfg.study_arms()
     unknown = sorted({arm.method for arm in arms} - set(METHODS))
     if unknown:
@@ -167,39 +184,15 @@ def run_study(cfg: StudyConfig, say: Callable[[str], None] = print) -> dict:
 app = typer.Typer(add_completion=False, help="Every method x seed: pretrain -> evaluate -> compare.")
 
 
-@app.command()
-def main(
-    shards: str = typer.Option(..., "--shards", help="Shard folder of the build (relative manifest shard paths resolve against it)."),
-    manifests: Path = typer.Option(..., "--manifests", help="Manifest folder of the build (its samples.parquet) or the samples.parquet itself."),
-    out: Path = typer.Option(..., "--out", help="Study folder: runs/, evals/, compare/."),
-    seeds: List[int] = typer.Option([0, 1, 2], "--seeds", help="Seeds per method (give >= 3 for intervals). Default: 0 1 2."),
-    methods: List[str] = typer.Option(list(DEFAULT_METHODS), "--methods", help="Methods from train's registry. Default: random siamese-soft siamese-hard simclr ld."),
-    steps: int = typer.Option(500, "--steps", min=1, help="Optimiser steps per run, equal for every method. Default: 500."),
-    batch_size: int = typer.Option(64, "--batch-size", min=2, help="Global batch (pairs) per step, equal for every method. Default: 64."),
-    backbone: str = typer.Option("resnet18", "--backbone", help="timm backbone shared by every method. Default: resnet18."),
-    crop_px: Optional[int] = typer.Option(None, "--crop-px", help="Training crop in px. Default: 7/8 of the patch (train pretrain's rule)."),
-    lr: float = typer.Option(1e-3, "--lr", help="Learning rate, equal for every method. Default: 0.001."),
-    num_workers: int = typer.Option(2, "--num-workers", min=0, help="Loader worker processes per run. Default: 2."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto. Default: auto."),
-    n_boot: int = typer.Option(2000, "--n-boot", min=0, help="Study-level bootstrap resamples per evaluation CI and per paired test. Default: 2000."),
-    root: Optional[Path] = typer.Option(None, "--root", help="Archive root for each evaluation's heat map. Default: none (skipped)."),
-    finetune_fractions: List[float] = typer.Option([], "--finetune-fractions", help="Also fine-tune every run's encoder end to end at these fractions of the labelled training studies, at the same --steps (repeatable, e.g. 0.01 0.1 1); label-efficiency table in compare.md. Default: none."),
-    finetune_task: str = typer.Option("ipsi_abnormal", "--finetune-task", help="Label column the fine-tuning predicts. Default: ipsi_abnormal."),
-) -> None:
+def main(**options) -> None:
     """Run the comparison study; re-running resumes and skips finished runs and evaluations."""
-    cfg = StudyConfig(
-        shards=shards, manifests=str(manifests), out=str(out), seeds=tuple(seeds), methods=tuple(methods), steps=steps,
-        batch_size=batch_size, backbone=backbone, crop_px=crop_px, lr=lr, num_workers=num_workers, device=device,
-        n_boot=n_boot, root=str(root) if root else None, finetune_fractions=tuple(finetune_fractions),
-        finetune_task=finetune_task,
-    )  # fmt: skip
     from train.checkpoint import CheckpointError
     from train.compare import CompareError
     from train.data import DataError
     from train.evaluate import EvaluationError
     from train.finetune import FinetuneError
-    from train.loop import ConfigError
 
+    cfg = config_or_exit(StudyConfig, options, "study")
     try:
         run_study(cfg)
     except (CheckpointError, CompareError, DataError, EvaluationError, ConfigError, FinetuneError) as exc:
@@ -208,6 +201,10 @@ def main(
     except ValueError as exc:
         typer.echo(f"study: bad_option: {exc}", err=True)
         raise typer.Exit(2) from None
+
+
+app.command()(generated_command(main, knob_parameters(StudyConfig),
+                                panels=("Data", "Budget", "Evaluation", "Fine-tuning", "Run")))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`PrepConfig`: every knob of the per-pair image core, hashable so a build records what made it."""
+"""`PrepConfig`: every knob of the per-pair image core, hashable so a build records what made it. Each field
+is a `prep.knobs.knob` (help, range), from which `prep build-shards` generates its image-core options."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
+
+from prep.knobs import ConfigError, check_knobs, knob
+
+PANEL = "Image core"
 
 
 @dataclass(frozen=True)
@@ -15,44 +20,42 @@ class PrepConfig:
     Lengths in pixels refer to the canonical spacing `mm_per_px` unless the name says `mm`.
     """
 
-    # canonical spacing (mm per pixel) both breasts are resampled to
-    mm_per_px: float = 0.1
-    # patch side in canonical pixels (256 px = 25.6 mm at 0.1 mm/px)
-    patch_px: int = 256
-    # grid-sampled (label-agnostic) centres per direction: a jittered n x n grid over the breast box
-    grid_patches_per_direction: int = 16
-    # extra centres jittered around each ipsi finding box (tagged sampling="finding")
-    finding_patches_per_lesion: int = 4
-    # minimum breast fraction inside the patch, required on BOTH the ipsi and the mapped contra patch
-    min_tissue_fraction: float = 0.7
-    # grid centres must lie inside the ipsi mask eroded by this much (keeps them off the skin line)
-    mask_erosion_mm: float = 5.0
-    # registration runs at this fixed physical resolution whatever mm_per_px is
-    reg_mm_per_px: float = 0.8
-    # Gaussian blur of the masks before mask-ECC, in mm (smooths the outline into a usable gradient)
-    reg_blur_mm: float = 1.6
-    # refine the rigid outline fit with a coarse-to-fine affine fit of the shared pattern (prep.register stage C)
-    reg_refine_intensity: bool = True
-    # the finer levels of that fit may move no breast point by more than this (mm) from the coarsest level's answer
-    reg_refine_max_shift_mm: float = 25.0
-    # QC bounds on the ipsi -> contra affine
-    max_rotation_deg: float = 20.0
-    scale_bounds: tuple[float, float] = (0.7, 1.4)
-    min_dice: float = 0.85
-    # a patch counts as ipsi/contra-abnormal when the box covers >= this fraction of the box or of the patch
-    abnormal_overlap: float = 0.3
-    seed: int = 0
+    mm_per_px: float = knob(0.1, "Canonical spacing (mm per pixel) both breasts are resampled to.", PANEL, min=0.001)
+    patch_px: int = knob(256, "Patch side in canonical pixels (256 px = 25.6 mm at 0.1 mm/px).", PANEL, min=8)
+    grid_patches_per_direction: int = knob(16, "Grid centres per pair direction: a jittered n x n grid over the "
+                                           "breast (label-agnostic).", PANEL, flag="--grid-patches", min=0)
+    finding_patches_per_lesion: int = knob(4, "Extra centres jittered around each annotated ipsi finding box "
+                                           "(sampling=finding).", PANEL, flag="--finding-patches", min=0)
+    min_tissue_fraction: float = knob(0.7, "Minimum breast fraction of both patches, the ipsi and the mapped "
+                                      "contra one (0-1).", PANEL, min=0.0, max=1.0)
+    mask_erosion_mm: float = knob(5.0, "Grid centres lie inside the ipsi mask eroded by this much (mm): keeps "
+                                  "them off the skin line.", PANEL, min=0.0)
+    reg_mm_per_px: float = knob(0.8, "Registration resolution (mm per pixel), fixed whatever --mm-per-px is.",
+                                PANEL, min=0.001)
+    reg_blur_mm: float = knob(1.6, "Gaussian blur of the masks before mask-ECC (mm): smooths the outline into a "
+                              "usable gradient.", PANEL, min=0.0)
+    reg_refine_intensity: bool = knob(True, "Refine the rigid outline fit with a coarse-to-fine affine fit of "
+                                      "the shared pattern.", PANEL)
+    reg_refine_max_shift_mm: float = knob(25.0, "The finer levels of that fit may move no breast point by more "
+                                          "than this (mm) from the coarsest level's answer.", PANEL, min=0.0)
+    max_rotation_deg: float = knob(20.0, "Registration QC: largest rotation (degrees) of the ipsi -> contra "
+                                   "affine.", PANEL, min=0.0)
+    scale_bounds: tuple[float, float] = knob((0.7, 1.4), "Registration QC: smallest and largest scale of the "
+                                             "ipsi -> contra affine (two values, lo < 1 < hi).", PANEL)
+    min_dice: float = knob(0.85, "Registration QC: minimum mask Dice after registration (0-1).", PANEL,
+                           min=0.0, max=1.0)
+    abnormal_overlap: float = knob(0.3, "A patch counts as ipsi/contra-abnormal when a finding box covers at "
+                                   "least this fraction of the box or of the patch (0-1].", PANEL, min=0.0, max=1.0)
+    seed: int = knob(0, "Sampling and shuffling seed.", PANEL)
 
     def __post_init__(self) -> None:
-        if not self.mm_per_px > 0 or not self.reg_mm_per_px > 0:
-            raise ValueError("mm_per_px and reg_mm_per_px must be positive")
-        if self.patch_px < 8:
-            raise ValueError(f"patch_px must be >= 8, got {self.patch_px}")
-        if not 0.0 <= self.min_tissue_fraction <= 1.0 or not 0.0 < self.abnormal_overlap <= 1.0:
-            raise ValueError("min_tissue_fraction and abnormal_overlap are fractions in [0, 1]")
+        """Refuses a bad value with `prep.knobs.ConfigError` (a ValueError) naming the flag."""
+        check_knobs(self)
+        if not self.abnormal_overlap > 0:
+            raise ConfigError("bad_option", f"--abnormal-overlap must be > 0, got {self.abnormal_overlap}")
         lo, hi = self.scale_bounds
         if not 0 < lo < 1 < hi:
-            raise ValueError(f"scale_bounds must satisfy 0 < lo < 1 < hi, got {self.scale_bounds}")
+            raise ConfigError("bad_option", f"--scale-bounds must satisfy 0 < lo < 1 < hi, got {lo} {hi}")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

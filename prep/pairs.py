@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from prep.config import PrepConfig
-from prep.decode import DecodedImage
+from prep.decode import DecodedImage, decode_dicom, read_dicom
 from prep.geometry import map_boxes, map_points, resample_to_spacing, unmap_points
 from prep.orient import (
     boxes_to_canonical,
@@ -54,8 +54,12 @@ class ImageInput:
     study_id: str = ""  # copied into sample meta; not used for computation
 
 
-def image_input(record, decoded: DecodedImage) -> ImageInput:
-    """ImageInput from a `prep.datasets.ImageRecord` (or anything with its fields) and its decoded pixels."""
+def load_image_input(record, assumed_spacing_mm: float | None = None) -> ImageInput:
+    """The one way from an archive record (a `prep.datasets.ImageRecord`, or anything with its fields) to the
+    image core's input: read and decode `record.path` (`prep.decode`; `assumed_spacing_mm` is used only where
+    the header states no pixel spacing, as `prep build-shards --assume-spacing-mm`) and attach the record's
+    labels. Raises `prep.decode.UnsupportedImage` for an image the decoder refuses."""
+    decoded = decode_dicom(read_dicom(record.path), assumed_spacing_mm=assumed_spacing_mm)
     return ImageInput(
         image_id=record.image_id, laterality=record.laterality, view=record.view, decoded=decoded,
         findings=list(record.findings), breast_birads=record.breast_birads, breast_density=record.breast_density,

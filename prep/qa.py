@@ -18,9 +18,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Polygon, Rectangle
 
 from prep.config import PrepConfig
-from prep.decode import decode_dicom, read_dicom
 from prep.errors import ContralateralError
-from prep.pairs import (CanonicalImage, ImageInput, PairResult, canonicalise, image_input, located_findings,
+from prep.pairs import (CanonicalImage, ImageInput, PairResult, canonicalise, load_image_input, located_findings,
                         process_pair)
 from prep.patches import patch_footprint, top_left
 
@@ -53,7 +52,7 @@ def load_pair(root: str, study_id: str, view: str, dataset: str = "vindr",
     for side in ("L", "R"):
         record = by_side[side]
         try:
-            out.append(image_input(record, decode_dicom(read_dicom(record.path), assumed_spacing_mm=assumed_spacing_mm)))
+            out.append(load_image_input(record, assumed_spacing_mm))
         except Exception as exc:  # UnsupportedImage and friends: one line for the CLI
             raise QAError("decode_failed", f"{record.rel_path}: {exc}") from exc
     return out[0], out[1]

@@ -59,7 +59,7 @@ def write(ds: Dataset, path: Path) -> Path:
 
 def tiny_build(dataset: str, root: Path, out: Path, **options) -> tuple[dict, dict]:
     """A real build (in this process, no cluster) of `root`; returns (summary, {table: rows}) after verifying it."""
-    summary = build_shards(dataset, root, options=BuildOptions(dataset=dataset, prep=TINY_PREP, **options),
+    summary = build_shards(root, BuildOptions(dataset=dataset, prep=TINY_PREP, **options),
                            out=out / "shards", manifests=out / "manifests", build="t", workers=0)
     report = verify_build(out / "shards", out / "manifests")
     assert report.ok, report.problems

@@ -24,7 +24,7 @@ def reference_build(synth_archive, tmp_path_factory):
     from pipelines.build import build_shards
 
     out = tmp_path_factory.mktemp("reference")
-    summary = build_shards("vindr", synth_archive, options=OPTIONS, out=out / "shards",
+    summary = build_shards(synth_archive, OPTIONS, out=out / "shards",
                            manifests=out / "manifests", build=BUILD, workers=0)
     return out, summary
 

@@ -57,7 +57,7 @@ def test_build_writes_verified_shards_and_manifests(synth_archive, reference_bui
 
 def test_shards_hold_exactly_the_patches_process_pair_makes(synth_archive, reference_build):
     out, _ = reference_build
-    plan = plan_build("vindr", synth_archive, OPTIONS)
+    plan = plan_build(synth_archive, OPTIONS)
     planned = next(p for p in plan.pairs if p.left.findings or p.right.findings)
     expected = {row["key"]: (row, s) for row, s in process_planned_pair(planned, OPTIONS).samples}
     assert expected
@@ -113,7 +113,7 @@ def test_a_rerun_of_a_finished_build_trusts_its_markers_and_starts_no_cluster(sy
     changed.write_bytes(bytes(data))
     started = []
     monkeypatch.setattr(cluster, "start_dask", lambda *args: started.append(args) or None)
-    summary = build_shards("vindr", synth_archive, options=OPTIONS, out=tmp_path / "shards",
+    summary = build_shards(synth_archive, OPTIONS, out=tmp_path / "shards",
                            manifests=tmp_path / "manifests", build=BUILD, workers=2)
     assert summary["groups_run"] == 0 and summary["groups_skipped"] == len(list(
         (ref_out / "manifests" / "parts").glob("*.done.json")))
@@ -127,7 +127,7 @@ def test_a_finished_group_whose_file_was_cut_is_redone(synth_archive, reference_
     shutil.copytree(ref_out, tmp_path, dirs_exist_ok=True)
     cut = sorted((tmp_path / "shards").rglob("*.tar"))[1]
     cut.write_bytes(cut.read_bytes()[:-512])
-    summary = build_shards("vindr", synth_archive, options=OPTIONS, out=tmp_path / "shards",
+    summary = build_shards(synth_archive, OPTIONS, out=tmp_path / "shards",
                            manifests=tmp_path / "manifests", build=BUILD, workers=0)
     assert summary["groups_run"] == 1
     assert tar_digests(tmp_path / "shards") == tar_digests(ref_out / "shards")
@@ -198,7 +198,7 @@ def dask_cluster(tmp_path):
 
 def test_external_scheduler_rebuild_is_byte_identical(synth_archive, reference_build, dask_cluster, tmp_path):
     ref_out, ref_summary = reference_build
-    summary = build_shards("vindr", synth_archive, options=OPTIONS, out=tmp_path / "shards",
+    summary = build_shards(synth_archive, OPTIONS, out=tmp_path / "shards",
                            manifests=tmp_path / "manifests", build=BUILD, scheduler=dask_cluster)
     assert summary["n_samples"] == ref_summary["n_samples"]
     assert tar_digests(tmp_path / "shards") == tar_digests(ref_out / "shards")

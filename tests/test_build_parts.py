@@ -15,7 +15,7 @@ from pipelines import plan as plan_module
 from pipelines.build import reject_problem
 from pipelines.cluster import DaskSession, stop_heartbeat
 from pipelines.plan import load_records
-from pipelines.progress import LineProgress
+from pipelines.progress import build_progress
 from pipelines.shards import TAR_MODE, TAR_USER, encode_sample, write_tar
 from prep import progress as prep_progress
 from prep.datasets import get_adapter
@@ -62,7 +62,9 @@ def test_the_embedded_cluster_leaves_the_callers_thread_settings_alone():
 
 
 def test_plain_progress_lines_every_tenth_or_interval(monkeypatch):
-    class Printed:  # the one Console method LineProgress uses
+    class Printed:  # what the progress factory uses of a Console: a log file's, not a terminal's
+        is_interactive = False
+
         def __init__(self):
             self.lines: list[str] = []
 
@@ -72,14 +74,14 @@ def test_plain_progress_lines_every_tenth_or_interval(monkeypatch):
     clock = iter(range(0, 10_000))
     monkeypatch.setattr(prep_progress.time, "monotonic", lambda: float(next(clock)))
     console = Printed()
-    progress = LineProgress(console, total=100, interval_s=1e9)
+    progress = build_progress(console, total=100, interval_s=1e9)
     for done in range(1, 101):
         progress.update(done, samples=done * 3, rejects=0)
     assert [line.split()[1] for line in console.lines] == [f"{n}/100" for n in range(10, 101, 10)]
     assert console.lines[-1].startswith("build: 100/100 pairs (100%), 300 samples, 0 rejects")
 
     console.lines.clear()
-    timed = LineProgress(console, total=100, interval_s=5)  # one update per clock tick: a line every 5
+    timed = build_progress(console, total=100, interval_s=5)  # one update per clock tick: a line every 5
     for done in range(1, 21):
         timed.update(done, samples=0, rejects=0)
     assert len(console.lines) == 4

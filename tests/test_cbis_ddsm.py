@@ -188,7 +188,7 @@ def test_no_phi_from_the_headers(adapter):
 
 def test_a_build_where_nothing_pairs_writes_its_rejects_and_names_the_fix(archive, tmp_path):
     with pytest.raises(BuildError) as err:
-        build_shards("cbis-ddsm", archive, options=BuildOptions(dataset="cbis-ddsm"), out=tmp_path / "shards",
+        build_shards(archive, BuildOptions(dataset="cbis-ddsm"), out=tmp_path / "shards",
                      manifests=tmp_path / "manifests", build="b", workers=0)
     assert err.value.reason == "no_pairs"
     assert "no_pixel_spacing (8 images)" in err.value.detail and "--assume-spacing-mm" in err.value.detail
@@ -201,7 +201,7 @@ def test_a_build_where_nothing_pairs_writes_its_rejects_and_names_the_fix(archiv
     assert build["labels"] == {"findings": 9, "findings_without_box": 4}
     assert pd.read_parquet(tmp_path / "manifests" / "samples.parquet").empty
     # the fix, into the same folders, is not refused as a changed config (nothing was built before)
-    summary = build_shards("cbis-ddsm", archive, options=BuildOptions(dataset="cbis-ddsm", assume_spacing_mm=0.05),
+    summary = build_shards(archive, BuildOptions(dataset="cbis-ddsm", assume_spacing_mm=0.05),
                            out=tmp_path / "shards", manifests=tmp_path / "manifests", build="b", workers=0)
     assert summary["pairs_planned"] == {"test": 2, "training": 1}  # random-noise films: pairs planned, not usable
     images = pd.read_parquet(tmp_path / "manifests" / "images.parquet")

@@ -188,7 +188,7 @@ def test_archive_builds_like_any_vindr_archive(tiny, tmp_path):
     from pipelines.build import build_shards
 
     root, _ = tiny
-    build_shards("vindr", root, options=OPTIONS, out=tmp_path / "shards", manifests=tmp_path / "manifests",
+    build_shards(root, OPTIONS, out=tmp_path / "shards", manifests=tmp_path / "manifests",
                  build=BUILD, workers=0)
     pairs = pq.read_table(tmp_path / "manifests" / "pairs.parquet").to_pylist()
     built = {(p["study_id"], p["view"]) for p in pairs if p["status"] == "ok"}

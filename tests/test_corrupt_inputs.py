@@ -166,7 +166,7 @@ def corrupt_archive(source: Path, dest: Path, kinds: list[str]) -> dict[str, str
 
 
 def build_and_read_rejects(archive: Path, out: Path) -> tuple[dict, dict[str, list[dict]]]:
-    summary = build_shards("vindr", archive, options=OPTIONS, out=out / "shards", manifests=out / "manifests",
+    summary = build_shards(archive, OPTIONS, out=out / "shards", manifests=out / "manifests",
                            build="c", workers=0)
     by_image: dict[str, list[dict]] = {}
     for row in pq.read_table(out / "manifests" / "rejects.parquet").to_pylist():

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -135,6 +136,38 @@ def test_build_verify_pretrain_export_evaluate_on_s3(synth_archive, reference_bu
     assert metrics["data"]["n_samples"] > 0 and metrics["data"]["source"].startswith("s3://")
 
 
+def upload(s3: S3, folder: Path, prefix: str) -> str:
+    """Every file under `folder` as an object under `prefix`; returns the prefix's URL."""
+    client = s3.client()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        client.put_object(Bucket=BUCKET, Key=f"{prefix}/{path.relative_to(folder).as_posix()}", Body=path.read_bytes())
+    return f"s3://{BUCKET}/{prefix}"
+
+
+def test_finetune_and_detect_read_their_manifest_from_s3(synth_archive, reference_build, s3, tmp_path):
+    ref_out, _ = reference_build
+    build = upload(s3, ref_out, "uploaded")  # shards/ and manifests/ side by side, as a build writes them
+    manifest = f"{build}/manifests/samples.parquet"
+    run = tmp_path / "ft"
+    result = CliRunner().invoke(train_app, ["finetune", "--manifest", manifest, "--shards", f"{build}/shards",
+                                            "--init", "random", "--backbone",
+                                            "test_resnet", "--crop-px", "24", "--num-workers", "0", "--steps", "2",
+                                            "--batch-size", "8", "--ckpt-every", "2", "--val-fraction", "0",
+                                            "--n-boot", "0", "--no-progress", "--device", "cpu", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    assert manifest in (run / "finetune.json").read_text() and len(pd.read_parquet(run / "test_scores.parquet")) > 0
+
+    samples = pd.read_parquet(ref_out / "manifests" / "samples.parquet")
+    out = tmp_path / "det"
+    result = CliRunner().invoke(train_app, ["detect", "--root", str(synth_archive), "--manifest", manifest, "--where",
+                                            "split == 'test'", "--mm-per-px", "0.8", "--patch-px", "32",
+                                            "--bank-studies", "0", "--overlays", "0", "--n-boot", "0", "--out",
+                                            str(out)])
+    assert result.exit_code == 0, result.output
+    tested = set(samples.loc[samples["split"] == "test", "study_id"])
+    assert set(pd.read_parquet(out / "detections.parquet")["study_id"]) == tested
+
+
 def test_kill_9_mid_build_on_s3_then_rerun_gives_a_clean_builds_objects(synth_archive, reference_build, s3):
     ref_out, _ = reference_build
     n_groups = len(list((ref_out / "manifests" / "parts").glob("*.done.json")))
@@ -193,4 +226,9 @@ def test_a_scheme_the_project_cannot_serve_is_refused_never_a_local_folder(synth
     assert result.exit_code == 2 and "unsupported_url" in result.output
     result = runner.invoke(train_app, ["pretrain", "--shards", "shards", "--out", "s3://bucket/run"])
     assert result.exit_code == 2 and "--out s3://bucket/run: must be a local folder" in result.output
+    for command in (["finetune", "--manifest", "samples.parquet", "--init", "random"],
+                    ["detect", "--root", str(synth_archive)]):
+        result = runner.invoke(train_app, [*command, "--out", "s3://bucket/run"])
+        assert result.exit_code == 2, (command, result.output)
+        assert len(result.output.strip().splitlines()) == 1 and "--out s3://bucket/run: must be a local folder" in result.output
     assert list(tmp_path.iterdir()) == []  # no `ftp:`, `s3:` or `run` folder

@@ -28,7 +28,7 @@ def with_spaces(canaries: list[str]) -> list[str]:
 
 def small_build(dataset: str, root: Path, out: Path) -> Path:
     options = BuildOptions(dataset=dataset, prep=PrepConfig(mm_per_px=0.4, patch_px=64, grid_patches_per_direction=2))
-    build_shards(dataset, root, options=options, out=out / "shards", manifests=out / "manifests", build="phi",
+    build_shards(root, options, out=out / "shards", manifests=out / "manifests", build="phi",
                  workers=0)
     return out
 

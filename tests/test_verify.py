@@ -22,7 +22,7 @@ def build_dir(synth_archive, tmp_path_factory):
     out = tmp_path_factory.mktemp("verify_build") / "b"
     options = BuildOptions(dataset="vindr", prep=PrepConfig(mm_per_px=0.4, patch_px=64, grid_patches_per_direction=2),
                            shard_max_samples=6, group_pairs=4, codec="png")
-    build_shards("vindr", synth_archive, options=options, out=out / "shards", manifests=out / "manifests",
+    build_shards(synth_archive, options, out=out / "shards", manifests=out / "manifests",
                  build="v", workers=0)
     return out
 

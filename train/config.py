@@ -1,59 +1,19 @@
 """`PretrainConfig`: every knob of `train pretrain`, declared once (torch-free module, so `train --help`
 stays fast). Each field carries its CLI help, its `--help` panel and its allowed range in the field's
-metadata; `train/commands/pretrain.py` generates the Typer options from them, and `validate()` checks
-any config, however it was built (CLI, `pipelines.study`, tests). Defaults suit the CPU demo where a
+metadata (`prep.knobs.knob`); `train/commands/pretrain.py` generates the Typer options from them, and
+`validate()` checks any config, however it was built (CLI, `pipelines.study`, tests). Defaults suit the CPU demo where a
 choice is ambiguous.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import typing
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from prep.errors import ContralateralError
+from prep.knobs import ConfigError, check_knobs, knob
 from train.methods import METHODS  # the registry module is torch-free
 
-
-class ConfigError(ContralateralError):
-    """A config the trainer cannot run. `reason`: bad_option (the message names the flag to fix)."""
-
-
-def knob(
-    default: Any,
-    help: str,
-    panel: str,
-    *,
-    flag: str | None = None,
-    min: float | None = None,
-    max: float | None = None,
-    choices: tuple[str, ...] | None = None,
-    runtime: bool = False,
-) -> Any:
-    """A config field with its CLI help and panel. `flag`: the option's declaration when it is not the
-    plain `--field-name` (booleans default to `--x/--no-x`); `min`/`max`/`choices`: checked by
-    `validate()`; `runtime`: changes how a run is executed or observed, not what it computes (left out
-    of the config hash, so `--resume auto` accepts it changed)."""
-    meta = {"help": help, "panel": panel, "flag": flag, "min": min, "max": max, "choices": choices, "runtime": runtime}
-    return field(default=default, metadata=meta)
-
-
-def check_knobs(config) -> None:
-    """Raise `ConfigError` naming the flag for the first knob of a config dataclass outside its declared
-    choices / min / max (None values pass: they mean "the default")."""
-    for f in dataclasses.fields(config):
-        value, meta = getattr(config, f.name), f.metadata
-        flag = "--" + f.name.replace("_", "-")
-        if value is None or not meta:
-            continue
-        if meta["choices"] is not None and value not in meta["choices"]:
-            raise ConfigError("bad_option", f"{flag} {value!r}: choose one of {'|'.join(meta['choices'])}")
-        if meta["min"] is not None and value < meta["min"]:
-            raise ConfigError("bad_option", f"{flag} must be >= {meta['min']}, got {value}")
-        if meta["max"] is not None and value > meta["max"]:
-            raise ConfigError("bad_option", f"{flag} must be <= {meta['max']}, got {value}")
-
+__all__ = ["ConfigError", "DEFAULTS", "GMM_MODES", "PretrainConfig", "RUNTIME_FIELDS", "SCOPES", "check_knobs", "knob"]
 
 SCOPES = ("bank", "batch", "epoch")
 GMM_MODES = ("free", "anchored", "map")
@@ -172,14 +132,6 @@ class PretrainConfig:
             if not ok:
                 raise ConfigError(reason, detail)
         return self
-
-
-def cli_fields(config_class: type | None = None) -> list[tuple[dataclasses.Field, Any]]:
-    """(field, resolved type) of every knob of `config_class` (default `PretrainConfig`), in declaration
-    order, for the CLI generator."""
-    config_class = config_class or PretrainConfig
-    hints = typing.get_type_hints(config_class)
-    return [(f, hints[f.name]) for f in dataclasses.fields(config_class)]
 
 
 RUNTIME_FIELDS = frozenset(f.name for f in dataclasses.fields(PretrainConfig) if f.metadata["runtime"])

@@ -399,7 +399,7 @@ class PairStream(torch.utils.data.IterableDataset):
             shards = wds.ResampledShards(self.selection.urls, seed=seed, deterministic=True)
         else:
             shards = wds.SimpleShardList(self.selection.urls, seed=seed if self.shuffle > 1 else None)
-        stages = [shards, wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples(handler=wds.reraise_exception),
+        stages = [shards, wds.split_by_node, wds.split_by_worker, wds.pipelinefilter(shard_samples)(),
                   wds.pipelinefilter(self._keep)()]  # fmt: skip
         if self.shuffle > 1:
             stages.append(wds.shuffle(self.shuffle, initial=self.shuffle, seed=wds.utils.make_seed(seed, rank, worker)))

@@ -36,11 +36,11 @@ from scipy.spatial import cKDTree
 
 from prep.config import PrepConfig
 from prep.datasets import get_adapter
-from prep.decode import UnsupportedImage, decode_dicom, read_dicom
+from prep.decode import UnsupportedImage
 from prep.errors import ContralateralError
-from prep.pairs import CanonicalImage, canonicalise, image_input, register_pair
+from prep.pairs import CanonicalImage, canonicalise, load_image_input, register_pair
 from prep.patches import crop, snapped_centres, to_uint16, warp_patch
-from train.config import knob
+from prep.knobs import knob
 
 VARIANTS = ("pair", "one-sided", "combined")
 PIXEL_METHODS = ("raw-pixel", "mean-intensity")
@@ -57,7 +57,7 @@ class DetectConfig:
     # data
     root: str | None = knob(None, "Archive root (read with --dataset's adapter); required.", "Data")
     dataset: str = knob("vindr", "Dataset adapter of --root (prep.datasets).", "Data")
-    manifest: str | None = knob(None, "A build's samples/images/pairs.parquet: score only the studies it lists (after --where).", "Data")
+    manifest: str | None = knob(None, "A build's samples/images/pairs.parquet (a path or a URL): score only the studies it lists (after --where).", "Data")
     where: str | None = knob(None, "pandas query selecting studies: over --manifest if given, else over the archive's images (columns study_id, image_id, split, view, laterality), e.g. \"split == 'test'\" [default: every study].", "Data")
     assume_spacing_mm: float | None = knob(None, "Pixel spacing (mm) for images whose header has none (CBIS-DDSM), as for prep build-shards [default: such images are refused].", "Data", min=0.001)
     # detector
@@ -78,12 +78,12 @@ class DetectConfig:
     n_boot: int = knob(2000, "Study-level bootstrap resamples for the 95 % CIs.", "Output", min=0)
     seed: int = knob(0, "Seed of the bank pick and the bootstrap.", "Output")
     overlays: int = knob(3, "Overlay PNGs for this many top and this many bottom exams.", "Output", min=0)
-    out: str = knob("detect", "Output dir: detections.parquet, positions.parquet, exams.parquet, detect.md, detect.json, PNGs.", "Output")
+    out: str = knob("detect", "Output dir (local): detections.parquet, positions.parquet, exams.parquet, detect.md, detect.json, PNGs.", "Output")
     batch_size: int = knob(64, "Patches per forward pass.", "Run", min=1)
     device: str = knob("auto", "auto (CUDA if present) | cpu | cuda | cuda:N.", "Run")
 
     def validate(self) -> "DetectConfig":
-        from train.config import ConfigError, check_knobs
+        from prep.knobs import ConfigError, check_knobs
 
         check_knobs(self)
         if not self.root:
@@ -121,10 +121,15 @@ def records_table(records) -> pd.DataFrame:
 
 
 def selected_studies(records, manifest: str | None, where: str | None) -> list[str]:
-    """Study ids chosen by the manifest (its study_id column) and the query."""
+    """Study ids chosen by the manifest (its study_id column; a path or a URL, `prep.storage`) and the query."""
     if manifest:
+        from prep.storage import StorageError, location
+
         try:
-            table = pd.read_parquet(manifest)
+            with location(manifest).open("rb") as handle:
+                table = pd.read_parquet(handle)
+        except StorageError as exc:
+            raise DetectError(exc.reason, exc.detail) from None
         except (OSError, ValueError) as exc:
             raise DetectError("bad_manifest", f"{manifest}: {exc}") from exc
         if "study_id" not in table.columns:
@@ -329,8 +334,7 @@ def cut_study(study: str, views: dict, cfg: PrepConfig, stride_px: int,
         if sid != study:
             continue
         try:
-            inputs = {s: image_input(sides[s], decode_dicom(read_dicom(sides[s].path), assumed_spacing_mm=assumed_spacing_mm))
-                      for s in SIDES}
+            inputs = {s: load_image_input(sides[s], assumed_spacing_mm) for s in SIDES}
         except UnsupportedImage as exc:
             notes.append(f"{study} {view}: {exc}")
             continue
@@ -518,9 +522,10 @@ def score_columns(methods: list[str]) -> list[str]:
 
 
 def detect(cfg: DetectConfig, backbone=None, encoder_meta: dict | None = None, encoder_name: str = "encoder",
-           on_study: Callable[[str], None] | None = None) -> Detection:
+           progress: Callable[[int, int], None] | None = None) -> Detection:
     """Score every selected study (see the module docstring). `backbone`: a loaded encoder (None: baselines
-    only); its meta gives the canonical spacing and patch size unless the config sets them."""
+    only); its meta gives the canonical spacing and patch size unless the config sets them. `progress(done,
+    total)` counts the studies cut, bank studies first."""
     meta = encoder_meta or {}
     mm_per_px = float(cfg.mm_per_px or meta.get("mm_per_px") or 0.1)
     patch_px = int(cfg.patch_px or meta.get("patch_px") or 256)
@@ -544,14 +549,16 @@ def detect(cfg: DetectConfig, backbone=None, encoder_meta: dict | None = None, e
         notes.append(f"no '{cfg.bank_split}' study outside the scored ones: the bank is the scored studies, "
                      "each left out of its own scoring")
     timing = {"cut_seconds": 0.0, "studies": 0}
+    cut = {"done": 0, "total": len(bank_ids) + len(chosen)}
 
     def run_study(study: str) -> list[ImagePatches]:
         started = time.perf_counter()
         images, study_notes = cut_study(study, views, prep_cfg, stride_px, cfg.assume_spacing_mm)
         timing["cut_seconds"] += time.perf_counter() - started
         notes.extend(study_notes)
-        if on_study is not None:
-            on_study(study)
+        cut["done"] += 1
+        if progress is not None:
+            progress(cut["done"], cut["total"])
         return images
 
     def embed(im: ImagePatches) -> dict[str, ImageFeatures]:

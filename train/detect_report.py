@@ -39,10 +39,14 @@ from train.metrics import Bootstrap  # noqa: E402
 RUN_FIELDS = ("method", "tag", "seed", "steps", "backbone")
 
 
-def run_detection(cfg: DetectConfig, on_study: Callable[[str], None] | None = None) -> dict:
-    """Detect, evaluate and write every output of `cfg.out`; returns detect.json's content."""
+def run_detection(cfg: DetectConfig, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Detect, evaluate and write every output of `cfg.out`; returns detect.json's content. `progress(done,
+    total)` counts the studies cut (`train.detect.detect`)."""
+    from prep.storage import local_path
     from train.checkpoint import run_config, run_dir_of
     from train.models import EncoderError, load_encoder
+
+    out = local_path(cfg.out, "--out")  # the report's folder stays local; refused before any work
 
     backbone, meta, run = None, {}, {}
     encoder_name = "encoder"
@@ -57,7 +61,7 @@ def run_detection(cfg: DetectConfig, on_study: Callable[[str], None] | None = No
         run = {k: config.get(k, meta.get(k)) for k in RUN_FIELDS}
         encoder_name = run.get("tag") or run.get("method") or "encoder"
     started = time.perf_counter()
-    det = detect(cfg, backbone, meta, encoder_name, on_study)
+    det = detect(cfg, backbone, meta, encoder_name, progress)
     seconds = time.perf_counter() - started
     boot = Bootstrap(cfg.n_boot, cfg.seed)
     exams = exam_labels(det.images)
@@ -79,7 +83,7 @@ def run_detection(cfg: DetectConfig, on_study: Callable[[str], None] | None = No
                    "seconds_per_study": seconds / max(det.timing["studies"], 1)},
         "metrics": metrics, "notes": det.notes,
     }
-    write_outputs(Path(cfg.out), det, exams, tables, summary, cfg)
+    write_outputs(out, det, exams, tables, summary, cfg)
     return summary
 
 

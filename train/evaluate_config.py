@@ -1,4 +1,4 @@
-"""`EvaluateConfig`: every knob of `train evaluate`, declared once with `train.config.knob` (help, `--help`
+"""`EvaluateConfig`: every knob of `train evaluate`, declared once with `prep.knobs.knob` (help, `--help`
 panel, range or choices in the field's metadata). `train/commands/evaluate.py` generates the Typer options
 from it and `validate()` checks any config, however it was built (CLI, `pipelines.study`, tests). Torch-free,
 so `train --help` stays fast.
@@ -7,23 +7,20 @@ so `train --help` stays fast.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass
-from typing import Any
 
-from train.config import ConfigError, knob
-
-# fields the command cannot run without (a library caller may leave them unset: `compute_metrics` needs neither)
-REQUIRED = ("encoder", "out")
+from prep.knobs import ConfigError, check_knobs, knob
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
     # input and output
-    encoder: str | None = knob(None, "Run dir (uses its encoder.safetensors, else last.pt) or an encoder.safetensors file.", "Input and output")
+    # `required`: the command cannot run without them (a library caller may leave them unset: `compute_metrics`
+    # needs neither)
+    encoder: str | None = knob(None, "Run dir (uses its encoder.safetensors, else last.pt) or an encoder.safetensors file.", "Input and output", required=True)
     shards: str | None = knob(None, "Shard dir (recursive *.tar), glob or tar; with --manifest, the folder relative shard paths resolve against. Default: none.", "Input and output")
     manifest: str | None = knob(None, "samples.parquet (a path or a URL): evaluate exactly its rows, labels from the manifest. Default: none (every sample of --shards).", "Input and output")
-    out: str | None = knob(None, "Output dir (local) for metrics.json, scores.parquet, report.md and the PNG figures.", "Input and output")
+    out: str | None = knob(None, "Output dir (local) for metrics.json, scores.parquet, report.md and the PNG figures.", "Input and output", required=True)
     train_split: str = knob("training", "Split the probes are fitted on.", "Input and output")
     test_split: str = knob("test", "Split the probes and detection are scored on.", "Input and output")
     detection_only: bool = knob(False, "Embed the test split of --manifest only: detection AUCs and pixel baselines, no probes or kNN (fast, for ablations).", "Input and output", flag="--detection-only")
@@ -56,31 +53,13 @@ class EvaluateConfig:
 
     def validate(self) -> "EvaluateConfig":
         """Raise `ConfigError` naming the flag to fix for the first invalid value; returns self."""
-        for f in dataclasses.fields(self):
-            value, meta = getattr(self, f.name), f.metadata
-            flag = meta["flag"] or "--" + f.name.replace("_", "-")
-            for v in value if isinstance(value, tuple) else (value,):
-                if v is None:
-                    continue
-                if meta["choices"] is not None and v not in meta["choices"]:
-                    raise ConfigError("bad_option", f"{flag} {v!r}: choose one of {'|'.join(meta['choices'])}")
-                if meta["min"] is not None and v < meta["min"]:
-                    raise ConfigError("bad_option", f"{flag} must be >= {meta['min']}, got {v}")
-                if meta["max"] is not None and v > meta["max"]:
-                    raise ConfigError("bad_option", f"{flag} must be <= {meta['max']}, got {v}")
+        check_knobs(self)
         checks = [
             (self.shards or self.manifest, "no_data", "give --shards DIR or --manifest samples.parquet"),
             (not self.detection_only or self.manifest, "bad_option",
              "--detection-only selects the test split from --manifest: give --manifest samples.parquet"),
-            (self.label_fractions, "bad_option", "--label-fraction: give at least one fraction"),
         ]
         for ok, reason, detail in checks:
             if not ok:
                 raise ConfigError(reason, detail)
         return self
-
-
-def cli_fields() -> list[tuple[dataclasses.Field, Any]]:
-    """(field, resolved type) of every knob, in declaration order, for the CLI generator."""
-    hints = typing.get_type_hints(EvaluateConfig)
-    return [(f, hints[f.name]) for f in dataclasses.fields(EvaluateConfig)]

@@ -38,7 +38,8 @@ from torch import nn
 
 from prep.errors import ContralateralError
 from prep.io import write_bytes_atomic, write_json_atomic
-from prep.progress import LineThrottle
+from prep.progress import step_progress
+from prep.storage import local_path
 from train import distributed
 from train.augment import augment
 from train.checkpoint import (
@@ -396,7 +397,7 @@ def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo) -> Path:
     cfg.validate(info.world_size)
     device = info.device
     configure_backends(cfg.deterministic, device)
-    run_dir = Path(cfg.out)
+    run_dir = local_path(cfg.out, "--out")
     say = print if info.is_main and cfg.progress else (lambda *a, **k: None)
 
     # 1. selection and splits
@@ -474,7 +475,7 @@ def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo) -> Path:
     stop = {"signal": None}
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal="SIGTERM"))
     tb, metrics = _open_logs(run_dir, step) if info.is_main else (None, None)
-    lines = LineThrottle(cfg.steps, start=step)
+    progress = step_progress(f"finetune {cfg.task}", cfg.steps, step) if info.is_main and cfg.progress else None
     started = time.monotonic()
     window = {"t": time.monotonic(), "steps": 0}
     stopped = "early_stopped" if best["early_stopped"] else "completed"
@@ -522,9 +523,8 @@ def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo) -> Path:
                         stopped = "early_stopped"
                 if record is not None and info.is_main:
                     _write_logs(tb, metrics, record)
-                    if lines.due(step):
-                        say(f"finetune {cfg.task}: step {step}/{cfg.steps} " + " ".join(
-                            f"{k}={v:.3g}" for k, v in record.items() if k != "step"))
+                    if progress is not None:
+                        progress.update(step, stats=" ".join(f"{k}={v:.3g}" for k, v in record.items() if k != "step"))
                 if at_epoch_end or stopped != "completed":
                     state = checkpoint(step)
                     if info.is_main:
@@ -535,6 +535,8 @@ def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo) -> Path:
             del batches, loader
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
+        if progress is not None:
+            progress.close()
         if info.is_main:
             tb.close()
             metrics.close()

@@ -1,4 +1,4 @@
-"""`FinetuneConfig`: every knob of `train finetune`, declared once with `train.config.knob()` (torch-free, so
+"""`FinetuneConfig`: every knob of `train finetune`, declared once with `prep.knobs.knob()` (torch-free, so
 `train --help` stays fast). `train/commands/finetune.py` generates the Typer options from these fields and
 `validate()` checks any config, however it was built (CLI, `pipelines.study`, the contrast-detail benchmark).
 """
@@ -9,7 +9,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from train.config import ConfigError, check_knobs, knob
+from prep.knobs import ConfigError, check_knobs, knob
 
 FREEZE_PATTERN = re.compile(r"^(none|backbone|stages:\d+)$")
 
@@ -17,7 +17,7 @@ FREEZE_PATTERN = re.compile(r"^(none|backbone|stages:\d+)$")
 @dataclass
 class FinetuneConfig:
     # data
-    manifest: str | None = knob(None, "samples.parquet of the build: selects the samples and holds the labels (joined by key).", "Data")
+    manifest: str | None = knob(None, "samples.parquet of the build (a path or a URL): selects the samples and holds the labels (joined by key).", "Data")
     shards: str | None = knob(None, "Folder the manifest's relative shard paths resolve against [default: the manifest's folder and its parents].", "Data")
     where: str | None = knob(None, "pandas query over the manifest applied before the splits, e.g. \"view == 'CC'\" (label columns allowed).", "Data")
     task: str = knob("ipsi_abnormal", "Label column of samples.parquet to predict: a bool column (binary) or a string column (multi-class: density, breast_birads_ipsi...).", "Data")
@@ -55,7 +55,7 @@ class FinetuneConfig:
     n_boot: int = knob(1000, "Study-level bootstrap resamples for the test CIs.", "Evaluation", min=0)
     eval_batch_size: int = knob(128, "Patches per forward pass in validation and test.", "Evaluation", min=1, runtime=True)
     # run
-    out: str = knob("runs/finetune", "Run directory (checkpoints, finetune.json, test_scores.parquet, report.md).", "Run", runtime=True)
+    out: str = knob("runs/finetune", "Run directory, local (checkpoints, finetune.json, test_scores.parquet, report.md).", "Run", runtime=True)
     seed: int = knob(0, "Seed of the splits, the label subsample, initialisation, data stream and augmentation.", "Run")
     tag: str | None = knob(None, "Name of this run's row in `train compare` [default: the encoder's method, or random-init].", "Run", runtime=True)
     deterministic: bool = knob(False, "Deterministic kernels (the data stream is always seeded): a resumed run then matches an uninterrupted one.", "Run")

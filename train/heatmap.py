@@ -14,8 +14,8 @@ import numpy as np
 
 from prep.config import PrepConfig
 from prep.datasets import get_adapter
-from prep.decode import UnsupportedImage, decode_dicom, read_dicom
-from prep.pairs import image_input, located_findings
+from prep.decode import UnsupportedImage
+from prep.pairs import load_image_input, located_findings
 from train.detect import cut_view, encoder_features, image_features, nearest_map
 
 
@@ -77,7 +77,7 @@ def study_heatmap(
     inputs = {}
     try:
         for rec in (left_rec, right_rec):
-            inputs[rec.laterality] = image_input(rec, decode_dicom(read_dicom(rec.path), assumed_spacing_mm=assumed_spacing_mm))
+            inputs[rec.laterality] = load_image_input(rec, assumed_spacing_mm)
     except UnsupportedImage as exc:
         return None, f"study {study} {view}: {exc}"
     images, problem = cut_view(inputs["L"], inputs["R"], cfg, max(1, cfg.patch_px // 2))

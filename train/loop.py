@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from prep.io import write_json_atomic
-from prep.progress import LineThrottle
+from prep.progress import step_progress
 from prep.storage import StorageError, local_path
 from train import distributed
 from train.checkpoint import (
@@ -490,38 +490,23 @@ def _write_logs(tb, metrics, record: dict) -> None:
 
 
 class _progress:
-    """Rank 0's progress: loss terms, mixture, labels, collapse, speed, data wait. A Rich bar on a terminal;
-    elsewhere (a log file, CI, SLURM) whole plain lines at a bounded rate (`prep.progress`), which a live
-    display would cut to 80 columns."""
+    """Rank 0's progress: loss terms, mixture, labels, collapse, speed, data wait (`prep.progress.make_progress`:
+    a Rich bar on a terminal; elsewhere (a log file, CI, SLURM) whole plain lines at a bounded rate, which a
+    live display would cut to 80 columns)."""
 
     SHOWN = ("loss", "loss_pairs", "loss_neg", "gmm1_mu0", "gmm1_mu1", "s_below_half", "val_auc_1ms1", "emb_std", "lr",
              "pairs_per_s", "data_wait", "gpu_mem_gb")  # fmt: skip
 
     def __init__(self, cfg, enabled: bool, start: int):
-        self.bar = self.lines = None
-        if enabled and cfg.progress:
-            from rich.console import Console
-
-            if not Console().is_interactive:
-                self.lines, self.method, self.total = LineThrottle(cfg.steps, start=start), cfg.method, cfg.steps
-                return
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeRemainingColumn(), TextColumn("{task.fields[stats]}"))  # fmt: skip
-            self.bar.start()
-            self.task = self.bar.add_task(cfg.method, total=cfg.steps, completed=start, stats="")
+        self.progress = step_progress(cfg.method, cfg.steps, start) if enabled and cfg.progress else None
 
     def update(self, step: int, record: dict) -> None:
-        stats = " ".join(f"{k}={record[k]:.3g}" for k in self.SHOWN if k in record)
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, stats=stats)
-        elif self.lines is not None and self.lines.due(step):
-            print(f"{self.method}: step {step}/{self.total} {stats}", flush=True)
+        if self.progress is not None:
+            self.progress.update(step, stats=" ".join(f"{k}={record[k]:.3g}" for k in self.SHOWN if k in record))
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+        if self.progress is not None:
+            self.progress.close()
 
 
 def _smoke(cfg, selection, stream, per_rank_batch, device, run_step, amp_dtype, say) -> dict:

@@ -25,9 +25,9 @@ import dataclasses
 import hashlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -37,6 +37,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from prep.decode import MIN_SIDE_PX, decode_dicom
 from prep.io import atomic_open
+from prep.knobs import check_knobs, knob
 from prep.synth import anatomy
 from prep.synth.archive import (
     BENIGN_ASYMMETRY_RATE,
@@ -78,61 +79,41 @@ class ContrastDetailError(SynthError):
     position in any background fits the lesion), mask_encode_failed."""
 
 
-def _knob(default: Any, help: str, **checks) -> Any:
-    return field(default=default, metadata={"help": help, **checks})
-
-
 @dataclass(frozen=True)
 class ContrastDetailConfig:
     """Every knob of the contrast-detail archive (the CLI `prep synth-cd` is generated from these fields;
     the config is saved in ground_truth/truth.json)."""
 
-    seed: int = _knob(0, "Random seed; the same seed gives a byte-identical archive.")
-    size: str = _knob("small", "'small' = real physical field at 1/5 of the pixels (~0.4 mm/px), 'full' = real "
-                      "detector sizes (~0.085 mm/px).", choices=SIZES)
-    spacing_mm: float | None = _knob(None, "Sample the detector field at this spacing (mm/px) instead of "
-                                     "--size's (the calcification subset uses 0.1).", min=0.05, max=1.0)
-    train_studies: int = _knob(200, "Generator 2.0 studies in the training split (lesions at --prevalence, "
-                               "drawn over the whole grid: kind and diameter uniform, contrast log-uniform).", min=0)
-    prevalence: float = _knob(LESION_PREVALENCE, "Share of training studies with a lesion (one breast, both "
-                              "views).", min=0.0, max=1.0)
-    trials_per_cell: int = _knob(45, "Lesion-on images (trials) per kind x diameter x contrast cell in the test "
-                                 "split; ~45 gives a study-level AUC interval ~0.10 wide near 0.75.", min=1)
-    kinds: tuple[str, ...] = _knob(KINDS[:3], "Lesion kinds (repeat the flag).", choices=KINDS)
-    diameters_mm: tuple[float, ...] = _knob((5.0, 8.0, 12.0, 20.0, 30.0), "Lesion diameters in mm (repeat the "
-                                            "flag); for calcification clusters, the specks' diameter.", min=0.05)
-    contrasts: tuple[float, ...] = _knob((0.02, 0.04, 0.08, 0.16, 0.32), "Contrasts over the local background, "
-                                         "as fractions (repeat the flag).", min=0.001, max=1.0)
-    studies_per_background: int = _knob(5, "Lesion-on studies (of different cells) sharing one lesion-off twin; "
-                                         "a cell never uses a background twice.", min=1)
-    margin_mm: float = _knob(5.0, "Least distance of a lesion's support from the skin line, the pectoral "
-                             "muscle, the image edge and burned-in artefacts.", min=0.0)
+    seed: int = knob(0, "Random seed; the same seed gives a byte-identical archive.")
+    size: str = knob("small", "'small' = real physical field at 1/5 of the pixels (~0.4 mm/px), 'full' = real "
+                     "detector sizes (~0.085 mm/px).", choices=SIZES)
+    spacing_mm: float | None = knob(None, "Sample the detector field at this spacing (mm/px) instead of "
+                                    "--size's (the calcification subset uses 0.1).", min=0.05, max=1.0)
+    train_studies: int = knob(200, "Generator 2.0 studies in the training split (lesions at --prevalence, "
+                              "drawn over the whole grid: kind and diameter uniform, contrast log-uniform).", min=0)
+    prevalence: float = knob(LESION_PREVALENCE, "Share of training studies with a lesion (one breast, both "
+                             "views).", min=0.0, max=1.0)
+    trials_per_cell: int = knob(45, "Lesion-on images (trials) per kind x diameter x contrast cell in the test "
+                                "split; at 45 the study-level AUC interval is ~0.20 wide near AUC 0.75 (~180 "
+                                "trials for ~0.10).", min=1)
+    kinds: tuple[str, ...] = knob(KINDS[:3], "Lesion kinds (repeat the flag).", choices=KINDS)
+    diameters_mm: tuple[float, ...] = knob((5.0, 8.0, 12.0, 20.0, 30.0), "Lesion diameters in mm (repeat the "
+                                           "flag); for calcification clusters, the specks' diameter.", min=0.05)
+    contrasts: tuple[float, ...] = knob((0.02, 0.04, 0.08, 0.16, 0.32), "Contrasts over the local background, "
+                                        "as fractions (repeat the flag).", min=0.001, max=1.0)
+    studies_per_background: int = knob(5, "Lesion-on studies (of different cells) sharing one lesion-off twin; "
+                                        "a cell never uses a background twice.", min=1)
+    margin_mm: float = knob(5.0, "Least distance of a lesion's support from the skin line, the pectoral "
+                            "muscle, the image edge and burned-in artefacts.", min=0.0)
 
     def validate(self) -> ContrastDetailConfig:
-        for f in dataclasses.fields(self):
-            value, meta = getattr(self, f.name), f.metadata
-            values = value if isinstance(value, tuple) else (value,)
-            if isinstance(value, tuple) and not value:
-                raise ContrastDetailError("bad_option", f"--{_flag(f.name)} needs at least one value")
-            for v in values:
-                if v is None:
-                    continue
-                if meta.get("choices") and v not in meta["choices"]:
-                    raise ContrastDetailError("bad_option", f"--{_flag(f.name)} {v!r}: choose from {meta['choices']}")
-                if meta.get("min") is not None and v < meta["min"]:
-                    raise ContrastDetailError("bad_option", f"--{_flag(f.name)} {v} is below {meta['min']}")
-                if meta.get("max") is not None and v > meta["max"]:
-                    raise ContrastDetailError("bad_option", f"--{_flag(f.name)} {v} is above {meta['max']}")
+        check_knobs(self, error=ContrastDetailError)
         return self
 
     @property
     def cells(self) -> list[tuple[str, float, float]]:
         """(kind, diameter_mm, contrast) of every cell, kind-major."""
         return [(k, float(d), float(c)) for k in self.kinds for d in self.diameters_mm for c in self.contrasts]
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
 
 
 def calcification_subset(**overrides) -> ContrastDetailConfig:

@@ -3,11 +3,9 @@ are generated from `DetectConfig`'s knobs (train/detect.py), as `train pretrain`
 
 from __future__ import annotations
 
-import inspect
-
 import typer
 
-from train.commands.pretrain import knob_parameters
+from prep.knobs import config_kwargs, generated_command, knob_parameters
 from train.config import ConfigError
 from train.detect import DetectConfig
 
@@ -17,17 +15,17 @@ def detect(**options) -> None:
     a one-sided kNN score against a label-free bank, and their combination), marks, breast and exam scores;
     exam-level AUC, lateralisation, localisation and FROC where the archive has labels; detections.parquet,
     detect.md, FROC curve and overlays."""
-    from rich.console import Console
-
     from prep.datasets import DatasetError
+    from prep.progress import make_progress
+    from prep.storage import StorageError
     from train.detect import DetectError
     from train.detect_report import run_detection
 
-    console = Console(stderr=True)
     try:
-        cfg = DetectConfig(**options).validate()
-        summary = run_detection(cfg, on_study=lambda study: console.print(f"  {study}", highlight=False))
-    except (ConfigError, DetectError, DatasetError) as exc:
+        cfg = DetectConfig(**config_kwargs(DetectConfig, options)).validate()
+        with make_progress("detect", None, unit="studies") as progress:
+            summary = run_detection(cfg, progress=lambda done, total: progress.update(done, total))
+    except (ConfigError, DetectError, DatasetError, StorageError) as exc:
         typer.echo(f"train detect: {exc}", err=True)
         raise typer.Exit(2) from None
     method, variant = summary["primary"]
@@ -37,5 +35,4 @@ def detect(**options) -> None:
                f"{auc} ({method}, {variant}) -> {cfg.out}/detect.md")
 
 
-detect.__signature__ = inspect.Signature(knob_parameters(DetectConfig), return_annotation=None)
-detect.__annotations__ = {p.name: p.annotation for p in detect.__signature__.parameters.values()}
+generated_command(detect, knob_parameters(DetectConfig))

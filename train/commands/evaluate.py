@@ -1,47 +1,15 @@
 """`train evaluate`: frozen-feature evaluation of an exported encoder (torch imported lazily).
 
-The options are generated from `EvaluateConfig`'s fields (help, panel, flag, range in their metadata), so a
-knob is declared once, in train/evaluate_config.py.
+The options are generated from `EvaluateConfig`'s fields (`prep.knobs.knob_parameters`), so a knob is
+declared once, in train/evaluate_config.py.
 """
 
 from __future__ import annotations
 
-import inspect
-import types
-import typing
-from typing import Annotated, List, Optional
-
 import typer
 
-from train.config import ConfigError
-from train.evaluate_config import REQUIRED, EvaluateConfig, cli_fields
-
-
-def _cli_type(tp):
-    """The spelling Typer expects: `X | None` -> Optional[X], `tuple[X, ...]` -> List[X] (a repeatable option)."""
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
-        (inner,) = [a for a in args if a is not type(None)]
-        return Optional[inner]
-    if typing.get_origin(tp) is tuple:
-        return List[args[0]]
-    return tp
-
-
-def _parameters() -> list[inspect.Parameter]:
-    params = []
-    for f, tp in cli_fields():
-        meta = f.metadata
-        decls = [meta["flag"]] if meta["flag"] else []
-        default = ... if f.name in REQUIRED else (list(f.default) if isinstance(f.default, tuple) else f.default)
-        shown = "" if f.name in REQUIRED or f.default is None or isinstance(f.default, bool) else (
-            f" Default: {' '.join(map(str, f.default)) if isinstance(f.default, tuple) else f.default}.")
-        # `[` opens Rich markup in help text: escape it
-        option = typer.Option(*decls, help=(meta["help"] + shown).replace("[", "\\["), rich_help_panel=meta["panel"],
-                              show_default=False)
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                        annotation=Annotated[_cli_type(tp), option]))
-    return params
+from prep.knobs import ConfigError, config_kwargs, generated_command, knob_parameters
+from train.evaluate_config import EvaluateConfig
 
 
 def evaluate(**options) -> None:
@@ -49,24 +17,27 @@ def evaluate(**options) -> None:
     probe on grid samples (1/10/100 % labels; finding-centred lesions apart), BI-RADS / density, kNN vote;
     study-level CIs; writes metrics.json, scores.parquet, report.md and figures."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from prep.progress import make_progress
 
     console = Console(stderr=True)
-    options["label_fractions"] = tuple(options["label_fractions"])
     try:
-        cfg = EvaluateConfig(**{k: str(v) if hasattr(v, "__fspath__") else v for k, v in options.items()}).validate()
+        cfg = EvaluateConfig(**config_kwargs(EvaluateConfig, options)).validate()
     except ConfigError as exc:
         console.print(f"[red]train evaluate: {exc.reason}[/red]: {exc.detail}")
         raise typer.Exit(2) from None
     from prep.storage import StorageError
     from train.evaluate import EvaluationError, evaluate as run
 
-    with Progress(TextColumn("embedding pairs"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        task = progress.add_task("embed", total=None)
+    embedded = {"pairs": 0}
+
+    def on_batch(n: int) -> None:
+        embedded["pairs"] += n
+        progress.update(embedded["pairs"])
+
+    with make_progress("embedding", None, unit="pairs", console=console) as progress:
         try:
-            metrics = run(cfg, on_batch=lambda n: progress.advance(task, n),
-                          on_total=lambda total: progress.update(task, total=total))
+            metrics = run(cfg, on_batch=on_batch, on_total=lambda total: progress.update(embedded["pairs"], total))
         except StorageError as exc:
             console.print(f"train evaluate: {exc}", markup=False, soft_wrap=True)
             raise typer.Exit(2) from None
@@ -85,5 +56,4 @@ def evaluate(**options) -> None:
     )
 
 
-evaluate.__signature__ = inspect.Signature(_parameters(), return_annotation=None)
-evaluate.__annotations__ = {p.name: p.annotation for p in evaluate.__signature__.parameters.values()}
+generated_command(evaluate, knob_parameters(EvaluateConfig))

@@ -7,11 +7,9 @@ the command so `train --help` stays fast.
 
 from __future__ import annotations
 
-import inspect
-
 import typer
 
-from train.commands.pretrain import knob_parameters
+from prep.knobs import config_kwargs, generated_command, knob_parameters
 from train.config import ConfigError
 from train.finetune_config import FinetuneConfig
 
@@ -24,19 +22,19 @@ def finetune(**options) -> None:
     ipsi_abnormal). Writes finetune.json, test_scores.parquet, report.md, classifier.safetensors under --out.
     Rerunning the same command continues the run; SIGTERM checkpoints and exits.
     """
+    from prep.storage import StorageError
     from train.checkpoint import CheckpointError
     from train.data import DataError
     from train.finetune import FinetuneError, finetune as run
     from train.models import EncoderError
 
     try:
-        cfg = FinetuneConfig(**options).validate()
+        cfg = FinetuneConfig(**config_kwargs(FinetuneConfig, options)).validate()
         run_dir = run(cfg)
-    except (ConfigError, CheckpointError, DataError, EncoderError, FinetuneError) as exc:
+    except (ConfigError, CheckpointError, DataError, EncoderError, FinetuneError, StorageError) as exc:
         typer.echo(f"train finetune: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"run {run_dir}" + (f": {run_dir / 'report.md'}" if (run_dir / "report.md").is_file() else ""))
 
 
-finetune.__signature__ = inspect.Signature(knob_parameters(FinetuneConfig), return_annotation=None)
-finetune.__annotations__ = {p.name: p.annotation for p in finetune.__signature__.parameters.values()}
+generated_command(finetune, knob_parameters(FinetuneConfig))
