@@ -33,7 +33,7 @@ from rich.console import Console
 
 DEMO_METHODS = ("random", "siamese-soft", "siamese-hard", "simclr", "ld")
 # the demo's lesions (see the module docstring): `prep synth-cd` grid and split sizes
-DEMO_GRID = {"kinds": ("circumscribed mass", "spiculated mass"), "diameters_mm": (20.0,), "contrasts": (0.32,),
+DEMO_GRID = {"kinds": ("circumscribed mass", "spiculated mass"), "diameters_mm": (30.0,), "contrasts": (0.16, 0.32),
              "train_studies": 60}
 DEMO_TRIALS_PER_CELL = 40
 HEADLINE = ("siamese-hard", "random")  # the comparison the closing screen states
