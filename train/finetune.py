@@ -45,11 +45,11 @@ from train.augment import augment
 from train.checkpoint import (
     check_compatible,
     config_hash,
+    gather_rng_states,
     load_checkpoint,
     resolve_resume,
-    rng_state,
+    restore_rank_rng,
     save_run_checkpoint,
-    set_rng_state,
 )
 from train.data import (
     PairStream,
@@ -69,7 +69,6 @@ from train.loop import (
     _should_stop,
     _write_logs,
     autocast_dtype,
-    configure_backends,
     default_crop,
     in_process_group,
     lr_lambda,
@@ -394,9 +393,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
 
 
 def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo) -> Path:
-    cfg.validate(info.world_size)
-    device = info.device
-    configure_backends(cfg.deterministic, device)
+    device = info.device  # cfg validated and backends configured by `in_process_group`
     run_dir = local_path(cfg.out, "--out")
     say = print if info.is_main and cfg.progress else (lambda *a, **k: None)
 
@@ -425,10 +422,7 @@ def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo) -> Path:
     best = {"step": -1, "score": -float("inf"), "bad": 0, "state": None, "early_stopped": False}
 
     def checkpoint(step: int) -> dict:
-        rngs = [rng_state()]
-        if info.world_size > 1:
-            rngs = [None] * info.world_size
-            torch.distributed.all_gather_object(rngs, rng_state())
+        rngs = gather_rng_states(info.world_size)
         return {
             "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng_by_rank": rngs,
@@ -448,8 +442,7 @@ def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo) -> Path:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        rngs = ckpt["rng_by_rank"]
-        set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
+        restore_rank_rng(ckpt["rng_by_rank"], info.rank)
         step = int(ckpt["step"])
         best.update(step=int(ckpt["best_step"]), score=float(ckpt["best_score"]), bad=int(ckpt["best_bad"]),
                     state=ckpt["best_model"] or None, early_stopped=bool(ckpt["early_stopped"]))  # fmt: skip

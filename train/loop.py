@@ -39,11 +39,11 @@ from train.checkpoint import (
     CheckpointError,
     check_compatible,
     config_hash,
+    gather_rng_states,
     load_checkpoint,
     resolve_resume,
-    rng_state,
+    restore_rank_rng,
     save_run_checkpoint,
-    set_rng_state,
 )
 from train.config import ConfigError, PretrainConfig
 from train.data import (
@@ -148,11 +148,14 @@ def configure_backends(deterministic: bool, device: torch.device) -> None:
 
 
 def in_process_group(cfg, body):
-    """`body(cfg, DistInfo)` inside the torchrun process group (or a single process) on `cfg.device`; the
-    global determinism setting and the group are restored/torn down afterwards."""
+    """`body(cfg, DistInfo)` inside the torchrun process group (or a single process) on `cfg.device`, with
+    `cfg` validated for the group's size and the backends configured; the global determinism setting and the
+    group are restored/torn down afterwards."""
     info = distributed.setup(cfg.device)
     previous_determinism = torch.are_deterministic_algorithms_enabled()
     try:
+        cfg.validate(info.world_size)
+        configure_backends(cfg.deterministic, info.device)
         return body(cfg, info)
     finally:
         torch.use_deterministic_algorithms(previous_determinism)
@@ -165,10 +168,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 
 def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
-    # 1. processes and device
-    cfg.validate(info.world_size)
+    # 1. processes and device (validated and configured by `in_process_group`)
     device = info.device
-    configure_backends(cfg.deterministic, device)
     run_dir = local_path(cfg.out, "--out")
     say = print if info.is_main else (lambda *a, **k: None)
 
@@ -326,8 +327,7 @@ def restart_from_checkpoint(path: Path, state: TrainState, run_hash: str, hashed
             state.optimizer.load_state_dict(ckpt["optimizer"])
             state.scheduler.load_state_dict(ckpt["scheduler"])
         state.scaler.load_state_dict(ckpt["scaler"])
-        rngs = ckpt["rng_by_rank"]
-        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        restore_rank_rng(ckpt["rng_by_rank"], rank)
         return int(ckpt["step"])
     except (KeyError, RuntimeError, ValueError) as exc:  # a foreign checkpoint, or a forced resume across models
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
@@ -352,10 +352,7 @@ class CheckpointSaver:
 
     def checkpoint(self, step: int) -> dict:
         method, optimizer, scheduler = self.state.method, self.state.optimizer, self.state.scheduler
-        rngs = [rng_state()]
-        if self.info.world_size > 1:
-            rngs = [None] * self.info.world_size
-            torch.distributed.all_gather_object(rngs, rng_state())
+        rngs = gather_rng_states(self.info.world_size)
         return {
             "step": step, "method": method.state_dict(), "extra": method.extra_state(),
             "optimizer": optimizer.state_dict() if optimizer else {},
