@@ -54,7 +54,7 @@ from train.checkpoint import (
 from train.data import (
     PairStream,
     Selection,
-    _ignore_sigterm,
+    ignore_sigterm,
     label_codes,
     normalisation,
     read_selection,
@@ -65,16 +65,16 @@ from train.data import (
 from train.embed import iter_samples
 from train.finetune_config import FinetuneConfig
 from train.loop import (
-    _open_logs,
-    _should_stop,
-    _write_logs,
     autocast_dtype,
     default_crop,
     in_process_group,
     lr_lambda,
+    open_logs,
     optimiser_step,
     param_groups,
+    should_stop,
     versions,
+    write_logs,
 )
 from train.metrics import (
     Bootstrap,
@@ -307,7 +307,7 @@ def make_train_loader(rows, cfg: FinetuneConfig, crop_px: int, per_rank_batch: i
     # its own generator: creating an iterator must not draw from the global torch RNG that augmentation uses
     generator = torch.Generator().manual_seed(stream_seed(cfg.seed, epoch))
     return torch.utils.data.DataLoader(dataset, batch_size=per_rank_batch, num_workers=cfg.num_workers,
-                                       pin_memory=pin, generator=generator, worker_init_fn=_ignore_sigterm, **extra)
+                                       pin_memory=pin, generator=generator, worker_init_fn=ignore_sigterm, **extra)
 
 
 # ---------------------------------------------------------------- 4./5. scoring and metrics
@@ -467,7 +467,7 @@ def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo) -> Path:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     stop = {"signal": None}
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal="SIGTERM"))
-    tb, metrics = _open_logs(run_dir, step) if info.is_main else (None, None)
+    tb, metrics = open_logs(run_dir, step) if info.is_main else (None, None)
     progress = step_progress(f"finetune {cfg.task}", cfg.steps, step) if info.is_main and cfg.progress else None
     started = time.monotonic()
     window = {"t": time.monotonic(), "steps": 0}
@@ -496,7 +496,7 @@ def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo) -> Path:
                               "loss": distributed.all_reduce_mean(float(loss.detach()), device),
                               "patches_per_s": window["steps"] * cfg.batch_size / elapsed}  # fmt: skip
                     window.update(t=time.monotonic(), steps=0)
-                stopped = _should_stop(cfg, step, stop, started, info, device)
+                stopped = should_stop(cfg, step, stop, started, info, device)
                 at_epoch_end = step % cfg.ckpt_every == 0 or step == cfg.steps
                 if at_epoch_end and has_val:
                     # 4. validation on the main rank; the stop decision is shared with every rank
@@ -515,7 +515,7 @@ def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo) -> Path:
                         best["early_stopped"] = True
                         stopped = "early_stopped"
                 if record is not None and info.is_main:
-                    _write_logs(tb, metrics, record)
+                    write_logs(tb, metrics, record)
                     if progress is not None:
                         progress.update(step, stats=" ".join(f"{k}={v:.3g}" for k, v in record.items() if k != "step"))
                 if at_epoch_end or stopped != "completed":

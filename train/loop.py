@@ -263,7 +263,7 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
         say(f"label diagnostic on {probe.pairs.describe()} (evaluation only)")
     stop = {"signal": None}
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal="SIGTERM"))
-    tb, metrics = _open_logs(run_dir, step) if info.is_main else (None, None)
+    tb, metrics = open_logs(run_dir, step) if info.is_main else (None, None)
     epochs = EpochRunner(
         cfg=cfg, info=info, device=device, state=state, saver=saver, run_step=run_step, amp_dtype=amp_dtype,
         clip_groups=method.clip_groups() if hasattr(method, "clip_groups") else [list(method.parameters())],
@@ -425,10 +425,10 @@ def train_one_epoch(run: EpochRunner, step: int) -> tuple[int, str, dict]:
             if run.probe is not None and (step % cfg.val_every == 0 or step == cfg.steps):
                 record.update(run.probe.run(state.method))
             if info.is_main:
-                _write_logs(run.tb, run.metrics, record)
+                write_logs(run.tb, run.metrics, record)
             run.progress.update(step, record)
             window.update(t=time.monotonic(), wait=0.0, steps=0)
-        stopped = _should_stop(cfg, step, run.stop, run.started, info, device)
+        stopped = should_stop(cfg, step, run.stop, run.started, info, device)
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stopped != "completed":
             run.saver.save(step)
         if stopped != "completed":
@@ -436,7 +436,7 @@ def train_one_epoch(run: EpochRunner, step: int) -> tuple[int, str, dict]:
     return step, stopped, logs
 
 
-def _should_stop(cfg, step, stop, started, info, device) -> str:
+def should_stop(cfg, step, stop, started, info, device) -> str:
     """The same decision on every rank: a signal on any rank (checked at log steps under DDP), --stop-at,
     or --max-time (minutes)."""
     if cfg.stop_at is not None and step >= cfg.stop_at and step < cfg.steps:
@@ -463,7 +463,7 @@ def _log(cfg, step, loss, logs, scheduler, window, global_batch, device, info) -
     return record
 
 
-def _open_logs(run_dir: Path, resume_step: int):
+def open_logs(run_dir: Path, resume_step: int):
     """TensorBoard writer and metrics.jsonl; records past the resumed step (logged after the last
     checkpoint of an interrupted run) are dropped so the file describes one history."""
     from torch.utils.tensorboard import SummaryWriter
@@ -478,7 +478,8 @@ def _open_logs(run_dir: Path, resume_step: int):
     return SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=resume_step + 1), open(path, "a")
 
 
-def _write_logs(tb, metrics, record: dict) -> None:
+def write_logs(tb, metrics, record: dict) -> None:
+    """One record (`step` and finite scalars) to metrics.jsonl, flushed, and to TensorBoard."""
     metrics.write(json.dumps(record) + "\n")
     metrics.flush()
     for key, value in record.items():
