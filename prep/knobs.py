@@ -62,6 +62,31 @@ def knob_from(config_class: type, name: str, default: Any = MISSING, **changes) 
     return field(default=source.default if default is MISSING else default, metadata=meta)
 
 
+class KnobConfig:
+    """Base of a run's knob dataclass: `to_dict()`, what the run records, and `hashed()`, what a resume must
+    match (every field but the `runtime` knobs)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hashed(self) -> dict:
+        runtime = runtime_knobs(type(self))
+        return {k: v for k, v in self.to_dict().items() if k not in runtime}
+
+
+def runtime_knobs(config_class: type) -> frozenset[str]:
+    """The knobs of `config_class` that change how a run is executed or observed, not what it computes."""
+    return frozenset(f.name for f in dataclasses.fields(config_class) if f.metadata.get("runtime"))
+
+
+def refuse_first(checks, error: Callable[[str, str], Exception] = ConfigError) -> None:
+    """Raise `error(reason, detail)` for the first `(ok, reason, detail)` of `checks` whose `ok` is false: a
+    config's own cross-field checks, after `check_knobs`."""
+    for ok, reason, detail in checks:
+        if not ok:
+            raise error(reason, detail)
+
+
 def is_knob(f: dataclasses.Field) -> bool:
     return "help" in f.metadata
 

@@ -147,6 +147,28 @@ def test_detect_command_writes_marks_and_overlays_without_labels(planted, tmp_pa
     assert not marks.isin(["planted", "twin"]).any().any()
 
 
+def test_detect_command_scores_a_single_study(planted, tmp_path):
+    """One study and no bank: the one-sided score has no other study to compare with (no marks); the pair score
+    still marks every image and the run writes all its outputs, saying why the other variants are empty."""
+    from prep.datasets import get_adapter
+    from train.cli import app
+
+    root, _ = planted
+    study = next(r.study_id for r in get_adapter("dicom-dir")(root).images() if r.path.split("/")[-2] == "twin")
+    out = tmp_path / "one"
+    result = CliRunner().invoke(app, ["detect", "--root", str(root), "--dataset", "dicom-dir", "--mm-per-px", "0.8",
+                                      "--patch-px", "32", "--where", f"study_id == '{study}'",
+                                      "--bank-studies", "0", "--out", str(out), "--overlays", "1"])
+    assert result.exit_code == 0, result.output
+    marks = pd.read_parquet(out / "detections.parquet")
+    assert set(marks["variant"]) == {"pair"} and marks["study_id"].nunique() == 1
+    assert marks.groupby(["method", "side", "view"]).ngroups == 2 * 4  # both baselines mark all four views
+    assert len(pd.read_parquet(out / "exams.parquet")) == 2 * 3  # one exam row per method and variant
+    summary = json.loads((out / "detect.json").read_text())
+    assert any("pair score stands alone" in n for n in summary["notes"])
+    assert (out / "overlays" / "top_1.png").is_file() and "pair score stands alone" in (out / "detect.md").read_text()
+
+
 def test_detect_command_refuses_a_bad_option(tmp_path):
     from train.cli import app
 

@@ -62,6 +62,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def gather_rng_states(world_size: int) -> list[dict]:
+    """Every rank's RNG states in rank order (a checkpoint's `rng_by_rank`); a collective with several ranks."""
+    if world_size == 1:
+        return [rng_state()]
+    states = [None] * world_size
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
+def restore_rank_rng(states: list[dict], rank: int) -> None:
+    """This rank's RNG states from a checkpoint's `rng_by_rank` (rank 0's where it was saved by fewer ranks)."""
+    set_rng_state(states[rank] if rank < len(states) else states[0])
+
+
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
     with atomic_open(Path(path)) as handle:
         torch.save(checkpoint, handle)

@@ -7,10 +7,9 @@ choice is ambiguous.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
-from prep.knobs import ConfigError, check_knobs, knob
+from prep.knobs import ConfigError, KnobConfig, check_knobs, knob, refuse_first, runtime_knobs
 from train.methods import METHODS  # the registry module is torch-free
 
 __all__ = ["ConfigError", "DEFAULTS", "GMM_MODES", "PretrainConfig", "RUNTIME_FIELDS", "SCOPES", "check_knobs", "knob"]
@@ -20,7 +19,7 @@ GMM_MODES = ("free", "anchored", "map")
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(KnobConfig):
     # data
     shards: str | None = knob(None, "Shard source: a directory (all *.tar below it), a glob, or one tar; with --manifest, the base dir for its relative shard paths.", "Data")
     manifest: str | None = knob(None, "samples.parquet to select samples from (reuses shards, nothing re-extracted).", "Data")
@@ -106,13 +105,6 @@ class PretrainConfig:
     smoke: bool = knob(False, "One batch through the whole step: print shapes, dtypes, ranges, memory; write nothing.", "Run", flag="--smoke", runtime=True)
     progress: bool = knob(True, "Rich progress line.", "Run", runtime=True)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def hashed(self) -> dict:
-        """The part of the config a resume must match."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
-
     def validate(self, world_size: int = 1) -> "PretrainConfig":
         """Raise `ConfigError` with the flag to fix for the first invalid value; returns self."""
         check_knobs(self)
@@ -128,11 +120,9 @@ class PretrainConfig:
             (not self.val_where or self.manifest, "bad_option", "--val-where selects from --manifest: give --manifest samples.parquet"),
             (self.resume in ("auto", "never") or bool(self.resume), "bad_option", "--resume: auto | never | PATH"),
         ]  # fmt: skip
-        for ok, reason, detail in checks:
-            if not ok:
-                raise ConfigError(reason, detail)
+        refuse_first(checks)
         return self
 
 
-RUNTIME_FIELDS = frozenset(f.name for f in dataclasses.fields(PretrainConfig) if f.metadata["runtime"])
+RUNTIME_FIELDS = runtime_knobs(PretrainConfig)
 DEFAULTS = PretrainConfig()

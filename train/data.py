@@ -235,7 +235,7 @@ def _decode_and_crop(src: Iterator[dict], seed: int | None, crop_px: int, max_sh
         yield ipsi[None], contra[None], sample["__group__"]
 
 
-def _ignore_sigterm(worker_id: int) -> None:
+def ignore_sigterm(worker_id: int) -> None:
     """Schedulers (SLURM, timeout) signal the whole process group: the main process checkpoints and
     shuts the workers down, so a worker must not die first."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -309,7 +309,7 @@ def make_loader(
     generator = torch.Generator().manual_seed(stream_seed(seed, data_epoch))
     loader = wds.WebLoader(
         dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, generator=generator,
-        worker_init_fn=_ignore_sigterm, **extra,
+        worker_init_fn=ignore_sigterm, **extra,
     )
     return loader.with_epoch(n_batches)
 

@@ -548,6 +548,9 @@ def detect(cfg: DetectConfig, backbone=None, encoder_meta: dict | None = None, e
     if cfg.bank_studies and not bank_ids:
         notes.append(f"no '{cfg.bank_split}' study outside the scored ones: the bank is the scored studies, "
                      "each left out of its own scoring")
+    if not bank_ids and len(chosen) == 1:
+        notes.append("one study scored and no bank study: the one-sided and combined scores need another study "
+                     "to compare with and stay empty; the pair score stands alone")
     timing = {"cut_seconds": 0.0, "studies": 0}
     cut = {"done": 0, "total": len(bank_ids) + len(chosen)}
 
@@ -716,7 +719,7 @@ def evaluate_method(det: Detection, column: str, cfg: DetectConfig, exams: pd.Da
                             "lesion_score": float(s), "top_mark_hit": bool(t)})
     lesions = pd.DataFrame(lesions, columns=["study_id", "image_id", "kind", "lesion_score", "top_mark_hit"])
     image_study = np.array([im.study_id for im, j in zip(det.images, judged) if j])
-    false = marks[marks["hit"].map(lambda h: h is False)]  # None: not judged
+    false = marks[marks["hit"].map(lambda h: h is False).to_numpy(bool)]  # None: not judged (an array: rows, even none)
     if det.labelled:
         kinds = sorted({k for ks in exams["kinds"] for k in ks})
         metrics["exam"] = exam_auc(scores["has_finding"].to_numpy(), scores["score"].to_numpy(),

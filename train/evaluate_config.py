@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from prep.knobs import ConfigError, check_knobs, knob
+from prep.knobs import check_knobs, knob, refuse_first
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,5 @@ class EvaluateConfig:
             (not self.detection_only or self.manifest, "bad_option",
              "--detection-only selects the test split from --manifest: give --manifest samples.parquet"),
         ]
-        for ok, reason, detail in checks:
-            if not ok:
-                raise ConfigError(reason, detail)
+        refuse_first(checks)
         return self

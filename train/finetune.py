@@ -45,16 +45,16 @@ from train.augment import augment
 from train.checkpoint import (
     check_compatible,
     config_hash,
+    gather_rng_states,
     load_checkpoint,
     resolve_resume,
-    rng_state,
+    restore_rank_rng,
     save_run_checkpoint,
-    set_rng_state,
 )
 from train.data import (
     PairStream,
     Selection,
-    _ignore_sigterm,
+    ignore_sigterm,
     label_codes,
     normalisation,
     read_selection,
@@ -65,17 +65,16 @@ from train.data import (
 from train.embed import iter_samples
 from train.finetune_config import FinetuneConfig
 from train.loop import (
-    _open_logs,
-    _should_stop,
-    _write_logs,
     autocast_dtype,
-    configure_backends,
     default_crop,
     in_process_group,
     lr_lambda,
+    open_logs,
     optimiser_step,
     param_groups,
+    should_stop,
     versions,
+    write_logs,
 )
 from train.metrics import (
     Bootstrap,
@@ -308,7 +307,7 @@ def make_train_loader(rows, cfg: FinetuneConfig, crop_px: int, per_rank_batch: i
     # its own generator: creating an iterator must not draw from the global torch RNG that augmentation uses
     generator = torch.Generator().manual_seed(stream_seed(cfg.seed, epoch))
     return torch.utils.data.DataLoader(dataset, batch_size=per_rank_batch, num_workers=cfg.num_workers,
-                                       pin_memory=pin, generator=generator, worker_init_fn=_ignore_sigterm, **extra)
+                                       pin_memory=pin, generator=generator, worker_init_fn=ignore_sigterm, **extra)
 
 
 # ---------------------------------------------------------------- 4./5. scoring and metrics
@@ -394,9 +393,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
 
 
 def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo) -> Path:
-    cfg.validate(info.world_size)
-    device = info.device
-    configure_backends(cfg.deterministic, device)
+    device = info.device  # cfg validated and backends configured by `in_process_group`
     run_dir = local_path(cfg.out, "--out")
     say = print if info.is_main and cfg.progress else (lambda *a, **k: None)
 
@@ -425,10 +422,7 @@ def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo) -> Path:
     best = {"step": -1, "score": -float("inf"), "bad": 0, "state": None, "early_stopped": False}
 
     def checkpoint(step: int) -> dict:
-        rngs = [rng_state()]
-        if info.world_size > 1:
-            rngs = [None] * info.world_size
-            torch.distributed.all_gather_object(rngs, rng_state())
+        rngs = gather_rng_states(info.world_size)
         return {
             "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng_by_rank": rngs,
@@ -448,8 +442,7 @@ def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo) -> Path:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        rngs = ckpt["rng_by_rank"]
-        set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
+        restore_rank_rng(ckpt["rng_by_rank"], info.rank)
         step = int(ckpt["step"])
         best.update(step=int(ckpt["best_step"]), score=float(ckpt["best_score"]), bad=int(ckpt["best_bad"]),
                     state=ckpt["best_model"] or None, early_stopped=bool(ckpt["early_stopped"]))  # fmt: skip
@@ -474,7 +467,7 @@ def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo) -> Path:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     stop = {"signal": None}
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal="SIGTERM"))
-    tb, metrics = _open_logs(run_dir, step) if info.is_main else (None, None)
+    tb, metrics = open_logs(run_dir, step) if info.is_main else (None, None)
     progress = step_progress(f"finetune {cfg.task}", cfg.steps, step) if info.is_main and cfg.progress else None
     started = time.monotonic()
     window = {"t": time.monotonic(), "steps": 0}
@@ -503,7 +496,7 @@ def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo) -> Path:
                               "loss": distributed.all_reduce_mean(float(loss.detach()), device),
                               "patches_per_s": window["steps"] * cfg.batch_size / elapsed}  # fmt: skip
                     window.update(t=time.monotonic(), steps=0)
-                stopped = _should_stop(cfg, step, stop, started, info, device)
+                stopped = should_stop(cfg, step, stop, started, info, device)
                 at_epoch_end = step % cfg.ckpt_every == 0 or step == cfg.steps
                 if at_epoch_end and has_val:
                     # 4. validation on the main rank; the stop decision is shared with every rank
@@ -522,7 +515,7 @@ def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo) -> Path:
                         best["early_stopped"] = True
                         stopped = "early_stopped"
                 if record is not None and info.is_main:
-                    _write_logs(tb, metrics, record)
+                    write_logs(tb, metrics, record)
                     if progress is not None:
                         progress.update(step, stats=" ".join(f"{k}={v:.3g}" for k, v in record.items() if k != "step"))
                 if at_epoch_end or stopped != "completed":

@@ -39,11 +39,11 @@ from train.checkpoint import (
     CheckpointError,
     check_compatible,
     config_hash,
+    gather_rng_states,
     load_checkpoint,
     resolve_resume,
-    rng_state,
+    restore_rank_rng,
     save_run_checkpoint,
-    set_rng_state,
 )
 from train.config import ConfigError, PretrainConfig
 from train.data import (
@@ -148,11 +148,14 @@ def configure_backends(deterministic: bool, device: torch.device) -> None:
 
 
 def in_process_group(cfg, body):
-    """`body(cfg, DistInfo)` inside the torchrun process group (or a single process) on `cfg.device`; the
-    global determinism setting and the group are restored/torn down afterwards."""
+    """`body(cfg, DistInfo)` inside the torchrun process group (or a single process) on `cfg.device`, with
+    `cfg` validated for the group's size and the backends configured; the global determinism setting and the
+    group are restored/torn down afterwards."""
     info = distributed.setup(cfg.device)
     previous_determinism = torch.are_deterministic_algorithms_enabled()
     try:
+        cfg.validate(info.world_size)
+        configure_backends(cfg.deterministic, info.device)
         return body(cfg, info)
     finally:
         torch.use_deterministic_algorithms(previous_determinism)
@@ -165,10 +168,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 
 def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
-    # 1. processes and device
-    cfg.validate(info.world_size)
+    # 1. processes and device (validated and configured by `in_process_group`)
     device = info.device
-    configure_backends(cfg.deterministic, device)
     run_dir = local_path(cfg.out, "--out")
     say = print if info.is_main else (lambda *a, **k: None)
 
@@ -262,7 +263,7 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict:
         say(f"label diagnostic on {probe.pairs.describe()} (evaluation only)")
     stop = {"signal": None}
     previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal="SIGTERM"))
-    tb, metrics = _open_logs(run_dir, step) if info.is_main else (None, None)
+    tb, metrics = open_logs(run_dir, step) if info.is_main else (None, None)
     epochs = EpochRunner(
         cfg=cfg, info=info, device=device, state=state, saver=saver, run_step=run_step, amp_dtype=amp_dtype,
         clip_groups=method.clip_groups() if hasattr(method, "clip_groups") else [list(method.parameters())],
@@ -326,8 +327,7 @@ def restart_from_checkpoint(path: Path, state: TrainState, run_hash: str, hashed
             state.optimizer.load_state_dict(ckpt["optimizer"])
             state.scheduler.load_state_dict(ckpt["scheduler"])
         state.scaler.load_state_dict(ckpt["scaler"])
-        rngs = ckpt["rng_by_rank"]
-        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        restore_rank_rng(ckpt["rng_by_rank"], rank)
         return int(ckpt["step"])
     except (KeyError, RuntimeError, ValueError) as exc:  # a foreign checkpoint, or a forced resume across models
         lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
@@ -352,10 +352,7 @@ class CheckpointSaver:
 
     def checkpoint(self, step: int) -> dict:
         method, optimizer, scheduler = self.state.method, self.state.optimizer, self.state.scheduler
-        rngs = [rng_state()]
-        if self.info.world_size > 1:
-            rngs = [None] * self.info.world_size
-            torch.distributed.all_gather_object(rngs, rng_state())
+        rngs = gather_rng_states(self.info.world_size)
         return {
             "step": step, "method": method.state_dict(), "extra": method.extra_state(),
             "optimizer": optimizer.state_dict() if optimizer else {},
@@ -428,10 +425,10 @@ def train_one_epoch(run: EpochRunner, step: int) -> tuple[int, str, dict]:
             if run.probe is not None and (step % cfg.val_every == 0 or step == cfg.steps):
                 record.update(run.probe.run(state.method))
             if info.is_main:
-                _write_logs(run.tb, run.metrics, record)
+                write_logs(run.tb, run.metrics, record)
             run.progress.update(step, record)
             window.update(t=time.monotonic(), wait=0.0, steps=0)
-        stopped = _should_stop(cfg, step, run.stop, run.started, info, device)
+        stopped = should_stop(cfg, step, run.stop, run.started, info, device)
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stopped != "completed":
             run.saver.save(step)
         if stopped != "completed":
@@ -439,7 +436,7 @@ def train_one_epoch(run: EpochRunner, step: int) -> tuple[int, str, dict]:
     return step, stopped, logs
 
 
-def _should_stop(cfg, step, stop, started, info, device) -> str:
+def should_stop(cfg, step, stop, started, info, device) -> str:
     """The same decision on every rank: a signal on any rank (checked at log steps under DDP), --stop-at,
     or --max-time (minutes)."""
     if cfg.stop_at is not None and step >= cfg.stop_at and step < cfg.steps:
@@ -466,7 +463,7 @@ def _log(cfg, step, loss, logs, scheduler, window, global_batch, device, info) -
     return record
 
 
-def _open_logs(run_dir: Path, resume_step: int):
+def open_logs(run_dir: Path, resume_step: int):
     """TensorBoard writer and metrics.jsonl; records past the resumed step (logged after the last
     checkpoint of an interrupted run) are dropped so the file describes one history."""
     from torch.utils.tensorboard import SummaryWriter
@@ -481,7 +478,8 @@ def _open_logs(run_dir: Path, resume_step: int):
     return SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=resume_step + 1), open(path, "a")
 
 
-def _write_logs(tb, metrics, record: dict) -> None:
+def write_logs(tb, metrics, record: dict) -> None:
+    """One record (`step` and finite scalars) to metrics.jsonl, flushed, and to TensorBoard."""
     metrics.write(json.dumps(record) + "\n")
     metrics.flush()
     for key, value in record.items():

@@ -141,7 +141,7 @@ def plot_heatmap(heatmap: Heatmap, path: Path, title: str) -> Path:
             ax.add_patch(Rectangle((box["xmin"], box["ymin"]), box["xmax"] - box["xmin"], box["ymax"] - box["ymin"],
                                    fill=False, ec="#33DD55", lw=1.5))
     axes[0].set_title("canonical breast\nannotated findings in green", fontsize=9)
-    axes[1].set_title(f"pair distance, mean of the covering patches\n({heatmap.n_patches} grid pairs)", fontsize=9)
+    axes[1].set_title(f"pair distance of the nearest grid position\n({heatmap.n_patches} grid pairs)", fontsize=9)
     fig.colorbar(im, ax=list(axes), shrink=0.8, pad=0.02, label="pair distance ||z_ipsi - z_contra||")
     fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
