@@ -36,7 +36,7 @@ DEMO_METHODS = ("random", "siamese-soft", "siamese-hard", "simclr", "ld")
 DEMO_GRID = {"kinds": ("circumscribed mass", "spiculated mass"), "diameters_mm": (30.0,), "contrasts": (0.16, 0.32),
              "train_studies": 60}
 DEMO_TRIALS_PER_CELL = 40
-DEMO_GRID_PATCHES = 6  # grid centres per pair direction: keeps the 160-study build's evaluation inside the budget
+DEMO_GRID_PATCHES = 4  # grid centres per pair direction: keeps the 160-study build's evaluation inside the budget
 HEADLINE = ("siamese-hard", "random")
 PIXEL_NAMES = {"pixel_l2": "raw-pixel L2", "mean_intensity_diff": "mean-intensity diff"}  # the comparison the closing screen states
 console = Console(stderr=True)
