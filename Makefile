@@ -29,8 +29,14 @@ CD_STEPS ?= 300
 CD_TRAIN_SEED ?= 0
 CD_METHODS ?= random siamese-hard siamese-soft simclr ld
 CD_BOOT ?= 2000
+# the soft-label study (issue 19, pre-registered in docs/RESULTS.md) on a finished contrast-detail folder
+SOFT_CD ?= $(CD_DIR)
+SOFT_OUT ?= softstudy
+SOFT_SEEDS ?= 0 1 2
+SOFT_STEPS ?= 300
+SOFT_CURVE ?= 60 300 1000
 
-.PHONY: venv demo test bench study study-archive ablation cd clean-demo
+.PHONY: venv demo test bench study study-archive ablation cd softlabel-study clean-demo
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -75,6 +81,12 @@ cd: venv
 	$(BIN)/python -m pipelines.contrast_detail --out $(CD_DIR) --seed $(CD_SEED) --size $(CD_SIZE) \
 		--trials-per-cell $(CD_TRIALS) --steps $(CD_STEPS) --train-seed $(CD_TRAIN_SEED) \
 		$(foreach m,$(CD_METHODS),--methods $(m)) --n-boot $(CD_BOOT)
+
+# siamese-hard and siamese-soft x --gmm-mode x --pair-photometric on $(SOFT_CD)'s shards and cached trial patches
+# (nothing rebuilt) -> $(SOFT_OUT)/softlabel_study.md and .json; resumes when rerun.
+softlabel-study: venv
+	$(BIN)/python -m pipelines.softlabel_study --cd $(SOFT_CD) --out $(SOFT_OUT) --steps $(SOFT_STEPS) \
+		$(foreach s,$(SOFT_SEEDS),--seeds $(s)) $(foreach n,$(SOFT_CURVE),--curve-steps $(n))
 
 bench: venv
 	$(BIN)/python benchmarks/prep_bench.py

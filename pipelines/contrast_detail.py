@@ -132,16 +132,20 @@ def study_config(cfg: CDJobConfig, shards: Path, manifests: Path):
                        crop_px=cfg.crop_px, num_workers=cfg.num_workers, device=cfg.device, pretrain_overrides=dict(cfg.pretrain_overrides))
 
 
-def pretrain_all(cfg: CDJobConfig, shards: Path, manifests: Path, say: Callable[[str], None]) -> dict[str, Path]:
-    """Run dir of every label-free method, pretrained once (finished runs skipped)."""
-    from pipelines.study import Arm, ensure_pretrained, pretrain_config
+def pretrain_all(cfg: CDJobConfig, shards: Path, manifests: Path, say: Callable[[str], None],
+                 arms: tuple = ()) -> dict[str, Path]:
+    """Run dir of every label-free method, or of every `pipelines.study.Arm` (name, method, PretrainConfig
+    overrides) of `arms`, keyed by name, pretrained once at `cfg.train_seed` (finished runs skipped)."""
+    from dataclasses import replace
 
-    study = study_config(cfg, shards, manifests)
+    from pipelines.study import ensure_pretrained, pretrain_config
+
+    study = replace(study_config(cfg, shards, manifests), arms=tuple(arms))
     runs = {}
-    for method in cfg.methods:
-        config = pretrain_config(study, Arm(method, method), cfg.train_seed)
+    for arm in study.study_arms():
+        config = pretrain_config(study, arm, cfg.train_seed)
         ensure_pretrained(config, say)
-        runs[method] = Path(config.out)
+        runs[arm.name] = Path(config.out)
     return runs
 
 

@@ -23,13 +23,13 @@ difference of log thresholds between two censored methods is 0, never invented.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import product
 
 import numpy as np
 import pandas as pd
 
-from train.metrics import holm, percentile_ci, resample_weights, weighted_aucs
+from train.metrics import holm, paired_delta_test, percentile_ci, resample_weights, weighted_aucs
 
 CELL = ("kind", "diameter_mm", "contrast")
 CURVE = ("method", "kind", "diameter_mm")
@@ -131,6 +131,9 @@ class CDResult:
     cell_size: dict
     n_studies: int
     n_boot: int
+    # ln c75 as held (censored at the tested range) of every curve under the data (draw 0) and every resample:
+    # {"methods", "kinds", "diameters": axis labels, "ln_c75": (methods, kinds, diameters, 1 + n_boot)}
+    draws: dict = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
         def records(frame):
@@ -169,9 +172,7 @@ def analyse(table: pd.DataFrame, cfg: CDConfig = CDConfig(),
     """
     table = check_table(table)
     methods = sorted(table["method"].unique())
-    trials = table[table["method"] == methods[0]].sort_values("trial_id").reset_index(drop=True)
-    codes, counts = study_draws(trials["study"].to_numpy(), cfg.n_boot, cfg.seed)
-    weights = np.concatenate([np.ones((1, len(trials))), counts[:, codes]])  # row 0: the data as drawn
+    trials, codes, counts, weights = trial_draws(table, cfg)
     scores = {m: g.set_index("trial_id").loc[trials["trial_id"]] for m, g in table.groupby("method")}
     x_column = "contrast_measured" if "contrast_measured" in trials.columns else "contrast"
 
@@ -234,7 +235,47 @@ def analyse(table: pd.DataFrame, cfg: CDConfig = CDConfig(),
     thresholds = pd.DataFrame(threshold_rows)
 
     deltas = paired_deltas(held, methods, kinds, diameters, comparisons or [], cfg)
-    return CDResult(cells, thresholds, deltas, cell_size(cells, cfg), n_studies=counts.shape[1], n_boot=len(weights) - 1)
+    return CDResult(cells, thresholds, deltas, cell_size(cells, cfg), n_studies=counts.shape[1], n_boot=len(weights) - 1,
+                    draws={"methods": methods, "kinds": kinds, "diameters": diameters, "ln_c75": held})
+
+
+def trial_draws(table: pd.DataFrame, cfg: CDConfig) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
+    """(trials in trial_id order, their study codes, draw counts, weights (1 + n_boot, n_trials) with row 0 the data
+    as drawn): the one set of background-study resamples every statistic of a table uses."""
+    trials = table[table["method"] == table["method"].min()].sort_values("trial_id").reset_index(drop=True)
+    codes, counts = study_draws(trials["study"].to_numpy(), cfg.n_boot, cfg.seed)
+    return trials, codes, counts, np.concatenate([np.ones((1, len(trials))), counts[:, codes]])
+
+
+def pooled_aucs(table: pd.DataFrame, cfg: CDConfig = CDConfig()) -> dict[str, np.ndarray]:
+    """Per method: the AUC of every lesion-on score against every twin score, all cells pooled, under the data
+    (element 0) and under the same background-study resamples as `analyse` (elements 1..n_boot)."""
+    table = check_table(table)
+    trials, _codes, _counts, weights = trial_draws(table, cfg)
+    out = {}
+    for method, group in table.groupby("method"):
+        rows = group.set_index("trial_id").loc[trials["trial_id"]]
+        out[method] = matched_aucs(rows["score_on"].to_numpy(float), rows["score_off"].to_numpy(float), weights)
+    return out
+
+
+def mean_ln_c75(result: CDResult, method: str) -> np.ndarray:
+    """Mean over a method's (kind, diameter) curves of ln c75 as held, under the data (element 0) and every
+    resample: one number per draw for the whole contrast-detail diagram (lower: detects at lower contrast)."""
+    held = result.draws["ln_c75"][result.draws["methods"].index(method)]
+    return np.nanmean(held.reshape(-1, held.shape[-1]), axis=0)
+
+
+def paired_over_seeds(values: dict[str, np.ndarray], pairs: list[tuple[str, str]], level: float = 0.95) -> dict:
+    """`train.metrics.paired_delta_test` of a statistic given per method under the data and the shared
+    resamples (`pooled_aucs`, `mean_ln_c75`): `pairs` are (a, b) of the same seed; Δ = mean over seeds of
+    a - b, its variance the resamples' (studies, paired: the same draws for every method) plus the spread over
+    seeds."""
+    if not pairs:
+        raise ValueError("paired_over_seeds needs at least one (a, b) pair")
+    per_seed = np.array([values[a][0] - values[b][0] for a, b in pairs])
+    boot = np.mean([values[a][1:] - values[b][1:] for a, b in pairs], axis=0)
+    return paired_delta_test(per_seed, boot[np.isfinite(boot)], level)
 
 
 def paired_deltas(held: np.ndarray, methods, kinds, diameters, comparisons, cfg: CDConfig) -> pd.DataFrame:
