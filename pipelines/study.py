@@ -96,12 +96,17 @@ def pretrain_config(cfg: StudyConfig, arm: Arm, seed: int):
 
 
 def ensure_pretrained(config, say: Callable[[str], None] = print) -> bool:
-    """Pretrain one validated `pretrain_config` unless its run already holds an exported encoder (an unfinished
-    run continues from its last.pt); True when it trained."""
+    """Pretrain one validated `pretrain_config` unless its run already holds an exported encoder of a completed
+    run (an unfinished run, or one stopped early by a signal or --stop-at, which exports too, continues from its
+    last.pt); True when it trained."""
+    import json
+
     from train.loop import pretrain
     from train.models import ENCODER_FILE
 
-    if (Path(config.out) / ENCODER_FILE).is_file():
+    summary = Path(config.out) / "summary.json"
+    stopped_early = summary.is_file() and json.loads(summary.read_text()).get("stopped") != "completed"
+    if (Path(config.out) / ENCODER_FILE).is_file() and not stopped_early:
         return False
     say(f"pretrain {Path(config.out).parent.name} seed {config.seed} ({config.steps} steps)")
     pretrain(config)

@@ -5,6 +5,7 @@ nothing."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +67,18 @@ def test_a_folder_without_a_build_is_one_clear_error(tmp_path):
     with pytest.raises(SoftStudyError) as error:
         run_softlabel_study(SoftStudyConfig(cd=str(tmp_path), out=str(tmp_path / "study")))
     assert error.value.reason == "not_a_cd_folder"
+
+
+def test_a_run_stopped_early_is_trained_on_not_taken_as_finished(tmp_path, tiny_cd):
+    """A SIGTERM (or --stop-at) exports an encoder too: a resumed study must continue that run to its steps."""
+    from pipelines.study import ensure_pretrained
+    from train.config import PretrainConfig
+
+    base = json.loads((Path(tiny_cd) / "runs" / "siamese-hard" / "seed0" / "config.json").read_text())["config"]
+    config = PretrainConfig(**{**base, "out": str(tmp_path / "run"), "steps": 3})
+    assert ensure_pretrained(PretrainConfig(**{**config.to_dict(), "stop_at": 1}), say=lambda line: None)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["stopped"], summary["step"]) == ("stop_at", 1)
+    assert ensure_pretrained(config, say=lambda line: None)  # continued, not skipped
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 3
+    assert not ensure_pretrained(config, say=lambda line: None)  # now finished: skipped
