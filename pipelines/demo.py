@@ -60,13 +60,13 @@ def closing_screen(out: Path, methods: tuple[str, ...], n_boot: int) -> str:
     probe AUC; one line on the headline comparison; where the full reports are."""
     import pandas as pd
 
-    from train.contrast_detail import CDConfig, pooled_aucs
+    from train.contrast_detail import CDConfig, pooled_auc_summary
 
     scores = pd.read_parquet(out / "cd_scores.parquet")
     backbones = scores[scores["method"].isin(methods)]
     comparisons = [HEADLINE] if set(HEADLINE) <= set(methods) else []
-    per_method, paired = pooled_aucs(backbones, CDConfig(n_boot=n_boot), comparisons)
-    baselines, _ = pooled_aucs(scores[scores["method"].isin(list(PIXEL_NAMES))], CDConfig(n_boot=n_boot))
+    per_method, paired = pooled_auc_summary(backbones, CDConfig(n_boot=n_boot), comparisons)
+    baselines, _ = pooled_auc_summary(scores[scores["method"].isin(list(PIXEL_NAMES))], CDConfig(n_boot=n_boot))
     per_method = per_method.set_index("method")
     lines = [f"Lesion detection, {int(per_method['n_trials'].iloc[0])} test lesions on "
              f"{int(per_method['n_studies'].iloc[0])} background studies: AUC of the pair distance, lesion vs the "

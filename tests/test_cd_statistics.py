@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-from train.contrast_detail import CDConfig, analyse, fit_psychometric, matched_aucs, psychometric
+from train.contrast_detail import CDConfig, analyse, fit_psychometric, matched_aucs, pooled_auc_summary, psychometric
 
 CONTRASTS = (0.02, 0.04, 0.08, 0.16, 0.32)
 
@@ -119,3 +119,18 @@ def test_methods_scoring_different_trials_are_refused():
     table = score_table({"a": None, "b": None}, trials_per_cell=5, seed=7)
     with pytest.raises(ValueError, match="same trials"):
         analyse(table.iloc[1:], CDConfig(n_boot=50))
+
+
+def test_pooled_summary_is_the_pooled_auc_with_a_paired_difference_that_finds_a_planted_gap():
+    """The demo's closing screen: each method's AUC over every trial of the grid, and a paired difference."""
+    table = score_table({"better": 0.75, "chance": None, "chance_again": None}, trials_per_cell=30, seed=6)
+    per_method, paired = pooled_auc_summary(table, CDConfig(n_boot=500, seed=0),
+                                            [("better", "chance"), ("chance_again", "chance")])
+    per_method = per_method.set_index("method")
+    for method, rows in table.groupby("method"):
+        pooled = roc_auc_score(np.r_[np.ones(len(rows)), np.zeros(len(rows))], np.r_[rows["score_on"], rows["score_off"]])
+        assert per_method.loc[method, "auc"] == pytest.approx(pooled)
+        assert per_method.loc[method, "auc_lo"] < pooled < per_method.loc[method, "auc_hi"]
+    paired = paired.set_index("a")
+    assert paired.loc["better", "ci_lo"] > 0 and paired.loc["better", "p"] < 0.01
+    assert paired.loc["chance_again", "ci_lo"] < 0 < paired.loc["chance_again", "ci_hi"]

@@ -315,30 +315,23 @@ def paired_deltas(held: np.ndarray, methods, kinds, diameters, comparisons, cfg:
     return frame
 
 
-def pooled_aucs(table: pd.DataFrame, cfg: CDConfig = CDConfig(),
-                comparisons: list[tuple[str, str]] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(per method, per comparison): the AUC of every lesion-on score against every twin score, pooled over all
-    cells, with its background-study bootstrap CI; and for each (a, b) the paired difference AUC(a) - AUC(b) on
-    the same resamples (percentile CI; two-sided p from the bootstrap SD, as `paired_deltas`). A pooled AUC
-    depends on the grid's mix of cells: it summarises one archive, c75 is the portable number."""
+def pooled_auc_summary(table: pd.DataFrame, cfg: CDConfig = CDConfig(),
+                       comparisons: list[tuple[str, str]] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per method, per comparison) tables of `pooled_aucs`: each method's pooled AUC with its background-study
+    bootstrap CI, and for each (a, b) the paired difference AUC(a) - AUC(b) on the same resamples (percentile CI;
+    two-sided p from the bootstrap SD, as `paired_deltas`). A pooled AUC depends on the grid's mix of cells: it
+    summarises one archive, c75 is the portable number."""
     from scipy import stats
 
-    table = check_table(table)
-    methods = sorted(table["method"].unique())
-    trials = table[table["method"] == methods[0]].sort_values("trial_id").reset_index(drop=True)
-    codes, counts = study_draws(trials["study"].to_numpy(), cfg.n_boot, cfg.seed)
-    weights = np.concatenate([np.ones((1, len(trials))), counts[:, codes]])
-    aucs = {}
-    for method, group in table.groupby("method"):
-        rows = group.set_index("trial_id").loc[trials["trial_id"]]
-        aucs[method] = matched_aucs(rows["score_on"].to_numpy(float), rows["score_off"].to_numpy(float), weights)
+    draws = pooled_aucs(table, cfg)
+    n_trials, n_studies = table["trial_id"].nunique(), table["study"].nunique()
     per_method = pd.DataFrame([
         {"method": m, "auc": float(a[0]), **dict(zip(("auc_lo", "auc_hi"), percentile_ci(a[1:], cfg.level) or [np.nan] * 2)),
-         "n_trials": len(trials), "n_studies": int(counts.shape[1])}
-        for m, a in aucs.items()])  # fmt: skip
+         "n_trials": n_trials, "n_studies": n_studies}
+        for m, a in draws.items()])  # fmt: skip
     rows = []
     for a, b in comparisons or []:
-        diff = aucs[a] - aucs[b]
+        diff = draws[a] - draws[b]
         boot = diff[1:][np.isfinite(diff[1:])]
         sd = float(boot.std(ddof=1)) if len(boot) > 1 else np.nan
         p = float(2 * stats.norm.sf(abs(diff[0]) / sd)) if sd > 0 else np.nan
