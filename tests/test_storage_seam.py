@@ -27,6 +27,7 @@ ALLOWED = {
     ("pipelines/contrast_detail.py", ".mkdir"): "the benchmark's local output folder",
     ("pipelines/contrast_detail.py", ".rename"): "pandas DataFrame.rename (column labels, no file)",
     ("train/detect_report.py", ".mkdir"): "the detection's local output folder (--out stays local)",
+    ("pipelines/softlabel_study.py", ".mkdir"): "the study's local output folder",
     ("pipelines/cd_extract.py", ".mkdir"): "the benchmark's local patch cache folder",
 }
 
