@@ -147,7 +147,7 @@ def extract_patches(trials: pd.DataFrame, root: Path, out: Path, cfg: PrepConfig
     atomically, npz first); a later call with both files present reads the cache. Returns (trials table with
     status, reg_ok and seconds per trial; {"trial_id", "ipsi_on", "ipsi_off", "contra"} arrays of the ok
     trials, patches (N, 1 + jitter, P, P) uint16)."""
-    from prep.io import write_bytes_atomic
+    from prep.io import write_bytes_atomic, write_parquet_atomic
     from prep.progress import format_duration, make_progress
 
     out = Path(out)
@@ -179,9 +179,7 @@ def extract_patches(trials: pd.DataFrame, root: Path, out: Path, cfg: PrepConfig
     write_bytes_atomic(out / PATCHES_FILE, buffer.getvalue())
     status = pd.DataFrame([{k: r[k] for k in ("trial_id", "status", "reason", "reg_ok", "seconds")} for r in results])
     table = trials.merge(status, on="trial_id", how="left")
-    buffer = io.BytesIO()
-    table.to_parquet(buffer, index=False)
-    write_bytes_atomic(out / TRIALS_FILE, buffer.getvalue())
+    write_parquet_atomic(out / TRIALS_FILE, table)
     say(f"patches: {len(ok)} of {len(results)} trials cut ({sum(1 for r in ok if not r['reg_ok'])} with registration "
         f"QC failed, kept), {format_duration(time.perf_counter() - started)}")
     return table, arrays

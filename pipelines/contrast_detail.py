@@ -20,7 +20,6 @@ Every stage resumes: a finished stage (its output present) is skipped, so a reru
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -233,14 +232,6 @@ def matched_filter_scores(patches: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(on, float), np.asarray(off, float)
 
 
-def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    from prep.io import write_bytes_atomic
-
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    write_bytes_atomic(path, buffer.getvalue())
-
-
 def classifier_scores(run: Path, patches: dict, batch_size: int, device) -> tuple[np.ndarray, np.ndarray]:
     """(score_on, score_off): a fine-tuned classifier's lesion probability of each ipsi patch, averaged over
     positions."""
@@ -257,6 +248,7 @@ def score_all(cfg: CDJobConfig, runs: dict[str, Path], trials: pd.DataFrame, pat
     table and the measured seconds per method (scored in this call)."""
     import torch
 
+    from prep.io import write_parquet_atomic
     from train.distributed import resolve_device
     from train.embed import load_projection_head
     from train.models import load_encoder
@@ -273,8 +265,8 @@ def score_all(cfg: CDJobConfig, runs: dict[str, Path], trials: pd.DataFrame, pat
         started = time.perf_counter()
         on, off = compute()
         seconds[name] = time.perf_counter() - started
-        _write_parquet(pd.DataFrame({"trial_id": patches["trial_id"], "method": name, "score_on": on,
-                                     "score_off": off}), path)
+        write_parquet_atomic(path, pd.DataFrame({"trial_id": patches["trial_id"], "method": name, "score_on": on,
+                                                 "score_off": off}))
         say(f"scored {name}: {len(on)} trials, {seconds[name]:.1f} s")
 
     for method, run in runs.items():
@@ -312,7 +304,7 @@ def comparisons_for(methods: list[str]) -> list[tuple[str, str]]:
 
 def run_contrast_detail(cfg: CDJobConfig, say: Callable[[str], None] = print) -> dict:
     from pipelines.cd_extract import PATCHES_FILE, extract_patches
-    from prep.io import write_bytes_atomic, write_json_atomic
+    from prep.io import write_bytes_atomic, write_json_atomic, write_parquet_atomic
     from train.cd_report import plot_curves, render_markdown
     from train.contrast_detail import CDConfig, analyse
 
@@ -352,7 +344,7 @@ def run_contrast_detail(cfg: CDJobConfig, say: Callable[[str], None] = print) ->
     if score_seconds:
         timings["score"].update(score_seconds)
         write_json_atomic(timings_path, timings)
-    _write_parquet(scores, out / "cd_scores.parquet")
+    write_parquet_atomic(out / "cd_scores.parquet", scores)
 
     def analysis():
         methods = sorted(scores["method"].unique())

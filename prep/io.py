@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -50,6 +51,14 @@ def atomic_open(path: Path | Location | str) -> Iterator[IO[bytes]]:
 def write_bytes_atomic(path: Path | Location | str, data: bytes) -> None:
     with atomic_open(path) as handle:
         handle.write(data)
+
+
+def write_parquet_atomic(path: Path | Location | str, frame) -> None:
+    """A pandas DataFrame as one Parquet file (no index), written whole or not at all. pandas is the caller's:
+    this module stays importable without it (Dask workers)."""
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def write_json_atomic(path: Path | Location | str, obj: object) -> None:

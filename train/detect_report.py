@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from prep.io import write_bytes_atomic, write_json_atomic  # noqa: E402
+from prep.io import write_bytes_atomic, write_json_atomic, write_parquet_atomic  # noqa: E402
 from prep.orient import from_canonical  # noqa: E402
 from train.detect import (  # noqa: E402
     EDGE_MM, VARIANTS, Detection, DetectConfig, DetectError, detect, evaluate_method, exam_labels, judged_images,
@@ -90,12 +90,6 @@ def run_detection(cfg: DetectConfig, progress: Callable[[int, int], None] | None
 # ---------------------------------------------------------------- tables
 
 
-def _parquet(path: Path, table: pd.DataFrame) -> None:
-    buf = io.BytesIO()
-    table.to_parquet(buf, index=False)
-    write_bytes_atomic(path, buf.getvalue())
-
-
 def long_table(tables: dict, name: str, columns: list[str]) -> pd.DataFrame:
     frames = [t[name][columns].assign(method=m, variant=v) for (m, v), t in tables.items()]
     return pd.concat(frames, ignore_index=True)[["method", "variant", *columns]]
@@ -107,14 +101,14 @@ def write_outputs(out: Path, det: Detection, exams: pd.DataFrame, tables: dict, 
                     "chest_wall_mm", "edge_mm", "tissue"]
     marks = long_table(tables, "marks", mark_columns)
     marks["cx_mm"], marks["cy_mm"] = marks.pop("cx") * det.mm_per_px, marks.pop("cy") * det.mm_per_px
-    _parquet(out / "detections.parquet", marks)
-    _parquet(out / "positions.parquet", det.positions.drop(columns=["image_key"]))
+    write_parquet_atomic(out / "detections.parquet", marks)
+    write_parquet_atomic(out / "positions.parquet", det.positions.drop(columns=["image_key"]))
     exam_table = long_table(tables, "exams", ["study_id", "score_L", "score_R", "score", "has_finding", "lesion_side"])
-    _parquet(out / "exams.parquet", exam_table)
-    _parquet(out / "lesions.parquet", long_table(tables, "lesions", ["study_id", "image_id", "kind", "lesion_score",
+    write_parquet_atomic(out / "exams.parquet", exam_table)
+    write_parquet_atomic(out / "lesions.parquet", long_table(tables, "lesions", ["study_id", "image_id", "kind", "lesion_score",
                                                                       "top_mark_hit"]))
     judged = judged_images(det.images)
-    _parquet(out / "images.parquet", pd.DataFrame([{"study_id": im.study_id, "image_id": im.image_id, "side": im.side,
+    write_parquet_atomic(out / "images.parquet", pd.DataFrame([{"study_id": im.study_id, "image_id": im.image_id, "side": im.side,
                                                     "view": im.view, "judged": bool(j)}
                                                    for im, j in zip(det.images, judged)]))
     figures = {}

@@ -20,7 +20,6 @@ Labels come from the sample json or the manifest rows; never from an archive's g
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import pandas as pd
 import torch
 from threadpoolctl import threadpool_limits
 
-from prep.io import write_bytes_atomic, write_json_atomic
+from prep.io import write_json_atomic, write_parquet_atomic
 from train.checkpoint import run_config, run_dir_of
 from train.data import DataError, select
 from train.embed import EvaluationError, Embeddings, embed_batches, load_projection_head, manifest_labels, shard_batches
@@ -319,9 +318,7 @@ def evaluate_encoder(
         top_pairs=emb.top_pairs, heatmap=heatmap,
     ))
     scores = emb.table.assign(**{SCORE_COLUMNS[k]: v for k, v in emb.scores().items()}, **result.row_scores)
-    buf = io.BytesIO()
-    scores.to_parquet(buf, index=False)
-    write_bytes_atomic(out / "scores.parquet", buf.getvalue())
+    write_parquet_atomic(out / "scores.parquet", scores)
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
 

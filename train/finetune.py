@@ -21,7 +21,6 @@ supervised ceiling uses it).
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import signal
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prep.errors import ContralateralError
-from prep.io import write_bytes_atomic, write_json_atomic
+from prep.io import write_bytes_atomic, write_json_atomic, write_parquet_atomic
 from prep.progress import step_progress
 from prep.storage import local_path
 from train import distributed
@@ -457,9 +456,7 @@ def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo) -> Path:
                          "frozen_parameters": len(frozen), "encoder_method": encoder_meta.get("method")},
             "versions": versions(), "argv": sys.argv,
         })  # fmt: skip
-        buf = io.BytesIO()
-        rows[["key", "study_id", "role"]].to_parquet(buf, index=False)
-        write_bytes_atomic(run_dir / SPLIT_FILE, buf.getvalue())
+        write_parquet_atomic(run_dir / SPLIT_FILE, rows[["key", "study_id", "role"]])
 
     # 3. loop over data epochs
     net = model
@@ -576,9 +573,7 @@ def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo) -> Path:
     save_encoder(model.backbone, meta, run_dir / "encoder.safetensors")
     save_encoder(model, {**meta, "task": cfg.task, "classes": result["classes"], "n_classes": n_classes},
                  run_dir / CLASSIFIER_FILE)  # fmt: skip
-    buf = io.BytesIO()
-    scores.to_parquet(buf, index=False)
-    write_bytes_atomic(run_dir / SCORES_FILE, buf.getvalue())
+    write_parquet_atomic(run_dir / SCORES_FILE, scores)
     write_json_atomic(run_dir / RESULT_FILE, result)
     write_bytes_atomic(run_dir / "report.md", render_report(result).encode())
     say(f"{stopped} at step {step}/{cfg.steps}; test {primary} {_fmt(test_metrics.get(primary))} -> {run_dir / 'report.md'}")
