@@ -17,6 +17,9 @@ STUDY_DIR ?= study250
 STUDY_OUT ?= $(STUDY_DIR)/study
 # label fractions at which `make study` also fine-tunes every run's encoder (empty: none), e.g. "0.01 0.1 1"
 STUDY_FINETUNE ?=
+# methods of `make study` (empty: all five); STUDY_DETECTION_ONLY=1 evaluates detection AUCs only, no probes
+STUDY_METHODS ?=
+STUDY_DETECTION_ONLY ?=
 ABLATION_STEPS ?= 300
 ABLATION_SEEDS ?= 0 1 2
 ABLATION_CURVE ?= 60 300 1000
@@ -53,13 +56,14 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-# every method x $(STUDY_SEEDS) with the demo's budget on a $(STUDY_STUDIES)-study archive of its own: the demo job
-# makes the archive, the shards and the seed-0 runs, the study adds the other seeds; resumes when rerun.
+# every method x $(STUDY_SEEDS) with the demo's budget (60 steps, batch 32) on a $(STUDY_STUDIES)-study archive of its own
+# (study-archive); every stage resumes when rerun.
 # Longer: make study STUDY_STEPS=300 STUDY_OUT=study250/study-300
 study: venv study-archive
 	$(BIN)/python -m pipelines.study --shards $(STUDY_DIR)/shards --manifests $(STUDY_DIR)/manifests \
 		--out $(STUDY_OUT) $(foreach s,$(STUDY_SEEDS),--seeds $(s)) --steps $(STUDY_STEPS) --batch-size 32 \
-		--num-workers 1 --root $(STUDY_DIR)/archive $(foreach f,$(STUDY_FINETUNE),--finetune-fractions $(f))
+		--num-workers 1 --root $(STUDY_DIR)/archive $(foreach f,$(STUDY_FINETUNE),--finetune-fractions $(f)) \
+		$(foreach m,$(STUDY_METHODS),--methods $(m)) $(if $(STUDY_DETECTION_ONLY),--detection-only)
 
 # the study's own generator 2.0 archive and its shards at the demo's scale (0.4 mm/px, 64-px patches); both resume
 study-archive: venv
