@@ -5,7 +5,7 @@ defined on the ipsi registration grid (canonical px units), so that with d = 0 i
 
 Fit (`fit_displacement`), on the registration grid, from the sharper band of the shared pattern the affine's last
 step saw (`prep.register.POLISH_BLUR_MM`): dense Farneback optical flow between the ipsi pattern and the contra
-pattern sent through the affine, smoothed inside the breast with a Gaussian of FIELD_SIGMA_MM (normalised
+pattern sent through the affine, smoothed inside the breast with a Gaussian of `cfg.reg_deform_smooth_mm` (normalised
 convolution: only breast pixels vote), capped at `cfg.reg_deform_max_mm`. Cross-validated before use: the breast
 is cut into a checkerboard of HOLDOUT_BLOCK_MM squares; the field smoothed from one colour's flow alone must raise
 the shared-pattern correlation on the other colour's pixels, both ways round, by more than MIN_HELD_OUT_GAIN,
@@ -31,9 +31,6 @@ from prep.register import RegistrationGrid, apply_affine, compose_affines, inver
 
 # the flow's window (mm): wide enough that the skin line and pectoral edge, not one side's texture, drive it
 FLOW_WINDOW_MM = 16.0
-# the field is the flow smoothed inside the breast at this sigma (mm): only deformations on the scale of the
-# shared coarse structure survive
-FIELD_SIGMA_MM = 40.0
 # checkerboard squares (mm) of the held-back check: wider than the flow's window, so a square's own flow does not
 # see its neighbours' pixels much
 HOLDOUT_BLOCK_MM = 24.0
@@ -141,7 +138,7 @@ def _capped(field: np.ndarray, cap_px: float) -> np.ndarray:
 
 
 def fit_displacement(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_affine: np.ndarray, mm_per_px: float,
-                     max_mm: float) -> tuple[np.ndarray | None, float]:
+                     max_mm: float, smooth_mm: float) -> tuple[np.ndarray | None, float]:
     """(grid px field on the ipsi grid, or None when the held-back check refuses it; the held-back gain).
 
     `grid_affine` maps ipsi grid px -> contra grid px; see the module docstring for the method.
@@ -157,7 +154,7 @@ def fit_displacement(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_affi
     window = int(round(FLOW_WINDOW_MM / mm_per_px)) | 1
     flow = cv2.calcOpticalFlowFarneback(_to_u8(template, inside), _to_u8(aligned, inside), None, 0.5, 3, window, 5, 7,
                                         1.5, cv2.OPTFLOW_FARNEBACK_GAUSSIAN)
-    sigma = FIELD_SIGMA_MM / mm_per_px
+    sigma = smooth_mm / mm_per_px
     ys, xs = np.mgrid[0 : shape[0], 0 : shape[1]]
     block = max(1, int(round(HOLDOUT_BLOCK_MM / mm_per_px)))
     colour = ((ys // block + xs // block) % 2).astype(bool)
