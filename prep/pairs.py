@@ -7,6 +7,7 @@ Composition only: resampling (`prep.geometry`), segmentation (`prep.segment`), o
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import numpy as np
 
 from prep.config import PrepConfig
 from prep.decode import DecodedImage, decode_dicom, read_dicom
+from prep.deform import displacement_from_grid, fit_displacement, inverse_displacement, transform_points
 from prep.geometry import map_boxes, map_points, resample_to_spacing, unmap_points
 from prep.orient import (
     boxes_to_canonical,
@@ -28,9 +30,9 @@ from prep.patches import sample_patch_pairs
 from prep.register import (
     Registration,
     RegistrationGrid,
-    apply_affine,
     compose_affines,
     grid_from_small,
+    invert_affine,
     inverse_registration,
     register_grids,
     registration_grid,
@@ -99,9 +101,10 @@ class CanonicalFrame:
         return unmap_points(points_from_canonical(points, self.width, self.chest_wall_side), self.scale_xy)
 
 
-def map_stored_points(points: np.ndarray, ipsi: CanonicalFrame, contra: CanonicalFrame, affine: np.ndarray) -> np.ndarray:
-    """(N, 2) original px of the ipsi image -> original px of the contra image through the registration."""
-    return contra.to_original(apply_affine(ipsi.to_canonical(points), affine))
+def map_stored_points(points: np.ndarray, ipsi: CanonicalFrame, contra: CanonicalFrame, reg: Registration) -> np.ndarray:
+    """(N, 2) original px of the ipsi image -> original px of the contra image through the registration (its affine
+    and, when the deformable stage was used, its displacement: `prep.deform.transform_points`)."""
+    return contra.to_original(transform_points(ipsi.to_canonical(points), reg.affine, reg.displacement))
 
 
 @dataclass
@@ -170,7 +173,24 @@ def register_pair(left: CanonicalImage, right: CanonicalImage, cfg: PrepConfig) 
         c.grid if c.grid is not None else registration_grid(c.image, c.mask, cfg.mm_per_px, cfg) for c in (left, right)
     )
     forward = register_grids(grid_l, grid_r, cfg)
-    return forward, inverse_registration(forward, grid_l, grid_r, cfg)
+    backward = inverse_registration(forward, grid_l, grid_r, cfg)
+    if cfg.reg_deformable and forward.reg_ok and backward.reg_ok:
+        forward, backward = with_displacement(forward, backward, grid_l, grid_r, cfg)
+    return forward, backward
+
+
+def with_displacement(forward: Registration, backward: Registration, grid_l: RegistrationGrid,
+                      grid_r: RegistrationGrid, cfg: PrepConfig) -> tuple[Registration, Registration]:
+    """Both directions with the deformable stage's displacement (`prep.deform`) where its held-back check
+    accepts one, else unchanged; R -> L gets the inverse displacement."""
+    grid_affine = compose_affines(invert_affine(grid_l.to_grid), forward.affine, grid_r.to_grid)
+    field, gain = fit_displacement(grid_l, grid_r, grid_affine, cfg.reg_mm_per_px, cfg.reg_deform_max_mm,
+                                   cfg.reg_deform_smooth_mm)
+    if field is None:
+        return forward, backward
+    ahead = displacement_from_grid(field, grid_l.to_grid, gain)
+    back = inverse_displacement(ahead, forward.affine, grid_r.to_grid, grid_r.mask.shape)
+    return dataclasses.replace(forward, displacement=ahead), dataclasses.replace(backward, displacement=back)
 
 
 def _pair_row(forward: Registration, backward: Registration) -> dict:
@@ -192,7 +212,7 @@ def _pair_row(forward: Registration, backward: Registration) -> dict:
         "scale": forward.scale,
         "reg_ok": bool(forward.reg_ok and backward.reg_ok),
         "reason": reason,
-        "transform": "affine",
+        "transform": forward.transform,
         "outline_p90_mm": max(forward.outline_p90_mm, backward.outline_p90_mm),
         "identity_flag": forward.identity_flag or backward.identity_flag,
     }
@@ -234,7 +254,7 @@ def process_pair(left: ImageInput, right: ImageInput, cfg: PrepConfig, seed: int
         direction = direction_seed(seed, left.image_id, right.image_id, left.view, ipsi_lat)
         sampled = sample_patch_pairs(
             ipsi.image, ipsi.mask, contra.image, contra.mask, reg.affine, ipsi.boxes, contra.boxes, cfg,
-            np.random.default_rng(direction),
+            np.random.default_rng(direction), displacement=reg.displacement,
         )
         if not sampled:
             continue

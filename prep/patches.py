@@ -3,7 +3,9 @@
 A patch is the square of `patch_px` canonical pixels whose top-left pixel is (x0, y0); its centre is
 (x0 + (P - 1) / 2, y0 + (P - 1) / 2) in pixel-centre coordinates. The ipsi patch is a slice of the
 ipsi image; the contra patch is the same pixel grid sent through the ipsi -> contra affine and
-resampled from the contra image (only the patch grid is warped, never the whole image).
+resampled from the contra image (only the patch grid is warped, never the whole image). With the deformable
+stage's displacement (`prep.deform`), each patch uses the affine that agrees with the full transform at its
+centre (`prep.deform.local_affine`), and its contra centre is the full transform of its centre.
 
 Boxes are dicts with category, birads, xmin, ymin, xmax, ymax in canonical pixels (edges, so a
 box [xmin, xmax] covers pixel centres xmin + 0.5 ... xmax - 0.5).
@@ -20,6 +22,7 @@ import cv2
 import numpy as np
 
 from prep.config import PrepConfig
+from prep.deform import Displacement, local_affine, transform_points
 from prep.register import apply_affine, compose_affines
 
 UINT16_MAX = 65535
@@ -191,10 +194,12 @@ def sample_patch_pairs(
     contra_boxes: list[dict],
     cfg: PrepConfig,
     rng: np.random.Generator,
+    displacement: Displacement | None = None,
 ) -> list[SampledPatch]:
     """Grid samples (label-agnostic, tissue >= threshold on both sides) then finding samples.
 
-    Images float [0, 1] canonical at cfg.mm_per_px; `affine` maps ipsi px -> contra px.
+    Images float [0, 1] canonical at cfg.mm_per_px; `affine` maps ipsi px -> contra px, after `displacement`
+    when the deformable stage gave one (`prep.deform.transform_points`).
     Finding samples skip the tissue threshold (a lesion by the skin line must still be sampled);
     their tissue fractions are recorded so evaluation can filter.
     """
@@ -204,9 +209,12 @@ def sample_patch_pairs(
     ipsi_m = np.asarray(ipsi_mask, np.uint8)
     contra_m = np.asarray(contra_mask, np.uint8)
 
+    def patch_affine(x0: int, y0: int) -> np.ndarray:
+        return local_affine(affine, displacement, snapped_centres(np.array([[x0, y0]]), P)[0])
+
     def tissue(x0: int, y0: int) -> tuple[float, float]:
         frac_i = float(crop(ipsi_m, x0, y0, P).mean())
-        frac_c = float(warp_patch(contra_m, affine, x0, y0, P, nearest=True).mean())
+        frac_c = float(warp_patch(contra_m, patch_affine(x0, y0), x0, y0, P, nearest=True).mean())
         return frac_i, frac_c
 
     erosion_px = int(round(cfg.mask_erosion_mm / cfg.mm_per_px))
@@ -226,15 +234,16 @@ def sample_patch_pairs(
     out = []
     for x0, y0, frac_i, frac_c, sampling in chosen:
         centre = snapped_centres(np.array([[x0, y0]]), P)
+        local = patch_affine(x0, y0)
         ipsi_overlaps = box_overlaps(patch_footprint(None, x0, y0, P), ipsi_boxes)
         ipsi_hits = abnormal_hits(ipsi_overlaps, cfg.abnormal_overlap)
-        contra_hits = abnormal_hits(box_overlaps(patch_footprint(affine, x0, y0, P), contra_boxes), cfg.abnormal_overlap)
+        contra_hits = abnormal_hits(box_overlaps(patch_footprint(local, x0, y0, P), contra_boxes), cfg.abnormal_overlap)
         out.append(
             SampledPatch(
                 ipsi=to_uint16(crop(ipsi_f, x0, y0, P)),
-                contra=to_uint16(warp_patch(contra_f, affine, x0, y0, P)),
+                contra=to_uint16(warp_patch(contra_f, local, x0, y0, P)),
                 ipsi_centre=tuple(float(v) for v in centre[0]),
-                contra_centre=tuple(float(v) for v in apply_affine(centre, affine)[0]),
+                contra_centre=tuple(float(v) for v in transform_points(centre, affine, displacement)[0]),
                 tissue_frac_ipsi=frac_i,
                 tissue_frac_contra=frac_c,
                 ipsi_abnormal=bool(ipsi_hits),

@@ -142,6 +142,14 @@ class Registration:
     outline_p90_mm: float = float("nan")  # 90th percentile distance of the mapped skin line to the contra one
     # pair-identity flags ("weak_shared_pattern", "area_ratio", "density_gap", comma-joined) or None
     identity_flag: str | None = None
+    # a `prep.deform.Displacement` on the ipsi grid when the deformable stage was used (T(x) = A(x + d(x))), else
+    # None: the affine alone is the transform
+    displacement: object | None = None
+
+    @property
+    def transform(self) -> str:
+        """The transform kind pairs.parquet records: "affine" or "affine+flow"."""
+        return "affine" if self.displacement is None else "affine+flow"
 
 
 def to_homogeneous(affine: np.ndarray) -> np.ndarray:
@@ -191,7 +199,7 @@ def _centroid(mask: np.ndarray) -> np.ndarray:
     return np.array([m["m10"] / m["m00"], m["m01"] / m["m00"]])
 
 
-def _warp_to_template(image: np.ndarray, affine: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def warp_to_template(image: np.ndarray, affine: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Resample `image` (contra grid) at affine(template pixel) for every template pixel."""
     return cv2.warpAffine(
         image, affine.astype(np.float64), (shape[1], shape[0]),
@@ -484,11 +492,11 @@ def _level_agreement(level_i: PyramidLevel, level_c: PyramidLevel, grid_affine: 
     """Correlation of the shared patterns at one level where the ipsi template sees the contra canvas."""
     affine = _to_level(grid_affine, level_i, level_c)
     shape = level_i.pattern.shape
-    seen = _warp_to_template(level_c.canvas_mask.astype(np.float32), affine, shape) > 0.99
+    seen = warp_to_template(level_c.canvas_mask.astype(np.float32), affine, shape) > 0.99
     valid = (seen & (level_i.template_mask > 0)).astype(np.uint8)
     if valid.sum() < MIN_LEVEL_PX**2:
         return float("nan")
-    return float(cv2.computeECC(level_i.pattern, _warp_to_template(level_c.pattern, affine, shape), valid))
+    return float(cv2.computeECC(level_i.pattern, warp_to_template(level_c.pattern, affine, shape), valid))
 
 
 def _pattern_agreement(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_affine: np.ndarray) -> float:
@@ -517,15 +525,15 @@ def _judge(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_affine: np.nda
     ecc_mask = float("nan")
     if method != "moments":
         ecc_mask = float(cv2.computeECC(
-            ipsi.blurred_mask, _warp_to_template(contra.blurred_mask, grid_affine, ipsi.mask.shape)
+            ipsi.blurred_mask, warp_to_template(contra.blurred_mask, grid_affine, ipsi.mask.shape)
         ))
-    aligned_c = _warp_to_template(contra.mask, grid_affine, ipsi.mask.shape) > 0.5
+    aligned_c = warp_to_template(contra.mask, grid_affine, ipsi.mask.shape) > 0.5
     ecc_intensity = _pattern_agreement(ipsi, contra, grid_affine)
     # back to canonical px: canonical ipsi -> grid ipsi -> grid contra -> canonical contra
     affine = compose_affines(ipsi.to_grid, grid_affine, invert_affine(contra.to_grid))
     rotation, scale = rotation_and_scale(affine)
     # only where the ipsi pixel lands on the contra canvas: a breast cut by the edge is not a misfit
-    seen = _warp_to_template(np.ones_like(contra.mask), grid_affine, ipsi.mask.shape) > 0.5
+    seen = warp_to_template(np.ones_like(contra.mask), grid_affine, ipsi.mask.shape) > 0.5
     dice = _dice((ipsi.mask > 0.5) & seen, aligned_c & seen)
 
     singular = np.linalg.svd(affine[:, :2], compute_uv=False)

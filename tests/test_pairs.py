@@ -40,7 +40,7 @@ def registration_errors_mm(study, view: str, cfg: PrepConfig) -> np.ndarray:
     reg = register_contralateral(left.image, left.mask, right.image, right.mask, cfg.mm_per_px, cfg)
     assert reg.reg_ok, reg.reason
     truth = study.correspondences[view]
-    predicted = map_stored_points(truth[:, :2], left.frame, right.frame, reg.affine)
+    predicted = map_stored_points(truth[:, :2], left.frame, right.frame, reg)
     spacing = next(im.spacing_mm for im in study.images if im.laterality == "R" and im.view == view)
     return np.linalg.norm(predicted - truth[:, 2:], axis=1) * spacing
 

@@ -234,8 +234,8 @@ def test_realistic_pair_registers_within_target_both_ways(realistic):
     assert forward.reg_ok and backward.reg_ok, (forward.reason, backward.reason)
     truth = study.correspondences["CC"]
     spacing = study.images[0].spacing_mm
-    ahead = map_stored_points(truth[:, :2], canon["L"].frame, canon["R"].frame, forward.affine)
-    back = map_stored_points(truth[:, 2:], canon["R"].frame, canon["L"].frame, backward.affine)
+    ahead = map_stored_points(truth[:, :2], canon["L"].frame, canon["R"].frame, forward)
+    back = map_stored_points(truth[:, 2:], canon["R"].frame, canon["L"].frame, backward)
     for predicted, true in ((ahead, truth[:, 2:]), (back, truth[:, :2])):
         error_mm = np.linalg.norm(predicted - true, axis=1) * spacing
         median, p95 = np.median(error_mm), np.percentile(error_mm, 95)
