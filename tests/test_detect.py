@@ -209,6 +209,7 @@ def test_compare_tests_detectors_across_seeds_against_the_pixel_baselines(synth_
 # ---------------------------------------------------------------- the demo's closing screen
 
 
+@slow
 def test_demo_closing_screen_carries_the_detection_table_computed_from_the_detections(synth_archive, tmp_path):
     """`make demo` ends with exam-level AUC, lateralisation and FROC per method: the numbers it prints are those
     of the `train detect` run's own tables (exams.parquet), not a second computation."""
