@@ -9,8 +9,10 @@
 4. detection           every test lesion's pair distance against its twin's at the same place, per method, with
                        study-level intervals (the contrast-detail benchmark's scoring)  -> demo/cd.md
 5. `prep verify`       every sample re-read and checked against the manifests
-6. `train evaluate`    probes, kNN, plots, per run                                      -> demo/evals/
-7. `train compare`     the methods x metrics table                                      -> demo/compare/compare.md
+6. `train detect`      whole-study detection (exam-level AUC, lateralisation, FROC) on a subset of the test
+                       studies, siamese-hard and random init beside the pixel baselines -> demo/evals/detect/
+7. `train evaluate`    probes, kNN, plots, per run                                      -> demo/evals/
+8. `train compare`     the methods x metrics table, the detection section included     -> demo/compare/compare.md
 and a one-page closing screen. Every stage resumes: rerunning the command skips what is finished.
 
 The lesions' conspicuity is a choice, not a measurement: texture is calibrated to real films (docs/REALISM.md),
@@ -38,6 +40,12 @@ DEMO_GRID = {"kinds": ("circumscribed mass", "spiculated mass"), "diameters_mm":
 DEMO_TRIALS_PER_CELL = 40
 DEMO_GRID_PATCHES = 4  # grid centres per pair direction: keeps the 160-study build's evaluation inside the budget
 HEADLINE = ("siamese-hard", "random")
+# `train detect` over whole studies: these encoders (the first run also scores the pixel baselines), on this many
+# test lesion studies, each with its own lesion-free twin, taken in turn from every (kind, contrast) cell; a bank
+# of this many training studies for the one-sided score. Sized for ~90 s of the demo's 2 cores.
+DETECT_METHODS = HEADLINE
+DETECT_LESION_STUDIES = 6
+DETECT_BANK_STUDIES = 4
 PIXEL_NAMES = {"pixel_l2": "raw-pixel L2", "mean_intensity_diff": "mean-intensity diff"}  # the comparison the closing screen states
 console = Console(stderr=True)
 
@@ -53,6 +61,77 @@ def verify(shards: Path, manifests: Path) -> None:
     if report.problems:
         raise SystemExit(f"demo: prep verify found {len(report.problems)} problem(s): {report.problems[:3]}")
     console.print("verify: every sample matches the manifests")
+
+
+def detection_studies(archive: Path, n: int) -> list[str]:
+    """`n` test lesion studies with `n` different lesion-free twins, one per (kind, contrast) cell in turn (in
+    study-id order), and those twins: every twin a negative exam of its own background."""
+    from pipelines.contrast_detail import test_trials
+
+    studies = test_trials(archive).drop_duplicates("study_id").sort_values("study_id")
+    queues = [list(cell.itertuples()) for _, cell in studies.groupby(["kind", "contrast_requested"], sort=True)]
+    picked, twins = [], set()
+    while len(picked) < n and any(queues):
+        for queue in queues:
+            while queue and queue[0].twin_study_id in twins:
+                queue.pop(0)
+            if queue and len(picked) < n:
+                row = queue.pop(0)
+                picked.append(row.study_id)
+                twins.add(row.twin_study_id)
+    return sorted(picked) + sorted(twins)
+
+
+def detect_encoders(out: Path, methods: tuple[str, ...], n_boot: int, device: str) -> list[Path]:
+    """`train detect` (its own code path, `run_detection`) for each of DETECT_METHODS that was trained, on the
+    detection subset; outputs under evals/detect/<method>/, where `train compare` finds them. Resumes."""
+    from train.detect import DetectConfig
+    from train.detect_report import run_detection
+
+    studies = detection_studies(out / "archive", DETECT_LESION_STUDIES)
+    done = []
+    for i, method in enumerate(m for m in DETECT_METHODS if m in methods):
+        folder = out / "evals" / "detect" / method
+        if (folder / "detect.json").is_file():
+            console.print(f"detect {method}: {folder} (skipped)")
+        else:
+            started = time.perf_counter()
+            cfg = DetectConfig(root=str(out / "archive"), dataset="vindr", where=f"study_id in {studies!r}",
+                               encoder=str(out / "runs" / method / "seed0"), baselines=i == 0,
+                               bank_studies=DETECT_BANK_STUDIES, n_boot=n_boot, overlays=1, out=str(folder),
+                               device=device).validate()
+            summary = run_detection(cfg)
+            console.print(f"detect {method}: {summary['counts']['studies']} studies, "
+                          f"{time.perf_counter() - started:.0f} s -> {folder / 'detect.md'}")
+        done.append(folder)
+    return done
+
+
+def detection_lines(folders: list[Path]) -> list[str]:
+    """The closing screen's detection table: per encoder (and the pixel baselines of the first run) the combined
+    score's exam-level AUC, lateralisation accuracy and AUC, FROC sensitivity at 1 false mark per image, from
+    each run's detect.json."""
+    runs = [json.loads((f / "detect.json").read_text()) for f in folders if (f / "detect.json").is_file()]
+    if not runs:
+        return []
+    rows = [(r["encoder_name"], r["metrics"][r["encoder_name"]]["combined"]) for r in runs]
+    rows += [(m, runs[0]["metrics"][m]["combined"]) for m in runs[0]["methods"] if m != runs[0]["encoder_name"]]
+    counts = runs[0]["counts"]
+    lines = [f"Whole-study detection (train detect, combined score), {counts['studies']} test studies "
+             f"({counts['exams_with_finding']} with a lesion, the rest their lesion-free twins), 95 % CI over studies:",
+             "", f"{'method':<20} {'exam AUC':<24} {'lateral. accuracy':<24} {'lateral. AUC':<24} {'FROC sens. @1 FP/image':<24}"]
+    for name, m in rows:
+        exam, lat, froc = m.get("exam", {}), m.get("lateralisation", {}), m.get("froc", {})
+        lines.append(f"{name:<20} {_ci(exam.get('auc'), exam.get('auc_ci')):<24} "
+                     f"{_ci(lat.get('accuracy'), lat.get('accuracy_ci')):<24} {_ci(lat.get('auc'), lat.get('auc_ci')):<24} "
+                     f"{_ci(froc.get('sensitivity@1'), froc.get('sensitivity@1_ci')):<24}")
+    return lines
+
+
+def _ci(value, ci) -> str:
+    if value is None:
+        return "n/a"
+    return _auc(value, *ci) if ci else f"{value:.3f}"
 
 
 def closing_screen(out: Path, methods: tuple[str, ...], n_boot: int) -> str:
@@ -91,8 +170,12 @@ def closing_screen(out: Path, methods: tuple[str, ...], n_boot: int) -> str:
                    else "the interval includes 0: this run cannot tell them apart")
         lines.append(f"{row['a']} - {row['b']}: ΔAUC {row['delta_auc']:+.3f} [{row['ci_lo']:+.3f}, {row['ci_hi']:+.3f}] "
                      f"(paired, study-level, one seed): {verdict}.")
+    detection = detection_lines([out / "evals" / "detect" / m for m in DETECT_METHODS if m in methods])
+    if detection:
+        lines += ["", *detection]
     lines += ["", f"reports: {out / 'cd.md'} (per lesion kind), {out / 'compare' / 'compare.md'} (every metric, "
-              f"paired tests), {out / 'evals'}/<method>/seed0/report.md (plots)"]
+              f"paired tests, detection), {out / 'evals'}/<method>/seed0/report.md (plots), "
+              f"{out / 'evals' / 'detect'}/<method>/detect.md (detection: FROC, overlays)"]
     return "\n".join(lines)
 
 
@@ -124,6 +207,7 @@ def main(
     finished stages; ends with a one-page summary."""
     from pipelines.contrast_detail import CDJobConfig, build, run_contrast_detail, study_config, synthesize
     from pipelines.study import run_study
+    from prep.io import write_bytes_atomic
 
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -137,15 +221,19 @@ def main(
         verify(shards, manifests)
         console.print(f"shards: {shards}, manifests: {manifests}; {time.perf_counter() - started:.0f} s")
         return
-    stage(f"1-4/7 synthesize, build, pretrain {', '.join(methods)} ({steps} steps each), score lesions vs twins")
+    stage(f"1-4/8 synthesize, build, pretrain {', '.join(methods)} ({steps} steps each), score lesions vs twins")
     run_contrast_detail(cfg, say=say)
     shards, manifests = out / "shards", out / "manifests"
-    stage("5/7 verify shards against manifests (prep verify)")
+    stage("5/8 verify shards against manifests (prep verify)")
     verify(shards, manifests)
-    stage("6-7/7 evaluate every encoder (train evaluate), compare (train compare)")
+    stage("6/8 whole-study detection: exam, lateralisation, FROC (train detect)")
+    detect_encoders(out, tuple(methods), n_boot, cfg.device)
+    stage("7-8/8 evaluate every encoder (train evaluate), compare (train compare)")
     study = dataclasses.replace(study_config(cfg, shards, manifests), root=str(out / "archive"), n_boot=n_boot)
     run_study(study, say=say)
-    print(closing_screen(out, tuple(methods), n_boot))
+    screen = closing_screen(out, tuple(methods), n_boot)
+    write_bytes_atomic(out / "demo.md", f"# make demo\n\n```\n{screen}\n```\n".encode())
+    print(screen)
     console.print(f"{time.perf_counter() - started:.0f} s in all")
 
 

@@ -204,3 +204,43 @@ def test_compare_tests_detectors_across_seeds_against_the_pixel_baselines(synth_
     summary = json.loads((tmp_path / "det0" / "detect.json").read_text())
     exam = summary["metrics"]["random"]["combined"]["exam"]
     assert exam["n_pos"] + exam["n_neg"] == summary["counts"]["studies"] and len(exam["auc_ci"]) == 2
+
+
+# ---------------------------------------------------------------- the demo's closing screen
+
+
+@slow
+def test_demo_closing_screen_carries_the_detection_table_computed_from_the_detections(synth_archive, tmp_path):
+    """`make demo` ends with exam-level AUC, lateralisation and FROC per method: the numbers it prints are those
+    of the `train detect` run's own tables (exams.parquet), not a second computation."""
+    from sklearn.metrics import roc_auc_score
+
+    from pipelines.demo import detection_lines
+    from train.detect import DetectConfig
+    from train.detect_report import run_detection
+    from train.models import create_backbone, save_encoder
+
+    torch.manual_seed(0)
+    encoder = tmp_path / "enc" / "encoder.safetensors"
+    encoder.parent.mkdir()
+    save_encoder(create_backbone("test_resnet"), {"timm_name": "test_resnet", "mm_per_px": 0.8, "patch_px": 32,
+                                                  "method": "random", "seed": 0}, encoder)
+    out = tmp_path / "detect" / "random"
+    run_detection(DetectConfig(root=str(synth_archive), encoder=str(encoder), out=str(out), bank_studies=0,
+                               n_boot=50, overlays=0, device="cpu").validate())
+    lines = detection_lines([out, tmp_path / "detect" / "not-run"])
+    header = next(line for line in lines if line.startswith("method"))
+    assert "exam AUC" in header and "lateral. accuracy" in header and "FROC sens. @1 FP/image" in header
+    rows = {line.split()[0]: line.split() for line in lines[lines.index(header) + 1:]}
+    assert list(rows) == ["random", "raw-pixel", "mean-intensity"]
+    exams = pd.read_parquet(out / "exams.parquet")
+    for method, cells in rows.items():
+        mine = exams[(exams["method"] == method) & (exams["variant"] == "combined")]
+        assert float(cells[1]) == pytest.approx(roc_auc_score(mine["has_finding"], mine["score"]), abs=5e-4)
+        one_side = mine[mine["lesion_side"].isin(["L", "R"])]
+        right = np.where(one_side["score_L"] == one_side["score_R"], 0.5,
+                         (one_side["score_L"] > one_side["score_R"]) == (one_side["lesion_side"] == "L"))
+        assert float(cells[4]) == pytest.approx(right.mean(), abs=5e-4)
+    summary = json.loads((out / "detect.json").read_text())
+    froc = summary["metrics"]["random"]["combined"]["froc"]
+    assert rows["random"][10] == f"{froc['sensitivity@1']:.3f}"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from train.embed import EvalSample, EvaluationError, embed_pairs, embed_patches
+from train.embed import EvalSample, EvaluationError, embed_pairs, embed_patches, inference_backbone
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -38,6 +38,18 @@ def test_embed_patches_is_unit_norm_float32_and_independent_of_batching():
     assert z.dtype == np.float32 and z.shape == (9, 16)
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(embed_patches(backbone, patches[3:4], batch_size=1), z[3:4], rtol=1e-5, atol=1e-6)
+
+
+def test_the_inference_backbone_gives_the_same_features_and_leaves_the_backbone_alone():
+    from train.models import create_backbone
+
+    torch.manual_seed(0)
+    backbone, patches = create_backbone("test_resnet").train(), _patches(5)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    fast = inference_backbone(backbone, "cpu")
+    np.testing.assert_allclose(embed_patches(fast, patches, batch_size=2), embed_patches(backbone, patches),
+                               rtol=1e-4, atol=1e-5)
+    assert fast is not backbone and all(torch.equal(v, before[k]) for k, v in backbone.state_dict().items())
 
 
 @pytest.mark.parametrize("bad", [np.zeros((2, 8, 8), np.float32), np.zeros((8, 8), np.uint16)])

@@ -372,12 +372,15 @@ PIXEL_FEATURES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 
 def encoder_features(backbone, batch_size: int, device) -> Callable[[np.ndarray], np.ndarray]:
-    from train.embed import embed_patches
+    """The encoder's features of uint16 patches, the backbone prepared once for the run's many forwards."""
+    from train.embed import embed_patches, inference_backbone
+
+    model = inference_backbone(backbone, device)
 
     def features(patches: np.ndarray) -> np.ndarray:
         if len(patches) == 0:
             return np.zeros((0, 0), np.float32)
-        return embed_patches(backbone, patches, batch_size=batch_size, device=device)
+        return embed_patches(model, patches, batch_size=batch_size, device=device)
 
     return features
 
