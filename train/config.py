@@ -53,7 +53,7 @@ class PretrainConfig(KnobConfig):
     gmm_em_iters: int = knob(10, "EM iterations per refit (warm-started, float64).", "Siamese", min=1)
     gmm_var_floor: float = knob(1e-4, "Variance floor of each component (distance units squared).", "Siamese", min=0.0)
     gmm_max_dissimilar: float = knob(1.0, "Upper bound on the dissimilar (higher-mean) component's weight, in every --gmm-mode: a prior that asymmetric pairs are rare (1: no bound, the paper's plain EM).", "Siamese", min=0.0, max=1.0)
-    gmm_mode: str = knob("free", "Mixture of the soft labels: free (both Gaussians free, the paper's EM) | anchored (the dissimilar component is the density of a bank of shuffled-pair, i.e. cross-study, distances; EM fits only the similar Gaussian and the weight) | map (tied variances, a Beta prior on the dissimilar weight: see --gmm-prior-prevalence, --gmm-prior-strength).", "Siamese", choices=GMM_MODES)
+    gmm_mode: str = knob("free", "Mixture of the soft labels: free (both Gaussians free, the paper's EM) | anchored (the dissimilar component is the density of a bank of shuffled-pair, i.e. cross-study, distances; EM fits only the similar Gaussian and the weight) | map (tied variances, a Beta prior on the dissimilar weight: see --gmm-prior-prevalence, --gmm-prior-strength); the default stays free, the paper's EM: the pre-registered soft-label study found no mode significantly better (docs/RESULTS.md section 5).", "Siamese", choices=GMM_MODES)
     gmm_prior_prevalence: float = knob(0.03, "--gmm-mode map: prior mean of the dissimilar weight (about the share of lesion pairs in a screening grid).", "Siamese", min=0.0, max=1.0)
     gmm_prior_strength: float | None = knob(None, "--gmm-mode map: the Beta prior's strength in pseudo-pairs; with a full bank of the same size the fitted weight lies about halfway between the data's and the prior's [default: --gmm-bank].", "Siamese", min=0.0)
     gmm_min_sep: float = knob(1e-2, "Collapse guard: a fit whose means are closer than this is rejected (distance units).", "Siamese", min=0.0)
@@ -79,7 +79,7 @@ class PretrainConfig(KnobConfig):
     # intensity augmentation (device)
     aug_gamma: float = knob(1.25, "Intensity gamma drawn in [1/G, G] per image (<= 1 disables).", "Augmentation", min=0.0)
     aug_noise: float = knob(0.02, "Largest Gaussian-noise sigma per image, in [0, 1] intensity units (0 disables).", "Augmentation", min=0.0)
-    pair_photometric: str = knob("independent", "Gamma and noise of a pair's two patches: independent (one draw per image) | shared (one draw per pair, the same gamma and the same noise field on both, so the left/right intensity difference a lesion makes is not trained away). Siamese methods only; the default awaits the soft-label study (issue 19).", "Augmentation", choices=("independent", "shared"))
+    pair_photometric: str = knob("independent", "Gamma and noise of a pair's two patches: independent (one draw per image) | shared (one draw per pair, the same gamma and the same noise field on both, so the left/right intensity difference a lesion makes is not trained away). Siamese methods only; the default stays independent: the pre-registered soft-label study found no significant gain from shared (docs/RESULTS.md section 5).", "Augmentation", choices=("independent", "shared"))
     # optimisation
     steps: int = knob(500, "Optimiser steps in total.", "Optimisation", min=1)
     batch_size: int = knob(64, "Global batch in pairs, split evenly over ranks.", "Optimisation", min=2)
