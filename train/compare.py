@@ -665,6 +665,11 @@ def find_detect_runs(paths: list[str | Path]) -> list[DetectRun]:
     return sorted(runs, key=lambda r: (r.method, r.seed is None, r.seed, str(r.path)))
 
 
+def baseline_run(runs: list[DetectRun], name: str) -> DetectRun | None:
+    """The first run that scored pixel baseline `name` (a job may score the baselines in one run only)."""
+    return next((r for r in runs if name in r.summary["metrics"]), None)
+
+
 def _detect_inputs(run: DetectRun, method: str) -> dict:
     """Per-study scores of one method's combined variant: exam rows, lateralisation rows, FROC items."""
     exams = run.table("exams")
@@ -693,8 +698,9 @@ def detection_tests(runs: list[DetectRun], boot: Bootstrap) -> tuple[list[PairTe
     for r in runs:
         entities.setdefault(r.method, {})[r.seed] = _detect_inputs(r, r.method)
     for name in DETECT_BASELINES:
-        if name in runs[0].summary["metrics"]:
-            entities[baseline_row(name)] = {None: _detect_inputs(runs[0], name)}
+        run = baseline_run(runs, name)
+        if run is not None:
+            entities[baseline_row(name)] = {None: _detect_inputs(run, name)}
     methods = sorted({r.method for r in runs}, key=lambda m: (m != PRIMARY, m))
     pairs = list(combinations(methods, 2)) + [(m, b) for m in methods for b in entities if b.startswith("baseline: ")]
     ref = next(iter(entities[methods[0]].values()))["exams"]
@@ -746,7 +752,8 @@ def detection_section(paths: list[str | Path], boot: Bootstrap) -> tuple[list[st
             if v is not None:
                 rows.setdefault(r.method, {}).setdefault(metric, []).append(float(v))
     for name in DETECT_BASELINES:
-        for metric, v in runs[0].values(name).items():
+        run = baseline_run(runs, name)
+        for metric, v in (run.values(name) if run is not None else {}).items():
             if v is not None:
                 rows.setdefault(baseline_row(name), {}).setdefault(metric, []).append(float(v))
     with warnings.catch_warnings():
