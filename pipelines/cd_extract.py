@@ -3,7 +3,7 @@
 For a trial (one lesion on one side of one view of a lesion-on study, and its lesion-off twin) this decodes the
 lesion-on view pair (`prep.decode`), canonicalises both breasts and registers them exactly as the build does
 (`prep.pairs.canonicalise`, `prep.pairs.register_pair`), then cuts, at the lesion's centre in the canonical
-frame (`prep.patches.crop`, `prep.patches.warp_patch`):
+frame (`prep.patches.crop`, `prep.patches.registered_patch`):
   ipsi_on   the lesion side of the lesion-on study,
   ipsi_off  the same canonical place of the twin: its image resampled and mirrored with the lesion-on image's
             frame (`prep.geometry.resample_to_spacing`, `prep.orient.to_canonical`), so the two ipsi patches
@@ -82,7 +82,7 @@ def cut_trial(job: TrialJob) -> dict:
     from prep.geometry import resample_to_spacing
     from prep.orient import to_canonical
     from prep.pairs import canonicalise, load_image_input, register_pair
-    from prep.patches import crop, finding_candidates, to_uint16, top_left, warp_patch
+    from prep.patches import crop, finding_candidates, registered_patch, to_uint16, top_left
 
     trial, cfg, P = job.trial, job.cfg, job.cfg.patch_px
     out = {"trial_id": trial["trial_id"], "status": "ok", "reason": None, "reg_ok": None, "seconds": 0.0}
@@ -119,7 +119,8 @@ def cut_trial(job: TrialJob) -> dict:
     for x0, y0 in corners.tolist():
         patches["ipsi_on"].append(to_uint16(crop(ipsi.image, x0, y0, P)))
         patches["ipsi_off"].append(to_uint16(crop(twin, x0, y0, P)))
-        patches["contra"].append(to_uint16(warp_patch(contra.image, reg.affine, x0, y0, P)))
+        patches["contra"].append(to_uint16(registered_patch(contra.image, reg.affine, reg.displacement, x0, y0,
+                                                              P)))
     return {**out, "reg_ok": bool(reg.reg_ok), "centres": corners,
             **{k: np.stack(v) for k, v in patches.items()}, "seconds": time.perf_counter() - started}
 

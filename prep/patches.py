@@ -86,6 +86,15 @@ def warp_patch(image: np.ndarray, affine: np.ndarray, x0: int, y0: int, patch_px
     )
 
 
+def registered_patch(image: np.ndarray, affine: np.ndarray, displacement: Displacement | None, x0: int, y0: int,
+                     patch_px: int, nearest: bool = False) -> np.ndarray:
+    """Contra patch of the ipsi patch at (x0, y0) through the whole registration: `warp_patch` with the affine
+    moved to agree with T(x) = A(x + d(x)) at the patch centre (`prep.deform.local_affine`; the affine alone when
+    the deformable stage gave no displacement)."""
+    local = local_affine(affine, displacement, snapped_centres(np.array([[x0, y0]]), patch_px)[0])
+    return warp_patch(image, local, x0, y0, patch_px, nearest=nearest)
+
+
 def eroded_mask(mask_u8: np.ndarray, erosion_px: float) -> tuple[np.ndarray, int]:
     """(inside, k): uint8 flags of every k-th pixel (rows and columns from k // 2) farther than ~`erosion_px`
     from the background.
@@ -214,7 +223,7 @@ def sample_patch_pairs(
 
     def tissue(x0: int, y0: int) -> tuple[float, float]:
         frac_i = float(crop(ipsi_m, x0, y0, P).mean())
-        frac_c = float(warp_patch(contra_m, patch_affine(x0, y0), x0, y0, P, nearest=True).mean())
+        frac_c = float(registered_patch(contra_m, affine, displacement, x0, y0, P, nearest=True).mean())
         return frac_i, frac_c
 
     erosion_px = int(round(cfg.mask_erosion_mm / cfg.mm_per_px))

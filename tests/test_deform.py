@@ -111,3 +111,20 @@ def test_patch_centres_and_patches_follow_the_full_transform(bent):
     ipsi_patch = ipsi.image[y0 : y0 + CFG.patch_px, x0 : x0 + CFG.patch_px]
     flow_error = np.abs(s.contra.astype(np.float64) / 65535 - ipsi_patch).mean()
     assert flow_error < np.abs(affine_patch - ipsi_patch).mean()
+
+
+def test_detection_and_contrast_detail_cut_the_contra_patch_the_build_cuts(bent):
+    """`registered_patch` (what `train detect` and the contrast-detail extraction cut) equals the build's contra
+    patch under the deformable transform, and differs from the affine-only patch there."""
+    from prep.patches import registered_patch, sample_patch_pairs, to_uint16, warp_patch
+
+    ipsi, contra, _, (fwd, _), _ = bent
+    assert fwd.displacement is not None
+    sampled = sample_patch_pairs(ipsi.image, ipsi.mask, contra.image, contra.mask, fwd.affine, [], [], CFG,
+                                 np.random.default_rng(1), displacement=fwd.displacement)
+    for s in sampled[:5]:
+        x0, y0 = (np.round(np.array(s.ipsi_centre) - (CFG.patch_px - 1) / 2)).astype(int)
+        cut = registered_patch(contra.image, fwd.affine, fwd.displacement, int(x0), int(y0), CFG.patch_px)
+        np.testing.assert_array_equal(to_uint16(cut), s.contra)
+    affine_only = warp_patch(contra.image, fwd.affine, int(x0), int(y0), CFG.patch_px)
+    assert not np.array_equal(to_uint16(affine_only), s.contra)

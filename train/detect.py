@@ -1,7 +1,7 @@
 """Unsupervised lesion detection over whole studies: a dense score map per image, marks, breast and exam scores.
 
 For every (study, view) the image core the build uses (`prep.decode`, `prep.pairs.canonicalise`,
-`prep.pairs.register_pair`, `prep.patches.crop` / `warp_patch`) puts both breasts in the canonical frame and
+`prep.pairs.register_pair`, `prep.patches.crop` / `registered_patch`) puts both breasts in the canonical frame and
 registers them; a regular grid of patches (stride <= half a patch, every patch inside the canvas, so nothing
 is zero-padded at the chest wall) covers each breast, in both registration directions. Each position gets:
 
@@ -39,7 +39,7 @@ from prep.datasets import get_adapter
 from prep.decode import UnsupportedImage
 from prep.errors import ContralateralError
 from prep.pairs import CanonicalImage, canonicalise, load_image_input, register_pair
-from prep.patches import crop, snapped_centres, to_uint16, warp_patch
+from prep.patches import crop, registered_patch, snapped_centres, to_uint16
 from prep.knobs import knob
 
 VARIANTS = ("pair", "one-sided", "combined")
@@ -307,11 +307,12 @@ def cut_view(left, right, cfg: PrepConfig, stride_px: int) -> tuple[list[ImagePa
         corners, centres = corners[inside], centres[inside]
         contra, contra_tissue = None, np.full(len(corners), np.nan)
         if registered and len(corners):
-            contra = np.stack([to_uint16(warp_patch(canon[other].image, reg.affine, int(x0), int(y0), P))
-                               for x0, y0 in corners])
             contra_mask = canon[other].mask.astype(np.uint8)
-            contra_tissue = np.array([warp_patch(contra_mask, reg.affine, int(x0), int(y0), P, nearest=True).mean()
-                                      for x0, y0 in corners])
+            at = [(int(x0), int(y0)) for x0, y0 in corners]
+            contra = np.stack([to_uint16(registered_patch(canon[other].image, reg.affine, reg.displacement, x0, y0, P))
+                               for x0, y0 in at])
+            contra_tissue = np.array([registered_patch(contra_mask, reg.affine, reg.displacement, x0, y0, P,
+                                                       nearest=True).mean() for x0, y0 in at])
         thumb, thumb_mask, scale = thumbnail(c)
         record = inputs[side]
         out.append(ImagePatches(
