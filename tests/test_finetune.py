@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from shard_fixture import write_split_fixture
 from train.cli import app
+from train.checkpoint import CheckpointError
 from train.config import ConfigError, PretrainConfig
 from train.data import shard_urls
 from train.embed import iter_samples
@@ -89,7 +90,13 @@ def test_stop_and_rerun_gives_the_same_result(runs, make_cfg, tmp_path):
     cfg = make_cfg(tmp_path / "resumed", label_fraction=1.0, stop_at=4)  # mid data epoch (ckpt-every 3)
     finetune(cfg)
     assert not (tmp_path / "resumed" / "finetune.json").exists()
-    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["step"] == 4
+    stopped = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert stopped["step"] == 4
+    # a checkpoint that does not fit (here one without the model's weights) is refused with the fix, not a raw error
+    foreign = tmp_path / "foreign.pt"
+    torch.save({k: v for k, v in stopped.items() if k != "model"}, foreign)
+    with pytest.raises(CheckpointError, match="incompatible_checkpoint.*--resume never"):
+        finetune(dataclasses.replace(cfg, out=str(tmp_path / "other"), resume=str(foreign), force=True))
     finetune(dataclasses.replace(cfg, stop_at=None))
     a = pd.read_parquet(straight / "test_scores.parquet")
     b = pd.read_parquet(tmp_path / "resumed" / "test_scores.parquet")

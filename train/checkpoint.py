@@ -146,6 +146,33 @@ def check_compatible(checkpoint: dict, current_hash: str, current_config: dict, 
     )
 
 
+def restart_from_checkpoint(path: Path, run_hash: str, hashed: dict, force: bool, rank: int,
+                            device: str | torch.device, load_model, optimizer, scheduler, scaler) -> dict:
+    """Load `path` into a run (cf. DINO's `restart_from_checkpoint`): `load_model(checkpoint)` restores the
+    networks, then the optimiser and its schedule (when the run has them), the AMP scaler and this rank's RNGs.
+    Returns the checkpoint (its "step" and any run-specific fields). A checkpoint of another config is refused
+    unless forced; one that does not fit the model or optimiser is `incompatible_checkpoint`."""
+    ckpt = load_checkpoint(path, map_location=device)
+    try:
+        check_compatible(ckpt, run_hash, hashed, force)
+        load_model(ckpt)
+        if optimizer is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        restore_rank_rng(ckpt["rng_by_rank"], rank)
+        return ckpt
+    except (KeyError, RuntimeError, ValueError) as exc:  # a foreign checkpoint, or a forced resume across models
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+        first_line = " ".join(lines[:2])
+        first_line = first_line if len(first_line) <= 240 else first_line[:240] + " ..."
+        raise CheckpointError(
+            "incompatible_checkpoint",
+            f"{path} does not fit this run's model or optimiser ({first_line}); use another --out "
+            "or --resume never",
+        ) from None
+
+
 # ---------------------------------------------------------------- reading a finished run dir
 
 CONFIG_FILE = "config.json"

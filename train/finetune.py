@@ -42,12 +42,10 @@ from prep.storage import local_path
 from train import distributed
 from train.augment import augment
 from train.checkpoint import (
-    check_compatible,
     config_hash,
     gather_rng_states,
-    load_checkpoint,
     resolve_resume,
-    restore_rank_rng,
+    restart_from_checkpoint,
     save_run_checkpoint,
 )
 from train.data import (
@@ -435,13 +433,8 @@ def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo) -> Path:
     step = 0
     resume_from = resolve_resume(cfg.resume, run_dir)
     if resume_from is not None:
-        ckpt = load_checkpoint(resume_from, map_location=device)
-        check_compatible(ckpt, run_hash, hashed, cfg.force)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        restore_rank_rng(ckpt["rng_by_rank"], info.rank)
+        ckpt = restart_from_checkpoint(resume_from, run_hash, hashed, cfg.force, info.rank, device,
+                                       lambda c: model.load_state_dict(c["model"]), optimizer, scheduler, scaler)
         step = int(ckpt["step"])
         best.update(step=int(ckpt["best_step"]), score=float(ckpt["best_score"]), bad=int(ckpt["best_bad"]),
                     state=ckpt["best_model"] or None, early_stopped=bool(ckpt["early_stopped"]))  # fmt: skip

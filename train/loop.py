@@ -37,14 +37,12 @@ from prep.storage import StorageError, local_path
 from train import distributed
 from train.checkpoint import (
     CheckpointError,
-    check_compatible,
     config_hash,
     gather_rng_states,
-    load_checkpoint,
     resolve_resume,
-    restore_rank_rng,
     save_run_checkpoint,
 )
+from train.checkpoint import restart_from_checkpoint as restore_run
 from train.config import ConfigError, PretrainConfig
 from train.data import (
     DataError,
@@ -315,29 +313,16 @@ class TrainState:
 
 def restart_from_checkpoint(path: Path, state: TrainState, run_hash: str, hashed: dict, force: bool, rank: int,
                             device: torch.device) -> int:
-    """Load `path` into `state` and this rank's RNGs (cf. DINO's `restart_from_checkpoint`); returns its step.
-    A checkpoint of another config is refused unless forced; one that does not fit the model is
-    `incompatible_checkpoint`."""
-    ckpt = load_checkpoint(path, map_location=device)
-    try:
-        check_compatible(ckpt, run_hash, hashed, force)
+    """Load `path` into `state` and this rank's RNGs (`train.checkpoint.restart_from_checkpoint`); returns its
+    step."""
+
+    def load_method(ckpt: dict) -> None:
         state.method.load_state_dict(ckpt["method"])
         state.method.load_extra_state(ckpt["extra"])
-        if state.optimizer:
-            state.optimizer.load_state_dict(ckpt["optimizer"])
-            state.scheduler.load_state_dict(ckpt["scheduler"])
-        state.scaler.load_state_dict(ckpt["scaler"])
-        restore_rank_rng(ckpt["rng_by_rank"], rank)
-        return int(ckpt["step"])
-    except (KeyError, RuntimeError, ValueError) as exc:  # a foreign checkpoint, or a forced resume across models
-        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
-        first_line = " ".join(lines[:2])
-        first_line = first_line if len(first_line) <= 240 else first_line[:240] + " ..."
-        raise CheckpointError(
-            "incompatible_checkpoint",
-            f"{path} does not fit this run's model or optimiser ({first_line}); use another --out "
-            "or --resume never",
-        ) from None
+
+    ckpt = restore_run(path, run_hash, hashed, force, rank, device, load_method, state.optimizer, state.scheduler,
+                       state.scaler)
+    return int(ckpt["step"])
 
 
 class CheckpointSaver:
