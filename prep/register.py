@@ -565,7 +565,7 @@ def _judge(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_affine: np.nda
     dice = _dice((ipsi.mask > 0.5) & seen, aligned_c & seen)
 
     # the size bounds apply to the isotropic scale (the `scale` pairs.parquet records); a stretch is judged apart
-    # (`_stretch_confirmed`): a 30 % compression difference is a stretch of 1 : 0.7, not a 0.7 size change
+    # (`stretch_confirmed`): a 30 % compression difference is a stretch of 1 : 0.7, not a 0.7 size change
     lo, hi = cfg.scale_bounds
     outline = _outline_p90_mm(ipsi, contra, grid_affine, cfg.reg_mm_per_px)
     reason = None
@@ -583,7 +583,7 @@ def _judge(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_affine: np.nda
         reason = "scale_out_of_bounds"
     elif dice < cfg.min_dice:
         reason = "low_dice"
-    elif not _stretch_confirmed(anisotropy(affine), outline, dice):
+    elif not stretch_confirmed(anisotropy(affine), outline, dice):
         reason = "unconfirmed_stretch"
     return Registration(
         affine=affine, method=method, ecc_mask=ecc_mask, ecc_intensity=ecc_intensity, dice=float(dice),
@@ -593,7 +593,7 @@ def _judge(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_affine: np.nda
     )
 
 
-def _stretch_confirmed(stretch: float, outline_p90_mm: float, dice: float) -> bool:
+def stretch_confirmed(stretch: float, outline_p90_mm: float, dice: float) -> bool:
     """A stretch up to MAX_ANISOTROPY needs no confirmation; up to MAX_CONFIRMED_ANISOTROPY the outline must agree
     with it in mm (skin line and mask overlap, see MAX_CONFIRMED_ANISOTROPY); beyond, nothing confirms it."""
     if stretch <= MAX_ANISOTROPY:
@@ -636,10 +636,11 @@ def register_grids(ipsi: RegistrationGrid, contra: RegistrationGrid, cfg: PrepCo
     if judged.reg_ok or not cfg.reg_refine_intensity:
         return judged
     # a compression difference beyond MAX_ANISOTROPY (one side pressed flatter): the fit may stretch further, and
-    # QC accepts the stretch only where the outline confirms it (`_stretch_confirmed`)
+    # QC accepts the stretch only where the outline confirms it (`stretch_confirmed`); an answer within
+    # MAX_ANISOTROPY is not what this second fit is for (it would be a second chance from another start)
     stretched = _refine_intensity(ipsi, contra, _stretched_outline(ipsi, contra, outline_fit), cfg,
                                   max_anisotropy=MAX_CONFIRMED_ANISOTROPY)
-    if stretched is None:
+    if stretched is None or anisotropy(stretched) <= MAX_ANISOTROPY:
         return judged
     candidate = _judge(ipsi, contra, stretched, outline_method + "+ecc_intensity", cfg)
     return candidate if candidate.reg_ok else judged
