@@ -23,6 +23,9 @@ both the independent texture and each side's own overall density.
      C2. each finer level polishes the answer while it stays plausible, the last step on a sharper band of the
          pattern (POLISH_BLUR_MM) at the finest level; the result is kept only if no breast point moved more than
          `cfg.reg_refine_max_shift_mm` from the coarse answer.
+  D. only when that answer fails QC: the same fit from the outline let stretch (affine ECC of the blurred masks) and
+     allowed up to MAX_CONFIRMED_ANISOTROPY (a compression difference up to ~30 %); QC accepts such a stretch only
+     where the outline confirms it (`stretch_confirmed`), and the answer is used only if it passes.
 
 A pair is fitted once (L -> R); R -> L is its inverse (`inverse_registration`), judged again in its own frame.
 No non-rigid step: dense warps register unilateral lesions away, which would poison the labels.
@@ -31,7 +34,8 @@ QC (`_judge`) decides `reg_ok`: outline agreement (blurred-mask ECC), shared-pat
 (`_pattern_agreement`, what stage C maximised), a second criterion in mm that the correlation does not make
 (`_outline_p90_mm`: the anterior skin line mapped through the fit must lie on the other breast's skin line), that
 the fit sits on the agreement peak (`_off_peak`: a wrong affine scores higher when moved towards the right one),
-Dice of the aligned masks, rotation and scale bounds. Pair identity (`_identity_flag`) flags, without rejecting,
+Dice of the aligned masks, rotation and (isotropic) scale bounds, and a stretch past MAX_ANISOTROPY only where the
+skin line and the masks confirm it (`stretch_confirmed`). Pair identity (`_identity_flag`) flags, without rejecting,
 a pair whose breasts disagree in shared pattern, size or density beyond what one woman's do.
 `judge_affine` applies the same QC to any given affine. Degenerate input gives `reg_ok=False` with a reason
 code instead of an exception. Accuracy, QC and speed: benchmarks/registration_bench.py, docs/PERFORMANCE.md.
