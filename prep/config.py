@@ -47,8 +47,9 @@ class PrepConfig:
                                        "scale of the shared coarse structure survive.", PANEL, min=0.1)
     max_rotation_deg: float = knob(20.0, "Registration QC: largest rotation (degrees) of the ipsi -> contra "
                                    "affine.", PANEL, min=0.0)
-    scale_bounds: tuple[float, float] = knob((0.7, 1.4), "Registration QC: smallest and largest scale of the "
-                                             "ipsi -> contra affine (two values, lo < 1 < hi).", PANEL)
+    scale_bounds: tuple[float, float] = knob((0.7, 1.4), "Registration QC: smallest and largest isotropic scale "
+                                             "(sqrt of the determinant) of the ipsi -> contra affine (two values, "
+                                             "lo < 1 < hi); a stretch between the two axes is judged apart.", PANEL)
     min_dice: float = knob(0.85, "Registration QC: minimum mask Dice after registration (0-1).", PANEL,
                            min=0.0, max=1.0)
     abnormal_overlap: float = knob(0.3, "A patch counts as ipsi/contra-abnormal when a finding box covers at "

@@ -23,6 +23,9 @@ both the independent texture and each side's own overall density.
      C2. each finer level polishes the answer while it stays plausible, the last step on a sharper band of the
          pattern (POLISH_BLUR_MM) at the finest level; the result is kept only if no breast point moved more than
          `cfg.reg_refine_max_shift_mm` from the coarse answer.
+  D. only when that answer fails QC: the same fit from the outline let stretch (affine ECC of the blurred masks) and
+     allowed up to MAX_CONFIRMED_ANISOTROPY (a compression difference up to ~30 %); QC accepts such a stretch only
+     where the outline confirms it (`stretch_confirmed`), and the answer is used only if it passes.
 
 A pair is fitted once (L -> R); R -> L is its inverse (`inverse_registration`), judged again in its own frame.
 No non-rigid step: dense warps register unilateral lesions away, which would poison the labels.
@@ -31,7 +34,8 @@ QC (`_judge`) decides `reg_ok`: outline agreement (blurred-mask ECC), shared-pat
 (`_pattern_agreement`, what stage C maximised), a second criterion in mm that the correlation does not make
 (`_outline_p90_mm`: the anterior skin line mapped through the fit must lie on the other breast's skin line), that
 the fit sits on the agreement peak (`_off_peak`: a wrong affine scores higher when moved towards the right one),
-Dice of the aligned masks, rotation and scale bounds. Pair identity (`_identity_flag`) flags, without rejecting,
+Dice of the aligned masks, rotation and (isotropic) scale bounds, and a stretch past MAX_ANISOTROPY only where the
+skin line and the masks confirm it (`stretch_confirmed`). Pair identity (`_identity_flag`) flags, without rejecting,
 a pair whose breasts disagree in shared pattern, size or density beyond what one woman's do.
 `judge_affine` applies the same QC to any given affine. Degenerate input gives `reg_ok=False` with a reason
 code instead of an exception. Accuracy, QC and speed: benchmarks/registration_bench.py, docs/PERFORMANCE.md.
@@ -64,6 +68,7 @@ REASONS = (
     "low_dice",
     "rotation_out_of_bounds",
     "scale_out_of_bounds",
+    "unconfirmed_stretch",
 )
 # a breast smaller than this (mm^2) cannot be registered meaningfully (a 25 x 20 mm blob)
 MIN_BREAST_AREA_MM2 = 500.0
@@ -118,6 +123,14 @@ START_SCALES = (0.94, 1.0, 1.06)
 # a fitted affine whose linear part stretches more than this (ratio of its singular values) is not a
 # compression difference but the fit sliding a breast cut by the canvas edges (seen on real MLO films)
 MAX_ANISOTROPY = 1.2
+# ... unless the outline confirms it: a fit stretched up to this ratio (a 30 % compression difference between the
+# two sides, 1 : 0.7, plus each side's own several per cent) is a compression difference when the mapped skin line lies
+# on the other breast's (90th percentile within MAX_STRETCH_OUTLINE_P90_MM) and the masks overlap by
+# MIN_STRETCH_DICE: the outline, which the shared-pattern correlation does not measure in mm, must agree with the
+# stretch (the real P_00173 MLO film, whose shared-pattern fits slide it past 1.2:1, does not: see PERFORMANCE.md)
+MAX_CONFIRMED_ANISOTROPY = 1.6
+MAX_STRETCH_OUTLINE_P90_MM = 3.0
+MIN_STRETCH_DICE = 0.95
 # ... each also slid this far (mm) along the chest wall: where the canvas cuts the breast at the chest wall and
 # the top edge (MLO), the rigid outline fit can slide along the cut by tens of mm
 START_SHIFTS_MM = (0.0, -12.0, 12.0)
@@ -449,13 +462,32 @@ def _fit_outline(ipsi: RegistrationGrid, contra: RegistrationGrid, cfg: PrepConf
     return start, "moments"
 
 
-def _plausible(affine: np.ndarray) -> bool:
-    """A linear part that could be two breasts' compression difference (see MAX_ANISOTROPY)."""
+def anisotropy(affine: np.ndarray) -> float:
+    """Ratio of the singular values of an affine's linear part (1 = no stretch)."""
     singular = np.linalg.svd(np.asarray(affine, np.float64)[:, :2], compute_uv=False)
-    return bool(np.linalg.det(affine[:, :2]) > 0 and singular[0] <= MAX_ANISOTROPY * singular[1])
+    return float(singular[0] / singular[1]) if singular[1] > 0 else float("inf")
 
 
-def _refine_intensity(ipsi: RegistrationGrid, contra: RegistrationGrid, start: np.ndarray, cfg: PrepConfig):
+def _stretched_outline(ipsi: RegistrationGrid, contra: RegistrationGrid, start: np.ndarray) -> np.ndarray:
+    """The outline fit let stretch: an affine ECC of the blurred masks from the rigid one (grid px affine), as the
+    start of a fit that may go past MAX_ANISOTROPY; the rigid fit itself when this diverges or spins past it."""
+    try:
+        _, warp = cv2.findTransformECC(
+            ipsi.blurred_mask, contra.blurred_mask, start.astype(np.float32), cv2.MOTION_AFFINE, _ECC_CRITERIA, None, 1,
+        )
+    except cv2.error:
+        return start
+    warp = warp.astype(np.float64)
+    return warp if _plausible(warp, MAX_CONFIRMED_ANISOTROPY) else start
+
+
+def _plausible(affine: np.ndarray, max_anisotropy: float = MAX_ANISOTROPY) -> bool:
+    """A linear part that could be two breasts' compression difference (see MAX_ANISOTROPY)."""
+    return bool(np.linalg.det(affine[:, :2]) > 0 and anisotropy(affine) <= max_anisotropy)
+
+
+def _refine_intensity(ipsi: RegistrationGrid, contra: RegistrationGrid, start: np.ndarray, cfg: PrepConfig,
+                      max_anisotropy: float = MAX_ANISOTROPY):
     """Stage C (module docstring): the grid px affine of the coarse-to-fine fit of the shared pattern, or None."""
     levels = min(len(ipsi.levels), len(contra.levels))
     if levels == 0:
@@ -465,7 +497,7 @@ def _refine_intensity(ipsi: RegistrationGrid, contra: RegistrationGrid, start: n
     ranked = sorted(_starts(ipsi, start), key=lambda guess: -np.nan_to_num(_level_agreement(coarse_i, coarse_c, guess),
                                                                             nan=-1.0))
     tried = (_ecc_affine(coarse_i, coarse_c, guess, _SEARCH_CRITERIA) for guess in ranked[:START_POLISH_TOP])
-    tried = [t for t in tried if t is not None and _plausible(t[1])]
+    tried = [t for t in tried if t is not None and _plausible(t[1], max_anisotropy)]
     if not tried:
         return None
     coarse = best = max(tried, key=lambda t: t[0])[1]
@@ -477,7 +509,7 @@ def _refine_intensity(ipsi: RegistrationGrid, contra: RegistrationGrid, start: n
         finer.append((ipsi.polish, contra.polish))
     for level_i, level_c in finer:
         fitted = _ecc_affine(level_i, level_c, best, _ECC_CRITERIA)
-        if fitted is None or not _plausible(fitted[1]):
+        if fitted is None or not _plausible(fitted[1], max_anisotropy):
             continue
         if _level_agreement(level_i, level_c, fitted[1]) >= _level_agreement(level_i, level_c, best):
             best = fitted[1]
@@ -536,7 +568,8 @@ def _judge(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_affine: np.nda
     seen = warp_to_template(np.ones_like(contra.mask), grid_affine, ipsi.mask.shape) > 0.5
     dice = _dice((ipsi.mask > 0.5) & seen, aligned_c & seen)
 
-    singular = np.linalg.svd(affine[:, :2], compute_uv=False)
+    # the size bounds apply to the isotropic scale (the `scale` pairs.parquet records); a stretch is judged apart
+    # (`stretch_confirmed`): a 30 % compression difference is a stretch of 1 : 0.7, not a 0.7 size change
     lo, hi = cfg.scale_bounds
     outline = _outline_p90_mm(ipsi, contra, grid_affine, cfg.reg_mm_per_px)
     reason = None
@@ -550,16 +583,27 @@ def _judge(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_affine: np.nda
         reason = "off_peak"
     elif abs(rotation) > cfg.max_rotation_deg:
         reason = "rotation_out_of_bounds"
-    elif np.linalg.det(affine[:, :2]) <= 0 or singular.min() < lo or singular.max() > hi:
+    elif np.linalg.det(affine[:, :2]) <= 0 or not lo <= scale <= hi:
         reason = "scale_out_of_bounds"
     elif dice < cfg.min_dice:
         reason = "low_dice"
+    elif not stretch_confirmed(anisotropy(affine), outline, dice):
+        reason = "unconfirmed_stretch"
     return Registration(
         affine=affine, method=method, ecc_mask=ecc_mask, ecc_intensity=ecc_intensity, dice=float(dice),
         area_ratio=contra.area_mm2 / ipsi.area_mm2, rotation_deg=float(rotation), scale=float(scale),
         reg_ok=reason is None, reason=reason, outline_p90_mm=outline,
         identity_flag=_identity_flag(ipsi, contra, ecc_intensity),
     )
+
+
+def stretch_confirmed(stretch: float, outline_p90_mm: float, dice: float) -> bool:
+    """A stretch up to MAX_ANISOTROPY needs no confirmation; up to MAX_CONFIRMED_ANISOTROPY the outline must agree
+    with it in mm (skin line and mask overlap, see MAX_CONFIRMED_ANISOTROPY); beyond, nothing confirms it."""
+    if stretch <= MAX_ANISOTROPY:
+        return True
+    return bool(stretch <= MAX_CONFIRMED_ANISOTROPY and outline_p90_mm <= MAX_STRETCH_OUTLINE_P90_MM
+                and dice >= MIN_STRETCH_DICE)
 
 
 def judge_affine(ipsi: RegistrationGrid, contra: RegistrationGrid, affine: np.ndarray, cfg: PrepConfig,
@@ -586,12 +630,24 @@ def register_grids(ipsi: RegistrationGrid, contra: RegistrationGrid, cfg: PrepCo
     failed = _grid_problem(ipsi, contra)
     if failed is not None:
         return failed
-    grid_affine, method = _fit_outline(ipsi, contra, cfg)
+    outline_fit, outline_method = _fit_outline(ipsi, contra, cfg)
+    grid_affine, method = outline_fit, outline_method
     if cfg.reg_refine_intensity:
-        refined = _refine_intensity(ipsi, contra, grid_affine, cfg)
+        refined = _refine_intensity(ipsi, contra, outline_fit, cfg)
         if refined is not None:
-            grid_affine, method = refined, method + "+ecc_intensity"
-    return _judge(ipsi, contra, grid_affine, method, cfg)
+            grid_affine, method = refined, outline_method + "+ecc_intensity"
+    judged = _judge(ipsi, contra, grid_affine, method, cfg)
+    if judged.reg_ok or not cfg.reg_refine_intensity:
+        return judged
+    # a compression difference beyond MAX_ANISOTROPY (one side pressed flatter): the fit may stretch further, and
+    # QC accepts the stretch only where the outline confirms it (`stretch_confirmed`); an answer within
+    # MAX_ANISOTROPY is not what this second fit is for (it would be a second chance from another start)
+    stretched = _refine_intensity(ipsi, contra, _stretched_outline(ipsi, contra, outline_fit), cfg,
+                                  max_anisotropy=MAX_CONFIRMED_ANISOTROPY)
+    if stretched is None or anisotropy(stretched) <= MAX_ANISOTROPY:
+        return judged
+    candidate = _judge(ipsi, contra, stretched, outline_method + "+ecc_intensity", cfg)
+    return candidate if candidate.reg_ok else judged
 
 
 def inverse_registration(forward: Registration, ipsi: RegistrationGrid, contra: RegistrationGrid,

@@ -8,15 +8,19 @@ import pytest
 
 from prep.config import PrepConfig
 from prep.register import (
+    MAX_ANISOTROPY,
     REASONS,
+    anisotropy,
     apply_affine,
     compose_affines,
     invert_affine,
     inverse_registration,
+    judge_affine,
     register_contralateral,
     register_grids,
     registration_grid,
     rotation_and_scale,
+    stretch_confirmed,
 )
 
 MM_PER_PX = 0.2
@@ -180,6 +184,49 @@ def test_tiny_canvases_at_coarse_spacing_do_not_raise(shape):
     reg = register_contralateral(img, mask, img[::-1].copy(), mask, 20.0, CFG)
     assert reg.reg_ok or reg.reason in REASONS
     assert reg.affine.shape == (2, 3)
+
+
+def compressed_pair(keep: float, seed=0):
+    """(ipsi, ipsi_mask, contra, contra_mask, truth): the contra breast pressed to `keep` of its height along the
+    chest wall about the breast's middle (a compression difference, anisotropic 1 : keep)."""
+    big, big_mask = breast(seed=seed)
+    middle = 0.52 * big.shape[0]
+    body = np.array([[1.0, 0.0, 0.0], [0.0, keep, (1.0 - keep) * middle]])
+    warp = lambda a: cv2.warpAffine(a.astype(np.float32), body, a.shape[::-1], flags=cv2.INTER_LINEAR)
+    to_crop = np.array([[1.0, 0.0, -MARGIN], [0.0, 1.0, 0.0]])
+    truth = compose_affines(invert_affine(to_crop), body, to_crop)
+    return crop(big), crop(big_mask), crop(warp(big)), crop(warp(big_mask) > 0.5), truth
+
+
+def test_a_compression_difference_beyond_the_plain_stretch_bound_registers():
+    """A 30 % compression difference (1 : 0.7, past MAX_ANISOTROPY) registers when the outline confirms the stretch,
+    within 1 mm of the truth, and the inverse passes QC in its own frame."""
+    img, mask, contra, contra_mask, truth = compressed_pair(0.7)
+    ipsi_grid = registration_grid(img, mask, MM_PER_PX, CFG)
+    contra_grid = registration_grid(contra, contra_mask, MM_PER_PX, CFG)
+    reg = register_grids(ipsi_grid, contra_grid, CFG)
+    assert reg.reg_ok, reg.reason
+    assert anisotropy(reg.affine) > MAX_ANISOTROPY
+    pts = breast_points(mask)
+    assert np.median(np.linalg.norm(apply_affine(pts, reg.affine) - apply_affine(pts, truth), axis=1)) * MM_PER_PX < 1.0
+    assert inverse_registration(reg, ipsi_grid, contra_grid, CFG).reg_ok
+
+
+def test_a_stretch_the_outline_contradicts_is_rejected():
+    """The same breast on both sides judged at a 1 : 0.75 stretch: the fit would be a compression difference that
+    the outline does not show, so QC rejects it (while the identity passes); and the rule itself: a stretch past
+    MAX_ANISOTROPY passes only with a close skin line and a high Dice, never past MAX_CONFIRMED_ANISOTROPY."""
+    img, mask, _, _, _ = pair(0.0, 1.0, (0.0, 0.0))
+    grid = registration_grid(img, mask, MM_PER_PX, CFG)
+    middle = 0.52 * img.shape[0]
+    stretch = np.array([[1.0, 0.0, 0.0], [0.0, 0.75, 0.25 * middle]])
+    assert judge_affine(grid, grid, np.hstack([np.eye(2), np.zeros((2, 1))]), CFG).reg_ok
+    assert not judge_affine(grid, grid, stretch, CFG).reg_ok
+    assert stretch_confirmed(1.1, 20.0, 0.5)  # within MAX_ANISOTROPY nothing is asked
+    assert stretch_confirmed(1.4, 1.0, 0.99)
+    assert not stretch_confirmed(1.4, 5.0, 0.99)
+    assert not stretch_confirmed(1.4, 1.0, 0.9)
+    assert not stretch_confirmed(1.7, 0.5, 0.999)
 
 
 def test_qc_rejects_mismatched_outlines():
