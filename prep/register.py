@@ -136,6 +136,8 @@ MIN_STRETCH_DICE = 0.95
 START_SHIFTS_MM = (0.0, -12.0, 12.0)
 # how many of those starts, ranked by how well their patterns already agree, get an ECC run
 START_POLISH_TOP = 8
+# ... and the best this many of the same offsets about the centroid translation (`_refine_intensity`)
+CENTROID_POLISH_TOP = 4
 
 
 @dataclass
@@ -443,11 +445,16 @@ def _identity_flag(ipsi: RegistrationGrid, contra: RegistrationGrid, ecc_intensi
     return ",".join(flags) or None
 
 
+def _centroid_start(ipsi: RegistrationGrid, contra: RegistrationGrid) -> np.ndarray:
+    """The translation that puts the two breasts' centroids together (grid px affine)."""
+    return np.hstack([np.eye(2), (_centroid(contra.mask) - _centroid(ipsi.mask))[:, None]])
+
+
 def _fit_outline(ipsi: RegistrationGrid, contra: RegistrationGrid, cfg: PrepConfig) -> tuple[np.ndarray, str]:
     """Stages A and B: centroid translation, then a rigid ECC of the blurred masks (grid px affine, method)."""
     # rigid, not affine, on the outline alone: the canvas cuts the breast at the chest wall, which leaves
     # scale and shear poorly constrained by masks (docs/PERFORMANCE.md has the comparison)
-    start = np.hstack([np.eye(2), (_centroid(contra.mask) - _centroid(ipsi.mask))[:, None]])
+    start = _centroid_start(ipsi, contra)
     try:
         _, warp = cv2.findTransformECC(
             ipsi.blurred_mask, contra.blurred_mask, start.astype(np.float32), cv2.MOTION_EUCLIDEAN, _ECC_CRITERIA,
@@ -493,10 +500,19 @@ def _refine_intensity(ipsi: RegistrationGrid, contra: RegistrationGrid, start: n
     if levels == 0:
         return None
     coarse_i, coarse_c = ipsi.levels[levels - 1], contra.levels[levels - 1]
-    # an ECC run per start is the costly part: only the starts whose patterns already agree best get one
-    ranked = sorted(_starts(ipsi, start), key=lambda guess: -np.nan_to_num(_level_agreement(coarse_i, coarse_c, guess),
-                                                                            nan=-1.0))
-    tried = (_ecc_affine(coarse_i, coarse_c, guess, _SEARCH_CRITERIA) for guess in ranked[:START_POLISH_TOP])
+
+    def most_agreeing(starts: list[np.ndarray], n: int) -> list[np.ndarray]:
+        return sorted(starts, key=lambda guess: -np.nan_to_num(_level_agreement(coarse_i, coarse_c, guess), nan=-1.0))[:n]
+
+    # an ECC run per start is the costly part: only the starts whose patterns already agree best get one. Two
+    # families of starts, each with its own quota: about the outline fit, and about the plain centroid translation
+    # (a rigid outline fit can spin along a round outline the canvas cuts, by more than START_ROTATIONS_DEG, when
+    # the two breasts' outlines differ in shape, e.g. by compression)
+    centroid = _centroid_start(ipsi, contra)
+    guesses = most_agreeing(_starts(ipsi, start), START_POLISH_TOP)
+    if not np.allclose(centroid, start):
+        guesses += most_agreeing(_starts(ipsi, centroid), CENTROID_POLISH_TOP)
+    tried = (_ecc_affine(coarse_i, coarse_c, guess, _SEARCH_CRITERIA) for guess in guesses)
     tried = [t for t in tried if t is not None and _plausible(t[1], max_anisotropy)]
     if not tried:
         return None
