@@ -17,9 +17,11 @@ both the independent texture and each side's own overall density.
      shared pattern, coarse to fine over PYRAMID_LEVELS (`_refine_intensity`), the ipsi breast grown by
      OUTLINE_MARGIN_MM as template mask and the contra canvas as input mask, so pixels that leave the contra
      canvas drop out instead of dragging the fit:
-     C1. at the coarsest level, affine ECC from (rotation, scale) offsets of the outline fit about the ipsi
-         centroid (the outline fit can slide tens of mm along a breast cut by the canvas); the best plausible
-         score wins (`_plausible`: no stretch beyond MAX_ANISOTROPY),
+     C1. at the coarsest level, affine ECC from (rotation, scale, slide) offsets of the outline fit about the ipsi
+         centroid (the outline fit can slide tens of mm along a breast cut by the canvas) and, with a quota of
+         their own, of the centroid translation A (the rigid outline fit can also spin along a cut outline whose
+         shape differs between the sides); the best plausible score wins (`_plausible`: no stretch beyond
+         MAX_ANISOTROPY),
      C2. each finer level polishes the answer while it stays plausible, the last step on a sharper band of the
          pattern (POLISH_BLUR_MM) at the finest level; the result is kept only if no breast point moved more than
          `cfg.reg_refine_max_shift_mm` from the coarse answer.
