@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO ?= demo
 DEMO_SEED ?= 7
+# methods the demo trains and compares (empty: the demo's default four, pipelines/demo.py DEMO_METHODS), e.g. "random siamese-hard ld"
+DEMO_METHODS ?=
 STUDY_SEEDS ?= 0 1 2
 STUDY_STEPS ?= 60
 # the study's own archive: 250 studies at the generator's 60 % lesion prevalence put >= 30 lesion studies in
@@ -51,7 +53,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/python -m pipelines.demo --out $(DEMO) --seed $(DEMO_SEED)
+	$(BIN)/python -m pipelines.demo --out $(DEMO) --seed $(DEMO_SEED) $(foreach m,$(DEMO_METHODS),--methods $(m))
 
 test: venv
 	$(BIN)/python -m pytest -q -p no:cacheprovider

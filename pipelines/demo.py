@@ -33,7 +33,9 @@ from typing import List
 import typer
 from rich.console import Console
 
-DEMO_METHODS = ("random", "siamese-soft", "siamese-hard", "simclr", "ld")
+# LD is left out by default: its full-resolution decoder costs ~3x a Siamese step on CPU (~165 s of the demo's
+# 60 steps on 2 cores, docs/PERFORMANCE.md "End to end"); `--methods ... ld` (make demo DEMO_METHODS=...) adds it
+DEMO_METHODS = ("random", "siamese-soft", "siamese-hard", "simclr")
 # the demo's lesions (see the module docstring): `prep synth-cd` grid and split sizes
 DEMO_GRID = {"kinds": ("circumscribed mass", "spiculated mass"), "diameters_mm": (30.0,), "contrasts": (0.16, 0.32),
              "train_studies": 60}
