@@ -43,11 +43,15 @@ SOFT_CURVE ?= 60 300 1000
 
 .PHONY: venv demo test bench study study-archive ablation cd softlabel-study clean-demo
 
+# --no-compile: byte-compiling every file of torch and its neighbours at install costs minutes of CPU on 2 cores;
+# Python compiles the modules a command imports on first use instead (docs/PERFORMANCE.md "End to end")
+PIP_INSTALL := $(BIN)/python -m pip install -q --no-compile
+
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(PIP_INSTALL) --upgrade pip
+	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(PIP_INSTALL) $(TORCH_SPEC)
+	$(PIP_INSTALL) -e ".[test]"
 	touch $@
 
 venv: $(BIN)/.installed
