@@ -223,7 +223,7 @@ def sample_patch_pairs(
 
     def tissue(x0: int, y0: int) -> tuple[float, float]:
         frac_i = float(crop(ipsi_m, x0, y0, P).mean())
-        frac_c = float(registered_patch(contra_m, affine, displacement, x0, y0, P, nearest=True).mean())
+        frac_c = float(warp_patch(contra_m, patch_affine(x0, y0), x0, y0, P, nearest=True).mean())
         return frac_i, frac_c
 
     erosion_px = int(round(cfg.mask_erosion_mm / cfg.mm_per_px))

@@ -146,8 +146,8 @@ def check_compatible(checkpoint: dict, current_hash: str, current_config: dict, 
     )
 
 
-def restart_from_checkpoint(path: Path, run_hash: str, hashed: dict, force: bool, rank: int,
-                            device: str | torch.device, load_model, optimizer, scheduler, scaler) -> dict:
+def restore_training_state(path: Path, run_hash: str, hashed: dict, force: bool, rank: int,
+                           device: str | torch.device, load_model, optimizer, scheduler, scaler) -> dict:
     """Load `path` into a run (cf. DINO's `restart_from_checkpoint`): `load_model(checkpoint)` restores the
     networks, then the optimiser and its schedule (when the run has them), the AMP scaler and this rank's RNGs.
     Returns the checkpoint (its "step" and any run-specific fields). A checkpoint of another config is refused

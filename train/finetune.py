@@ -45,7 +45,7 @@ from train.checkpoint import (
     config_hash,
     gather_rng_states,
     resolve_resume,
-    restart_from_checkpoint,
+    restore_training_state,
     save_run_checkpoint,
 )
 from train.data import (
@@ -433,8 +433,8 @@ def _finetune(cfg: FinetuneConfig, info: distributed.DistInfo) -> Path:
     step = 0
     resume_from = resolve_resume(cfg.resume, run_dir)
     if resume_from is not None:
-        ckpt = restart_from_checkpoint(resume_from, run_hash, hashed, cfg.force, info.rank, device,
-                                       lambda c: model.load_state_dict(c["model"]), optimizer, scheduler, scaler)
+        ckpt = restore_training_state(resume_from, run_hash, hashed, cfg.force, info.rank, device,
+                                      lambda c: model.load_state_dict(c["model"]), optimizer, scheduler, scaler)
         step = int(ckpt["step"])
         best.update(step=int(ckpt["best_step"]), score=float(ckpt["best_score"]), bad=int(ckpt["best_bad"]),
                     state=ckpt["best_model"] or None, early_stopped=bool(ckpt["early_stopped"]))  # fmt: skip

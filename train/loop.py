@@ -40,9 +40,9 @@ from train.checkpoint import (
     config_hash,
     gather_rng_states,
     resolve_resume,
+    restore_training_state,
     save_run_checkpoint,
 )
-from train.checkpoint import restart_from_checkpoint as restore_run
 from train.config import ConfigError, PretrainConfig
 from train.data import (
     DataError,
@@ -313,15 +313,15 @@ class TrainState:
 
 def restart_from_checkpoint(path: Path, state: TrainState, run_hash: str, hashed: dict, force: bool, rank: int,
                             device: torch.device) -> int:
-    """Load `path` into `state` and this rank's RNGs (`train.checkpoint.restart_from_checkpoint`); returns its
+    """Load `path` into `state` and this rank's RNGs (`train.checkpoint.restore_training_state`); returns its
     step."""
 
     def load_method(ckpt: dict) -> None:
         state.method.load_state_dict(ckpt["method"])
         state.method.load_extra_state(ckpt["extra"])
 
-    ckpt = restore_run(path, run_hash, hashed, force, rank, device, load_method, state.optimizer, state.scheduler,
-                       state.scaler)
+    ckpt = restore_training_state(path, run_hash, hashed, force, rank, device, load_method, state.optimizer,
+                                  state.scheduler, state.scaler)
     return int(ckpt["step"])
 
 
