@@ -192,8 +192,11 @@ def test_study_finetunes_every_run_at_each_fraction(fixture, tmp_path):
     summary = run_study(cfg, say=lambda line: None)
     assert summary["finetuned"] == 2
     for fraction in ("0.5", "1"):
-        result = json.loads((tmp_path / "study" / "finetunes" / "random" / "seed0" / f"frac{fraction}" / "finetune.json").read_text())
+        run = tmp_path / "study" / "finetunes" / "random" / "seed0" / f"frac{fraction}"
+        result = json.loads((run / "finetune.json").read_text())
         assert result["run"]["method"] == "random" and result["run"]["steps"] == 4
+        # a finished fine-tuning keeps its result and classifier, not the training state only resuming needs
+        assert (run / "classifier.safetensors").is_file() and not list(run.glob("*.pt"))
     md = (tmp_path / "study" / "compare" / "compare.md").read_text()
     assert "## Fine-tuning: label efficiency" in md and "50% labels" in md
     assert run_study(cfg, say=lambda line: None)["finetuned"] == 0  # finished fine-tunings are skipped

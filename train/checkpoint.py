@@ -115,8 +115,16 @@ def numbered_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def prune(run_dir: Path, keep: int) -> None:
-    for old in numbered_checkpoints(run_dir)[: max(0, len(numbered_checkpoints(run_dir)) - keep)]:
+    numbered = numbered_checkpoints(run_dir)
+    for old in numbered[: max(0, len(numbered) - keep)]:
         old.unlink(missing_ok=True)
+
+
+def remove_training_state(run_dir: Path) -> None:
+    """Delete a finished run's checkpoints (last.pt and the numbered ones): what only resuming needs; its exported
+    weights and results stay."""
+    for path in [*numbered_checkpoints(run_dir), Path(run_dir) / LAST]:
+        path.unlink(missing_ok=True)
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:
