@@ -193,15 +193,22 @@ def pair_distance(z_ipsi: np.ndarray, z_contra: np.ndarray, positions: int) -> n
     return np.linalg.norm(z_ipsi - z_contra, axis=1).reshape(-1, positions).mean(1)
 
 
-def encoder_scores(model, patches: dict, batch_size: int, device) -> tuple[np.ndarray, np.ndarray]:
-    """(score_on, score_off) of every trial: lesion-on and twin ipsi patches against the shared contra patch,
-    the three stacks embedded by `train.embed.embed_patches`."""
-    from train.embed import embed_patches
+def encoder_scores(model, patches: dict, batch_size: int, device, head=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(score_on, score_off) of every trial: lesion-on and twin ipsi patches against the shared contra patch, the
+    three stacks embedded in one pass (`train.embed.embed_patches_with_head`); key "backbone", and "head" when the
+    run's projection head is given (it sits on the same pooled features)."""
+    from train.embed import embed_patches_with_head
 
     n, positions, p, _ = patches["ipsi_on"].shape
-    z = {k: embed_patches(model, patches[k].reshape(-1, p, p), batch_size=batch_size, device=device)
-         for k in ("ipsi_on", "ipsi_off", "contra")}
-    return pair_distance(z["ipsi_on"], z["contra"], positions), pair_distance(z["ipsi_off"], z["contra"], positions)
+    stacks = ("ipsi_on", "ipsi_off", "contra")
+    z, h = embed_patches_with_head(model, head, np.concatenate([patches[k].reshape(-1, p, p) for k in stacks]),
+                                   batch_size=batch_size, device=device)
+    out = {}
+    for name, features in (("backbone", z), ("head", h)):
+        if features is not None:
+            on, off, contra = np.split(features, 3)
+            out[name] = (pair_distance(on, contra, positions), pair_distance(off, contra, positions))
+    return out
 
 
 def pixel_baseline_scores(patches: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -246,11 +253,9 @@ def score_all(cfg: CDJobConfig, runs: dict[str, Path], trials: pd.DataFrame, pat
               say: Callable[[str], None], supervised: Path | None = None) -> tuple[pd.DataFrame, dict]:
     """Every method's (score_on, score_off) per trial, one resumable file per method; returns the long score
     table and the measured seconds per method (scored in this call)."""
-    import torch
-
     from prep.io import write_parquet_atomic
     from train.distributed import resolve_device
-    from train.embed import load_projection_head
+    from train.embed import inference_backbone, load_projection_head
     from train.models import load_encoder
 
     device = resolve_device(cfg.device)
@@ -258,29 +263,34 @@ def score_all(cfg: CDJobConfig, runs: dict[str, Path], trials: pd.DataFrame, pat
     folder.mkdir(parents=True, exist_ok=True)
     seconds = {}
 
-    def scored(name: str, compute: Callable[[], tuple[np.ndarray, np.ndarray]]) -> None:
-        path = folder / f"{name.replace('/', '__')}.parquet"
-        if path.is_file():
+    def scored(names: tuple[str, ...], compute: Callable[[], dict[str, tuple[np.ndarray, np.ndarray]]]) -> None:
+        """Score the methods `names` by one computation (name -> (on, off)) unless all their files exist; its
+        seconds are recorded under the first name (a backbone and its head share one forward)."""
+        paths = {name: folder / f"{name.replace('/', '__')}.parquet" for name in names}
+        if all(path.is_file() for path in paths.values()):
             return
         started = time.perf_counter()
-        on, off = compute()
-        seconds[name] = time.perf_counter() - started
-        write_parquet_atomic(path, pd.DataFrame({"trial_id": patches["trial_id"], "method": name, "score_on": on,
-                                                 "score_off": off}))
-        say(f"scored {name}: {len(on)} trials, {seconds[name]:.1f} s")
+        result = compute()
+        seconds[names[0]] = time.perf_counter() - started
+        for name, (on, off) in result.items():
+            write_parquet_atomic(paths[name], pd.DataFrame({"trial_id": patches["trial_id"], "method": name,
+                                                            "score_on": on, "score_off": off}))
+        say(f"scored {' and '.join(result)}: {len(patches['trial_id'])} trials, {seconds[names[0]]:.1f} s")
+
+    def encoder(method: str, run: Path, head) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        backbone, _ = load_encoder(run, device=device)
+        both = encoder_scores(inference_backbone(backbone, device), patches, cfg.embed_batch, device, head)
+        return {method: both["backbone"], **({method + HEAD_SUFFIX: both["head"]} if "head" in both else {})}
 
     for method, run in runs.items():
-        backbone, _ = load_encoder(run, device=device)
-        scored(method, lambda: encoder_scores(backbone, patches, cfg.embed_batch, device))
         head, _note = load_projection_head(run, device=device)
-        if head is not None:
-            stacked = torch.nn.Sequential(backbone, head)
-            scored(method + HEAD_SUFFIX, lambda: encoder_scores(stacked, patches, cfg.embed_batch, device))
+        scored((method, method + HEAD_SUFFIX) if head is not None else (method,),
+               lambda method=method, run=run, head=head: encoder(method, run, head))
     if supervised is not None:
-        scored(SUPERVISED, lambda: classifier_scores(supervised, patches, cfg.embed_batch, device))
+        scored((SUPERVISED,), lambda: {SUPERVISED: classifier_scores(supervised, patches, cfg.embed_batch, device)})
     for name, pair in pixel_baseline_scores(patches).items():
-        scored(name, lambda pair=pair: pair)
-    scored(MATCHED_FILTER, lambda: matched_filter_scores(patches))
+        scored((name,), lambda name=name, pair=pair: {name: pair})
+    scored((MATCHED_FILTER,), lambda: {MATCHED_FILTER: matched_filter_scores(patches)})
 
     keep = ["trial_id", "twin_study_id", "kind", "diameter_mm", "contrast_requested", "contrast_measured", "density"]
     info = trials[[c for c in keep if c in trials.columns]].rename(

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from train.embed import EvalSample, EvaluationError, embed_pairs, embed_patches, inference_backbone
+from train.embed import EvalSample, EvaluationError, embed_pairs, embed_patches, embed_patches_with_head, inference_backbone
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -30,6 +30,19 @@ def test_embed_patches_matches_the_pair_embedding_of_evaluation():
     emb = embed_pairs(backbone, samples, batch_size=4, top_k=0)
     np.testing.assert_allclose(embed_patches(backbone, ipsi, batch_size=3), emb.ipsi, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(embed_patches(backbone, contra), emb.contra, rtol=1e-5, atol=1e-6)
+
+
+def test_head_features_from_the_one_forward_give_evaluations_head_distance():
+    backbone, ipsi, contra = _backbone(), _patches(6, 1), _patches(6, 2)
+    torch.manual_seed(1)
+    head = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4)).eval()
+    emb = embed_pairs(backbone, [EvalSample(f"k{i}", ipsi[i], contra[i], {}) for i in range(6)], batch_size=4,
+                      head=head, top_k=0)
+    z, h = embed_patches_with_head(backbone, head, np.concatenate([ipsi, contra]), batch_size=5)
+    np.testing.assert_allclose(z, np.concatenate([emb.ipsi, emb.contra]), rtol=1e-5, atol=1e-6)
+    assert h.shape == (12, 4)
+    np.testing.assert_allclose(np.linalg.norm(h[:6] - h[6:], axis=1), emb.head_distance, rtol=1e-5, atol=1e-6)
+    assert embed_patches_with_head(backbone, None, ipsi)[1] is None
 
 
 def test_embed_patches_is_unit_norm_float32_and_independent_of_batching():

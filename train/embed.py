@@ -130,20 +130,31 @@ def inference_backbone(backbone, device="cpu"):
 def embed_patches(backbone, patches: np.ndarray, *, batch_size: int = 256, device="cpu") -> np.ndarray:
     """(N, F) float32 L2-normalised pooled features of uint16 patches (N, H, W), the same forward and
     normalisation as `embed_pairs`; the backbone is put in eval mode."""
+    return embed_patches_with_head(backbone, None, patches, batch_size=batch_size, device=device)[0]
+
+
+def embed_patches_with_head(backbone, head: Callable | None, patches: np.ndarray, *, batch_size: int = 256,
+                            device="cpu") -> tuple[np.ndarray, np.ndarray | None]:
+    """(backbone features, head features or None), both (N, .) float32 L2-normalised, from one backbone forward
+    per batch: the head (`load_projection_head`) runs on the pooled features, as `embed_batches` does."""
     patches = np.asarray(patches)
     if patches.dtype != np.uint16 or patches.ndim != 3:
         raise EvaluationError("bad_patches", f"expected uint16 patches (N, H, W), got {patches.dtype} {patches.shape}")
     if batch_size < 1:
         raise EvaluationError("bad_batch_size", f"batch_size must be >= 1, got {batch_size}")
+    if not len(patches):
+        raise EvaluationError("no_samples", "no patches to embed")
     backbone.eval()
-    out = []
+    z, h = [], []
     with torch.inference_mode():
         for start in range(0, len(patches), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(patches[start : start + batch_size])[:, None])
-            out.append(pooled_features(backbone, x, device)[1].cpu().numpy())
-    if not out:
-        raise EvaluationError("no_samples", "no patches to embed")
-    return np.concatenate(out).astype(np.float32, copy=False)
+            pooled, normed = pooled_features(backbone, x, device)
+            z.append(normed.cpu().numpy())
+            if head is not None:
+                h.append(F.normalize(head(pooled).float(), dim=1).cpu().numpy())
+    return (np.concatenate(z).astype(np.float32, copy=False),
+            np.concatenate(h).astype(np.float32, copy=False) if head is not None else None)
 
 
 @dataclass
