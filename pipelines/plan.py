@@ -346,8 +346,9 @@ def read_headers(records: list[ImageRecord], dask: DaskSession | None) -> list[I
 
 
 def load_records(dataset: str, root: Path, dask: DaskSession | None = None,
-                 pair_by: str | None = None) -> list[ImageRecord]:
-    """The adapter's images table; headers read through `read_headers` when the adapter can defer them."""
+                 pair_by: str | None = None, study_id: str | None = None) -> list[ImageRecord]:
+    """The adapter's images table (only `study_id`'s images when given: their headers alone are read); headers
+    read through `read_headers` when the adapter can defer them."""
     adapter = get_adapter(dataset)
     accepts = inspect.signature(adapter).parameters
     kwargs = {}
@@ -355,10 +356,13 @@ def load_records(dataset: str, root: Path, dask: DaskSession | None = None,
         if "pair_by" not in accepts:
             raise BuildError("bad_input", f"--pair-by: the {dataset} adapter pairs its own way (dicom-dir only)")
         kwargs["pair_by"] = pair_by
+    def wanted(records: list[ImageRecord]) -> list[ImageRecord]:
+        return records if study_id is None else [r for r in records if r.study_id == study_id]
+
     try:
         if "read_headers" not in accepts:
-            return adapter(root, **kwargs).images()
-        return read_headers(adapter(root, read_headers=False, **kwargs).images(), dask)
+            return wanted(adapter(root, **kwargs).images())
+        return read_headers(wanted(adapter(root, read_headers=False, **kwargs).images()), dask)
     except DatasetError as exc:
         raise BuildError("bad_input", str(exc)) from exc
 

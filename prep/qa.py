@@ -19,8 +19,7 @@ from matplotlib.patches import Patch, Polygon, Rectangle
 
 from prep.config import PrepConfig
 from prep.errors import ContralateralError
-from prep.pairs import (CanonicalImage, ImageInput, PairResult, canonicalise, load_image_input, located_findings,
-                        process_pair)
+from prep.pairs import CanonicalImage, ImageInput, PairResult, canonicalise, located_findings, process_pair
 from prep.patches import patch_footprint, top_left
 
 LABEL_COLOURS = {"normal": "#40c4ff", "ipsi-abnormal": "#ff1744", "contra-abnormal": "#ffc400"}
@@ -29,33 +28,8 @@ CHECKER_MM = 10.0
 
 
 class QAError(ContralateralError):
-    """Why the QA picture could not be made. `reason`: study_not_found, pair_incomplete, decode_failed."""
-
-
-def load_pair(root: str, study_id: str, view: str, dataset: str = "vindr",
-              assumed_spacing_mm: float | None = None) -> tuple[ImageInput, ImageInput]:
-    """The L and R ImageInputs of one (study, view), through the dataset adapter and the decoder
-    (`assumed_spacing_mm`: for images whose header has no spacing, as `prep build-shards --assume-spacing-mm`)."""
-    from prep.datasets import get_adapter
-
-    records = [r for r in get_adapter(dataset)(root).images() if r.study_id == study_id]
-    if not records:
-        raise QAError("study_not_found", f"no images of study {study_id!r} under {root}")
-    by_side = {}
-    for record in records:
-        if record.view == view:
-            by_side.setdefault(record.laterality, record)
-    missing = [side for side in ("L", "R") if side not in by_side]
-    if missing:
-        raise QAError("pair_incomplete", f"study {study_id!r} has no {'/'.join(missing)}-{view} image")
-    out = []
-    for side in ("L", "R"):
-        record = by_side[side]
-        try:
-            out.append(load_image_input(record, assumed_spacing_mm))
-        except Exception as exc:  # UnsupportedImage and friends: one line for the CLI
-            raise QAError("decode_failed", f"{record.rel_path}: {exc}") from exc
-    return out[0], out[1]
+    """Why the QA picture of a pair could not be made (`prep inspect`). `reason`: study_not_found,
+    pair_incomplete, decode_failed, or the adapter's reason for an unreadable archive."""
 
 
 def _label(meta: dict) -> str:

@@ -117,6 +117,6 @@ def test_inspect_draws_a_pair_whose_findings_have_no_box(archive, tmp_path):
 
     out = tmp_path / "qa.png"
     result = CliRunner().invoke(app, ["inspect", "--dataset", "cmmd", "--root", str(archive), "--study", "D1-0001",
-                                      "--view", "CC", "--out", str(out)])
+                                      "--view", "CC", "--out", str(out), "--mm-per-px", "0.4", "--patch-px", "64"])
     assert result.exit_code == 0, result.output
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

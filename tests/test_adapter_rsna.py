@@ -99,3 +99,23 @@ def test_build_pairs_complete_views_and_rejects_the_rest_with_reasons(archive, t
     decoded = {r["image_id"]: r for r in tables["images"] if r["study_id"] == "10006"}
     assert {(r["transfer_syntax"], r["voi_kind"], r["inverted"], r["status"]) for r in decoded.values()} == {
         (JPEG2000Lossless, "sigmoid", True, "ok")}
+
+
+def test_inspect_draws_the_pair_the_build_made(archive, tmp_path):
+    """With the build's flags, `prep inspect` shows the build's chosen re-take and cuts the same samples."""
+    from typer.testing import CliRunner
+
+    from prep.cli import app
+
+    _, tables = tiny_build("rsna-2022", archive[0], tmp_path)
+    pair = next(p for p in tables["pairs"] if (p["study_id"], p["view"]) == ("10025", "CC"))
+    flags = ["--dataset", "rsna-2022", "--root", str(archive[0]), "--mm-per-px", "0.4", "--patch-px", "64",
+             "--grid-patches", "2", "--finding-patches", "1"]
+    out = tmp_path / "qa.png"
+    drawn = CliRunner().invoke(app, ["inspect", *flags, "--study", "10025", "--view", "cc", "--out", str(out)])
+    assert drawn.exit_code == 0, drawn.output
+    said = " ".join(drawn.output.split())
+    assert f"{pair['n_samples']} samples, ok" in said and f"seed {pair['seed']}" in said
+    assert f"images {pair['left_image_id']} / {pair['right_image_id']}" in said and out.stat().st_size > 10_000
+    missing = CliRunner().invoke(app, ["inspect", *flags, "--study", "10011", "--view", "MLO", "--out", str(out)])
+    assert missing.exit_code == 1 and "pair_incomplete" in missing.output and "missing_partner" in missing.output

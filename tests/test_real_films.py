@@ -99,7 +99,7 @@ def test_pretrain_and_evaluate_run_on_the_real_film_shards(built, films, tmp_pat
 
 def test_prep_inspect_draws_a_real_pair_only_with_an_assumed_spacing(films, tmp_path):
     args = ["inspect", "--dataset", "cbis-ddsm", "--root", str(films), "--study", "P_00820", "--view", "MLO",
-            "--out", str(tmp_path / "qa.png")]
+            "--out", str(tmp_path / "qa.png"), "--mm-per-px", "0.4", "--patch-px", "64"]
     refused = CliRunner().invoke(prep_app, args)
     assert refused.exit_code == 1 and "no_pixel_spacing" in refused.output
     assert not (tmp_path / "qa.png").exists()

@@ -1,54 +1,101 @@
-"""`prep inspect`: the QA picture of one (study, view) pair, to check the image core by eye."""
+"""`prep inspect`: the QA picture of one (study, view) pair, to check the image core by eye.
+
+The options are generated from the build's own knobs (`pipelines.plan.BuildOptions`' input knobs and
+`prep.config.PrepConfig`), so `prep inspect` with the flags of a `prep build-shards` run draws the pair that build
+made: the same images (its re-take rule and header checks, `pipelines.plan.plan_pairs`), the same image core and
+registration, and the same patch samples (the pair's seed derived from --seed as the build derives it).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from pipelines.plan import BuildOptions
 from prep.config import PrepConfig
+from prep.knobs import ConfigError, check_knobs, config_kwargs, generated_command, knob, knob_parameters
 
 VIEWS = ("CC", "MLO")
+# BuildOptions' knobs that shape shards, not the pair: not options of `prep inspect`
+SHARD_KNOBS = ("codec", "shard_max_samples", "shard_max_bytes", "group_pairs")
 
 
-def inspect(
-    root: Path = typer.Option(..., "--root", help="Archive root (VinDr-Mammo layout). Required."),
-    study: str = typer.Option(..., "--study", help="study_id to show. Required."),
-    view: str = typer.Option("CC", "--view", help="View to pair: CC or MLO. Default: CC."),
-    dataset: str = typer.Option("vindr", "--dataset", help="Dataset adapter name (as for build-shards). Default: vindr."),
-    mm_per_px: float = typer.Option(0.4, "--mm-per-px", help="Canonical spacing in mm per pixel. Default: 0.4 mm/px."),
-    patch_px: int = typer.Option(64, "--patch-px", help="Patch side in canonical pixels. Default: 64 px."),
-    assume_spacing_mm: Optional[float] = typer.Option(
-        None, "--assume-spacing-mm", help="Pixel spacing (mm) for images whose header states none, as for "
-        "build-shards. Default: none (such images are refused)."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed for this pair. Default: 0."),
-    out: Path = typer.Option(Path("qa.png"), "--out", help="Output PNG path. Default: qa.png."),
-) -> None:
-    """Draw both breasts as stored, the canonical masks, the registered overlay and the sampled patch pairs."""
-    from prep.io import atomic_open
+@dataclass(frozen=True)
+class InspectRun:
+    """Which pair to draw and where to write it."""
+
+    root: Path = knob(help="Archive root, as for build-shards.", panel="Input")
+    study: str = knob(help="study_id to show (as in the build's manifests).", panel="Input")
+    view: str = knob("CC", "View to pair: CC or MLO.", "Input", choices=VIEWS)
+    out: Path = knob(Path("qa.png"), "Output PNG path.", "Output")
+
+
+def _planned_pair(run: InspectRun, options: BuildOptions):
+    """The (left, right) ImageRecords the build pairs for (study, view), or QAError saying why none."""
+    from pipelines.plan import BuildError, load_records, plan_pairs
     from prep.datasets import DatasetError
-    from prep.qa import QAError, load_pair, render_pair_qa
+    from prep.qa import QAError
+
+    try:
+        records = load_records(options.dataset, run.root, None, options.pair_by, study_id=run.study)
+    except (BuildError, DatasetError) as exc:
+        raise QAError(exc.reason, exc.detail) from None
+    if not records:
+        raise QAError("study_not_found", f"no images of study {run.study!r} under {run.root}")
+    pairs, rejects = plan_pairs(records, options.assume_spacing_mm)
+    for left, right, _choice in pairs:
+        if left.view == run.view:
+            return left, right
+    why = {f"{r['laterality']}-{r['view']} {r['reason']}": r["detail"] for r in rejects if r["view"] in (run.view, None)}
+    raise QAError("pair_incomplete", f"study {run.study!r} has no usable {run.view} pair"
+                  + "".join(f"; {what}: {detail}" for what, detail in sorted(why.items())))
+
+
+def inspect(**options) -> None:
+    """Draw both breasts as stored, the canonical masks, the registered overlay and the sampled patch pairs.
+
+    Give the flags of the build to see what it did (defaults: the build's defaults). Exit status: 0 drawn; 1 the
+    pair cannot be drawn (reason on stderr); 2 bad option.
+    """
+    from pipelines.shards import derive_seed
+    from prep.io import atomic_open
+    from prep.pairs import load_image_input
+    from prep.qa import QAError, render_pair_qa
 
     console = Console(stderr=True)
-    view = view.upper()
-    if view not in VIEWS:
-        console.print(f"prep inspect: bad_view: {view!r}; choose one of {', '.join(VIEWS)}")
-        raise typer.Exit(2)
     try:
-        cfg = PrepConfig(mm_per_px=mm_per_px, patch_px=patch_px)
-        with console.status(f"loading {study} {view}"):
-            left, right = load_pair(str(root), study, view, dataset, assume_spacing_mm)
-        with console.status("canonicalising, registering, sampling"):
-            fig, result = render_pair_qa(left, right, cfg, seed)
-        with atomic_open(out) as handle:
-            fig.savefig(handle, format="png")
-    except (QAError, DatasetError) as exc:
-        console.print(f"prep inspect: {exc.reason}: {exc.detail}")
-        raise typer.Exit(1) from None
-    except ValueError as exc:  # bad config values
-        console.print(f"prep inspect: bad_option: {exc}")
+        run = InspectRun(**config_kwargs(InspectRun, {**options, "view": str(options["view"]).upper()}))
+        check_knobs(run)
+        cfg = PrepConfig(**config_kwargs(PrepConfig, options))
+        build = BuildOptions(**config_kwargs(BuildOptions, options), prep=cfg)
+    except (ConfigError, ValueError) as exc:
+        console.print(f"prep inspect: bad_option: {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(2) from None
+    try:
+        with console.status(f"loading {run.study} {run.view}"):
+            left_record, right_record = _planned_pair(run, build)
+            sides = []
+            for record in (left_record, right_record):
+                try:
+                    sides.append(load_image_input(record, build.assume_spacing_mm))
+                except Exception as exc:  # noqa: BLE001 - UnsupportedImage and friends: one line for the CLI
+                    raise QAError("decode_failed", f"{record.rel_path}: {exc}") from exc
+        with console.status("canonicalising, registering, sampling"):
+            seed = derive_seed(cfg.seed, build.dataset, left_record.study_id, left_record.view)  # as the build
+            fig, result = render_pair_qa(sides[0], sides[1], cfg, seed)
+        with atomic_open(run.out) as handle:
+            fig.savefig(handle, format="png")
+    except QAError as exc:
+        console.print(f"prep inspect: {exc.reason}: {escape(exc.detail)}", soft_wrap=True)
+        raise typer.Exit(1) from None
     status = "ok" if result.error is None else f"no samples ({result.error})"
-    console.print(f"wrote {out}: {len(result.samples)} samples, {status}")
+    console.print(f"wrote {run.out}: {len(result.samples)} samples, {status} "
+                  f"(images {left_record.image_id} / {right_record.image_id}, seed {seed})", soft_wrap=True)
+
+
+generated_command(inspect, knob_parameters(InspectRun), knob_parameters(BuildOptions, skip=SHARD_KNOBS),
+                  knob_parameters(PrepConfig), panels=("Input", "Output", "Image core"))
