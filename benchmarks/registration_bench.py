@@ -85,7 +85,7 @@ def wrong_fit_verdicts(canon: dict, forward, cfg: PrepConfig) -> list[bool]:
 
 def synthetic(args, cfg: PrepConfig) -> None:
     errors, backs, floors, wall, cpu, failed, worst = [], [], [], [], [], [], (0.0, "")
-    wrong_ok, mismatch_ok, deformed = [], [], 0
+    wrong_ok, mismatch_ok, mismatch_flagged, unflagged, deformed = [], [], [], [], 0
     seed, attempted = args.seed, 0
     while attempted < args.pairs:
         study, other = make_study(seed, args.size), make_study(seed + 10_000, args.size)
@@ -112,7 +112,12 @@ def synthetic(args, cfg: PrepConfig) -> None:
             wrong_ok += wrong_fit_verdicts(canon, forward, cfg)
             mismatched = canonical_pair(other, view, f"{seed + 10_000}", cfg)["R"]
             if mismatched.info["status"] == "ok":
-                mismatch_ok.append(register_grids(canon["L"].grid, mismatched.grid, cfg).reg_ok)
+                verdict = register_grids(canon["L"].grid, mismatched.grid, cfg)
+                mismatch_ok.append(verdict.reg_ok)
+                mismatch_flagged.append(verdict.identity_flag is not None)
+                if verdict.reg_ok and verdict.identity_flag is None:
+                    unflagged.append(f"seed {seed} {view} (shared {verdict.ecc_intensity:.2f}, area ratio "
+                                     f"{verdict.area_ratio:.2f})")
         seed += 1
 
     print(f"synthetic generator 2.0 (--size {args.size}, seeds {args.seed}..{seed - 1}): {len(errors)} pairs "
@@ -133,7 +138,9 @@ def synthetic(args, cfg: PrepConfig) -> None:
           f"{'met' if met and not failed else 'NOT met'}; CPU <= {1000 * TARGET_SECONDS:.0f} ms per pair: "
           f"{'met' if np.median(cpu) <= TARGET_SECONDS else 'NOT met'}")
     print(f"QC rejects deliberately wrong fits: {wrong_ok.count(False)}/{len(wrong_ok)}; "
-          f"mismatched pairs (another study's R): {mismatch_ok.count(False)}/{len(mismatch_ok)}")
+          f"mismatched pairs (another study's R): {mismatch_ok.count(False)}/{len(mismatch_ok)}, rejected or "
+          f"identity-flagged {sum(not ok or flag for ok, flag in zip(mismatch_ok, mismatch_flagged))}/{len(mismatch_ok)}"
+          + (f"; accepted unflagged: {', '.join(unflagged)}" if unflagged else ""))
 
 
 def real_inputs(spacing_mm: float):
