@@ -87,8 +87,9 @@ def verify_shard(path: Location, rows: list[dict]) -> tuple[int, list[str]]:
 
 
 def verify_build(shards_dir: Path | str | Location, manifests_dir: Path | str | Location,
-                 on_shard: Callable[[str], None] | None = None) -> VerifyReport:
-    """Folders or URLs (`prep.storage`); an unserved scheme raises `StorageError`."""
+                 on_shard: Callable[[int, int, str], None] | None = None) -> VerifyReport:
+    """Folders or URLs (`prep.storage`); an unserved scheme raises `StorageError`. `on_shard(done, total, name)`
+    before each shard is read."""
     shards_dir, manifests_dir = location(shards_dir), location(manifests_dir)
     report = VerifyReport()
     present = manifests_dir.listing()
@@ -108,11 +109,11 @@ def verify_build(shards_dir: Path | str | Location, manifests_dir: Path | str | 
     wids = json.loads((manifests_dir / "wids.json").read_text())
     wids_counts = {wids_target(manifests_dir, e["url"]): e["nsamples"] for e in wids.get("shardlist", [])}
 
-    for shard in sorted(shards, key=lambda s: s["shard"]):
+    for done, shard in enumerate(sorted(shards, key=lambda s: s["shard"])):
         name, path = shard["shard"], shards_dir / shard["shard"]
         report.shards += 1
         if on_shard:
-            on_shard(name)
+            on_shard(done, len(shards), name)
         if name not in on_disk:
             report.problems.append(f"{name}: missing")
             continue

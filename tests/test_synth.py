@@ -491,6 +491,7 @@ def test_cli_writes_summary_and_refuses_a_non_empty_folder(tmp_path):
     result = runner.invoke(app, ["synth", "--out", str(out), "--studies", "1", "--seed", "3", "--film"])
     assert result.exit_code == 0, result.output
     assert "studies / images" in result.output and len(list(out.glob("images/*/*.dicom"))) == 4
+    assert "synth: 1/1 studies (100%)" in result.output  # off a terminal, progress comes as whole lines
     truth = _truth(out)
     assert truth["film"] is True and truth["generator_version"] == "2.0"
     again = runner.invoke(app, ["synth", "--out", str(out), "--studies", "1"])

@@ -43,6 +43,7 @@ def test_sound_build_passes(build_dir):
     assert result.exit_code == 0, result.output
     report = verify_build(build_dir / "shards", build_dir / "manifests")
     assert report.ok and report.shards > 1
+    assert f"verify: {report.shards}/{report.shards} shards (100%)" in result.output  # progress lines in a log
     assert report.samples == pq.read_table(build_dir / "manifests" / "samples.parquet").num_rows
 
 

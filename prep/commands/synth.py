@@ -7,7 +7,6 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from prep.synth import SynthError, write_archive
@@ -45,17 +44,16 @@ def synth(
     fall-off, pectoral muscle) but not their fine texture, each side has its own compression and small
     affine + elastic deformation, and 15 % of studies carry an unlabelled benign focal asymmetry
     (docs/REALISM.md)."""
-    with Progress(TextColumn("[bold]synth[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("studies"),
-                  TimeElapsedColumn(), console=_console, transient=True) as progress:
-        task = progress.add_task("studies", total=studies)
-        try:
+    from prep.progress import make_progress
+
+    try:
+        with make_progress("synth", studies, unit="studies", console=_console) as progress:
             summary = write_archive(out, studies, seed, size.value, overwrite,
-                                    on_study=lambda done, total: progress.update(task, completed=done),
+                                    on_study=lambda done, total: progress.update(done, total=total),
                                     film=film, prevalence=lesion_prevalence)
-        except SynthError as err:
-            progress.stop()
-            _console.print(f"[red]prep synth failed[/] ({err.reason}): {err.detail}", soft_wrap=True)
-            raise typer.Exit(1) from None
+    except SynthError as err:
+        _console.print(f"[red]prep synth failed[/] ({err.reason}): {err.detail}", soft_wrap=True)
+        raise typer.Exit(1) from None
 
     table = Table(title=f"Synthetic archive {summary.out}", show_header=False)
     table.add_row("studies / images", f"{summary.studies} / {summary.images}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
-from rich.progress import Progress
 
 MAX_PROBLEMS_SHOWN = 20
 
@@ -26,10 +25,13 @@ def verify(
     except StorageError as exc:
         console.print(f"prep verify: {exc}", soft_wrap=True, markup=False)
         raise typer.Exit(2) from None
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("verifying shards", total=None)
+    from prep.progress import make_progress
+
+    with make_progress("verify", None, unit="shards", console=console) as progress:
         report = verify_build(shards_dir, manifests_dir,
-                              on_shard=lambda name: progress.update(task, description=name))
+                              on_shard=lambda done, total, _name: progress.update(done, total=total))
+        if report.shards:
+            progress.update(report.shards, total=report.shards)
     for problem in report.problems[:MAX_PROBLEMS_SHOWN]:
         console.print(f"[red]mismatch:[/] {problem}", soft_wrap=True)
     if len(report.problems) > MAX_PROBLEMS_SHOWN:
