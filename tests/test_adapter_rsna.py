@@ -119,3 +119,13 @@ def test_inspect_draws_the_pair_the_build_made(archive, tmp_path):
     assert f"images {pair['left_image_id']} / {pair['right_image_id']}" in said and out.stat().st_size > 10_000
     missing = CliRunner().invoke(app, ["inspect", *flags, "--study", "10011", "--view", "MLO", "--out", str(out)])
     assert missing.exit_code == 1 and "pair_incomplete" in missing.output and "missing_partner" in missing.output
+    # the same from the build's own record, and its options cannot be overridden there
+    recorded = CliRunner().invoke(app, ["inspect", "--from-build", str(tmp_path / "manifests"), "--study", "10025",
+                                        "--out", str(tmp_path / "again.png")])
+    assert recorded.exit_code == 0, recorded.output
+    assert " ".join(recorded.output.split()).endswith(said.split("wrote ", 1)[1].split(": ", 1)[1])
+    mixed = CliRunner().invoke(app, ["inspect", "--from-build", str(tmp_path / "manifests"), "--study", "10025",
+                                     "--mm-per-px", "0.2"])
+    assert mixed.exit_code == 2 and "leave out --mm-per-px" in mixed.output
+    nothing = CliRunner().invoke(app, ["inspect", "--from-build", str(tmp_path), "--study", "10025"])
+    assert nothing.exit_code == 1 and "no_build" in nothing.output

@@ -8,7 +8,7 @@ registration, and the same patch samples (the pair's seed derived from --seed as
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import typer
@@ -28,8 +28,12 @@ SHARD_KNOBS = ("codec", "shard_max_samples", "shard_max_bytes", "group_pairs")
 class InspectRun:
     """Which pair to draw and where to write it."""
 
-    root: Path = knob(help="Archive root, as for build-shards.", panel="Input")
     study: str = knob(help="study_id to show (as in the build's manifests).", panel="Input")
+    root: Path | None = knob(None, "Archive root, as for build-shards. Required unless --from-build.", "Input")
+    from_build: str | None = knob(
+        None, "Manifest folder or URL of a finished build: its archive root (unless --root), dataset and every "
+        "image-core option come from its build.json, so the picture is that build's pair (leave those options "
+        "out). Default: none (the options below).", "Input")
     view: str = knob("CC", "View to pair: CC or MLO.", "Input", choices=VIEWS)
     out: Path = knob(Path("qa.png"), "Output PNG path.", "Output")
 
@@ -55,11 +59,34 @@ def _planned_pair(run: InspectRun, options: BuildOptions):
                   + "".join(f"; {what}: {detail}" for what, detail in sorted(why.items())))
 
 
+def _recorded_build(manifests: str, given: BuildOptions) -> tuple[BuildOptions, Path]:
+    """(the build's options, its archive root) from build.json in `manifests`; `given` (the command line's) must
+    be the defaults, since the build's own values are the point."""
+    import json
+
+    from prep.knobs import option_name
+    from prep.qa import QAError
+    from prep.storage import StorageError, location
+
+    try:
+        recorded = json.loads((location(manifests) / "build.json").read_text())
+        build = BuildOptions.from_dict(recorded["config"])
+    except (StorageError, OSError, KeyError, TypeError, ValueError) as exc:
+        raise QAError("no_build", f"--from-build {manifests}: no readable build.json of a build ({exc})") from None
+    defaults = BuildOptions()
+    changed = [option_name(f) for config, default in ((given, defaults), (given.prep, defaults.prep))
+               for f in fields(config) if f.name not in SHARD_KNOBS and f.name != "prep"
+               and getattr(config, f.name) != getattr(default, f.name)]
+    if changed:
+        raise ConfigError("bad_option", f"--from-build takes the build's own options: leave out {', '.join(changed)}")
+    return build, Path(recorded["root"])
+
+
 def inspect(**options) -> None:
     """Draw both breasts as stored, the canonical masks, the registered overlay and the sampled patch pairs.
 
-    Give the flags of the build to see what it did (defaults: the build's defaults). Exit status: 0 drawn; 1 the
-    pair cannot be drawn (reason on stderr); 2 bad option.
+    Give the build's flags, or --from-build with its manifest folder, to see what that build did (defaults: the
+    build's defaults). Exit status: 0 drawn; 1 the pair cannot be drawn (reason on stderr); 2 bad option.
     """
     from pipelines.shards import derive_seed
     from prep.io import atomic_open
@@ -70,11 +97,19 @@ def inspect(**options) -> None:
     try:
         run = InspectRun(**config_kwargs(InspectRun, {**options, "view": str(options["view"]).upper()}))
         check_knobs(run)
-        cfg = PrepConfig(**config_kwargs(PrepConfig, options))
-        build = BuildOptions(**config_kwargs(BuildOptions, options), prep=cfg)
-    except (ConfigError, ValueError) as exc:
-        console.print(f"prep inspect: bad_option: {escape(str(exc))}", soft_wrap=True)
+        build = BuildOptions(**config_kwargs(BuildOptions, options), prep=PrepConfig(**config_kwargs(PrepConfig, options)))
+        if run.from_build is not None:
+            build, root = _recorded_build(run.from_build, build)
+            run = replace(run, root=run.root or root)
+        if run.root is None:
+            raise ConfigError("bad_option", "--root is required (or --from-build MANIFESTS)")
+    except ValueError as exc:  # a ConfigError names its reason; any other ValueError is a bad value
+        message = str(exc) if isinstance(exc, ConfigError) else f"bad_option: {exc}"
+        console.print(f"prep inspect: {escape(message)}", soft_wrap=True)
         raise typer.Exit(2) from None
+    except QAError as exc:
+        console.print(f"prep inspect: {exc.reason}: {escape(exc.detail)}", soft_wrap=True)
+        raise typer.Exit(1) from None
     try:
         with console.status(f"loading {run.study} {run.view}"):
             left_record, right_record = _planned_pair(run, build)
@@ -85,8 +120,8 @@ def inspect(**options) -> None:
                 except Exception as exc:  # noqa: BLE001 - UnsupportedImage and friends: one line for the CLI
                     raise QAError("decode_failed", f"{record.rel_path}: {exc}") from exc
         with console.status("canonicalising, registering, sampling"):
-            seed = derive_seed(cfg.seed, build.dataset, left_record.study_id, left_record.view)  # as the build
-            fig, result = render_pair_qa(sides[0], sides[1], cfg, seed)
+            seed = derive_seed(build.prep.seed, build.dataset, left_record.study_id, left_record.view)  # as the build
+            fig, result = render_pair_qa(sides[0], sides[1], build.prep, seed)
         with atomic_open(run.out) as handle:
             fig.savefig(handle, format="png")
     except QAError as exc:
