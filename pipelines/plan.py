@@ -356,6 +356,7 @@ def load_records(dataset: str, root: Path, dask: DaskSession | None = None,
         if "pair_by" not in accepts:
             raise BuildError("bad_input", f"--pair-by: the {dataset} adapter pairs its own way (dicom-dir only)")
         kwargs["pair_by"] = pair_by
+
     def wanted(records: list[ImageRecord]) -> list[ImageRecord]:
         return records if study_id is None else [r for r in records if r.study_id == study_id]
 

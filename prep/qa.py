@@ -29,7 +29,8 @@ CHECKER_MM = 10.0
 
 class QAError(ContralateralError):
     """Why the QA picture of a pair could not be made (`prep inspect`). `reason`: study_not_found,
-    pair_incomplete, decode_failed, or the adapter's reason for an unreadable archive."""
+    pair_incomplete, decode_failed, no_build (--from-build without a build.json), or the adapter's reason for an
+    unreadable archive."""
 
 
 def _label(meta: dict) -> str:
