@@ -37,17 +37,9 @@ class GroupTask:
         return f"group-{self.config_hash}-{self.group.name}"
 
 
-def limit_native_threads() -> None:
-    """One thread per worker process: OpenCV's pool would oversubscribe the cores. (OpenMP/BLAS pools read
-    their variables at import, before any task runs: Dask's nanny sets those for the worker process.)"""
-    import cv2
-
-    cv2.setNumThreads(1)
-
-
 def run_group(task: GroupTask) -> dict:
-    """Process one shard group, write its tars, parts and (last) its done marker; return its counts."""
-    limit_native_threads()
+    """Process one shard group, write its tars, parts and (last) its done marker; return its counts. OpenCV runs
+    one thread in the worker (`prep.opencv`, imported by the image core): the cores are the workers'."""
     group, options, manifests_dir = task.group, task.options, task.manifests_dir
     roller = ShardRoller(shards_dir=task.shards_dir, build=task.build, split=group.split, group=group.group,
                          seed=options.prep.seed, max_samples=options.shard_max_samples,

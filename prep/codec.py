@@ -14,8 +14,9 @@ import io
 import json
 import re
 
-import cv2
 import numpy as np
+
+from prep.opencv import cv2
 
 CODECS = ("npy", "png")
 PATCH_FIELDS = ("ipsi", "contra")

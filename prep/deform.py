@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
+from prep.opencv import cv2
 from prep.register import RegistrationGrid, apply_affine, compose_affines, invert_affine, warp_to_template
 
 # the flow's window (mm): wide enough that the skin line and pectoral edge, not one side's texture, drive it

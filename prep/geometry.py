@@ -7,8 +7,9 @@ Convention: pixel (i, j) covers [j, j+1) x [i, i+1); a *point* is a pixel centre
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
+
+from prep.opencv import cv2
 
 
 def _resize(img: np.ndarray, size_wh: tuple[int, int], interpolation: int | None) -> np.ndarray:

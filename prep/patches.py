@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 from prep.config import PrepConfig
 from prep.deform import Displacement, local_affine, transform_points
+from prep.opencv import cv2, exact_distance
 from prep.register import apply_affine, compose_affines
 
 UINT16_MAX = 65535
@@ -108,7 +108,7 @@ def eroded_mask(mask_u8: np.ndarray, erosion_px: float) -> tuple[np.ndarray, int
     if erosion_px <= 0:
         return coarse, k
     # +1 coarse px so the result lies inside a discrete elliptical erode of the same radius
-    dist = cv2.distanceTransform(coarse, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    dist = exact_distance(coarse)
     return (dist > erosion_px / k + 1).astype(np.uint8), k
 
 

@@ -12,13 +12,13 @@ import matplotlib
 
 matplotlib.use("Agg")  # never needs a display
 
-import cv2
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Polygon, Rectangle
 
 from prep.config import PrepConfig
 from prep.errors import ContralateralError
+from prep.opencv import cv2
 from prep.pairs import CanonicalImage, ImageInput, PairResult, canonicalise, located_findings, process_pair
 from prep.patches import patch_footprint, top_left
 

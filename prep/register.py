@@ -51,11 +51,11 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 from prep.config import PrepConfig
 from prep.geometry import points_affine, resize_to_shape
+from prep.opencv import cv2, exact_distance
 
 # reason codes for reg_ok=False
 REASONS = (
@@ -405,7 +405,7 @@ def _skin_distance(mask: np.ndarray) -> np.ndarray:
     inside = (mask > 0.5).astype(np.uint8)
     eroded = cv2.erode(inside, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)
     boundary = inside - eroded
-    return cv2.distanceTransform(1 - boundary, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return exact_distance(1 - boundary)
 
 
 def _dense_fraction(image: np.ndarray, mask: np.ndarray, mm_per_px: float) -> float:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 from skimage.filters import threshold_otsu
 
 from prep.geometry import points_affine, resample_to_spacing
+from prep.opencv import cv2
 
 CLIP_PERCENTILE = 99.0
 BLUR_MM = 4.0

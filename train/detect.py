@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import cv2
 import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
@@ -38,6 +37,7 @@ from prep.config import PrepConfig
 from prep.datasets import get_adapter
 from prep.decode import UnsupportedImage
 from prep.errors import ContralateralError
+from prep.opencv import cv2, exact_distance
 from prep.pairs import CanonicalImage, canonicalise, load_image_input, register_pair
 from prep.patches import crop, registered_patch, snapped_centres, to_uint16
 from prep.knobs import knob
@@ -185,7 +185,7 @@ def window_means(mask: np.ndarray, corners: np.ndarray, patch_px: int) -> np.nda
 def edge_distance_px(mask: np.ndarray, centres: np.ndarray) -> np.ndarray:
     """Distance (px) from each centre to the nearest non-breast pixel, the canvas edge counting as one."""
     padded = np.pad(np.asarray(mask, np.uint8), 1)
-    dist = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+    dist = exact_distance(padded)[1:-1, 1:-1]
     return dist[_rows_cols(centres, mask.shape)]
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
+
+from prep.opencv import cv2
 
 # ----------------------------------------------------------------------------------- texture
 

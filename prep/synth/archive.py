@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import cv2
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
 
 from prep.errors import ContralateralError
 from prep.io import write_bytes_atomic
+from prep.opencv import cv2
 from prep.synth.dicom_writer import PLANTED_PATIENT_ID, to_dicom_dataset
 from prep.synth.study import CATEGORIES, DEVICES, SIZES, SynthStudy, make_study
 

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -38,6 +37,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from prep.decode import MIN_SIDE_PX, decode_dicom
 from prep.io import atomic_open
 from prep.knobs import check_knobs, knob
+from prep.opencv import exact_distance
 from prep.synth import anatomy
 from prep.synth.archive import (
     BENIGN_ASYMMETRY_RATE,
@@ -158,7 +158,7 @@ def _distance(region: np.ndarray, border_inside: bool = False) -> np.ndarray:
     """Euclidean distance of each pixel of `region` to the nearest pixel outside it (0 outside); beyond the
     image border counts as outside unless `border_inside`."""
     padded = np.pad(region.astype(np.uint8), 1, constant_values=int(border_inside))
-    return cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+    return exact_distance(padded)[1:-1, 1:-1]
 
 
 def measure_contrast(on: np.ndarray, off: np.ndarray, core: np.ndarray) -> float:
