@@ -1,7 +1,6 @@
 """OpenCV as every module of the project uses it: one thread per process, and an exact distance transform.
 
-The same archive synthesised twice, or built twice, must be the same bytes. Two OpenCV behaviours broke that
-(`make demo`'s archive: 4 of 928 images differed between two runs, and 4 of 200 registrations of its build):
+The same archive synthesised twice, or built twice, must be the same bytes; two OpenCV behaviours break that:
 
 - The precise distance transform (`cv2.DIST_MASK_PRECISE`) returns last bits that change from one process to
   the next (and with the thread count), ~1e-6 px; a threshold on it (a lesion's core, the skin-distance bands
