@@ -139,7 +139,8 @@ def synthetic(args, cfg: PrepConfig) -> None:
           f"{'met' if np.median(cpu) <= TARGET_SECONDS else 'NOT met'}")
     print(f"QC rejects deliberately wrong fits: {wrong_ok.count(False)}/{len(wrong_ok)}; "
           f"mismatched pairs (another study's R): {mismatch_ok.count(False)}/{len(mismatch_ok)}, rejected or "
-          f"identity-flagged {sum(not ok or flag for ok, flag in zip(mismatch_ok, mismatch_flagged))}/{len(mismatch_ok)}"
+          f"identity-flagged {sum(not ok or flagged for ok, flagged in zip(mismatch_ok, mismatch_flagged))}"
+          f"/{len(mismatch_ok)}"
           + (f"; accepted unflagged: {', '.join(unflagged)}" if unflagged else ""))
 
 

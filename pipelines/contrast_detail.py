@@ -193,7 +193,8 @@ def pair_distance(z_ipsi: np.ndarray, z_contra: np.ndarray, positions: int) -> n
     return np.linalg.norm(z_ipsi - z_contra, axis=1).reshape(-1, positions).mean(1)
 
 
-def encoder_scores(model, patches: dict, batch_size: int, device, head=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def encoder_scores(model, patches: dict, batch_size: int, device,
+                   head=None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(score_on, score_off) of every trial: lesion-on and twin ipsi patches against the shared contra patch, the
     three stacks embedded in one pass (`train.embed.embed_patches_with_head`); key "backbone", and "head" when the
     run's projection head is given (it sits on the same pooled features)."""

@@ -54,7 +54,8 @@ def _planned_pair(run: InspectRun, options: BuildOptions):
     for left, right, _choice in pairs:
         if left.view == run.view:
             return left, right
-    why = {f"{r['laterality']}-{r['view']} {r['reason']}": r["detail"] for r in rejects if r["view"] in (run.view, None)}
+    why = {f"{r['laterality']}-{r['view']} {r['reason']}": r["detail"]
+           for r in rejects if r["view"] in (run.view, None)}
     raise QAError("pair_incomplete", f"study {run.study!r} has no usable {run.view} pair"
                   + "".join(f"; {what}: {detail}" for what, detail in sorted(why.items())))
 
@@ -97,7 +98,8 @@ def inspect(**options) -> None:
     try:
         run = InspectRun(**config_kwargs(InspectRun, {**options, "view": str(options["view"]).upper()}))
         check_knobs(run)
-        build = BuildOptions(**config_kwargs(BuildOptions, options), prep=PrepConfig(**config_kwargs(PrepConfig, options)))
+        prep = PrepConfig(**config_kwargs(PrepConfig, options))
+        build = BuildOptions(**config_kwargs(BuildOptions, options), prep=prep)
         if run.from_build is not None:
             build, root = _recorded_build(run.from_build, build)
             run = replace(run, root=run.root or root)
