@@ -289,6 +289,11 @@ def study_bucket(study_id: str) -> int:
     return int(hashlib.sha256(study_id.encode()).hexdigest()[:12], 16)
 
 
+def pair_seed(options: BuildOptions, left: ImageRecord) -> int:
+    """The sampling seed of the (study, view) pair whose left image is `left`: the build's, and `prep inspect`'s."""
+    return derive_seed(options.prep.seed, options.dataset, left.study_id, left.view)
+
+
 def make_plan(records: list[ImageRecord], options: BuildOptions) -> Plan:
     """Pair, reject and group the images; groups are hash(study) buckets within each split."""
     pairs, rejects = plan_pairs(records, options.assume_spacing_mm)
@@ -299,9 +304,9 @@ def make_plan(records: list[ImageRecord], options: BuildOptions) -> Plan:
         buckets: dict[int, list[PlannedPair]] = {}
         for left, right, choice in split_pairs:
             group = study_bucket(left.study_id) % n_groups
-            seed = derive_seed(options.prep.seed, options.dataset, left.study_id, left.view)
             buckets.setdefault(group, []).append(
-                PlannedPair(split=split, study_id=left.study_id, view=left.view, group=group, seed=seed,
+                PlannedPair(split=split, study_id=left.study_id, view=left.view, group=group,
+                            seed=pair_seed(options, left),
                             left=left, right=right, retake_choice=choice))
         groups += [ShardGroup(split, g, sorted(ps, key=lambda p: (p.study_id, p.view)))
                    for g, ps in sorted(buckets.items())]

@@ -89,7 +89,7 @@ def inspect(**options) -> None:
     Give the build's flags, or --from-build with its manifest folder, to see what that build did (defaults: the
     build's defaults). Exit status: 0 drawn; 1 the pair cannot be drawn (reason on stderr); 2 bad option.
     """
-    from pipelines.shards import derive_seed
+    from pipelines.plan import pair_seed
     from prep.io import atomic_open
     from prep.pairs import load_image_input
     from prep.qa import QAError, render_pair_qa
@@ -122,7 +122,7 @@ def inspect(**options) -> None:
                 except Exception as exc:  # noqa: BLE001 - UnsupportedImage and friends: one line for the CLI
                     raise QAError("decode_failed", f"{record.rel_path}: {exc}") from exc
         with console.status("canonicalising, registering, sampling"):
-            seed = derive_seed(build.prep.seed, build.dataset, left_record.study_id, left_record.view)  # as the build
+            seed = pair_seed(build, left_record)
             fig, result = render_pair_qa(sides[0], sides[1], build.prep, seed)
         with atomic_open(run.out) as handle:
             fig.savefig(handle, format="png")
