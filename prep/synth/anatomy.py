@@ -40,6 +40,7 @@ def power_law_field(shape: tuple[int, int], beta: float, rng: np.random.Generato
 def bilateral_power_law_fields(
     shape: tuple[int, int], beta: float, spacing_mm: float, rng: np.random.Generator, *,
     shared_wavelength_mm: float, max_shared: float, steepness: float = 4.0,
+    own_rng: np.random.Generator | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Left and right texture fields (each 1/f^beta, zero mean, unit std) that share coarse structure only.
 
@@ -48,6 +49,9 @@ def bilateral_power_law_fields(
     s(f) = max_shared / (1 + (f * shared_wavelength_mm)^steepness), i.e. about `max_shared` for structure
     much coarser than `shared_wavelength_mm`, half of it at that wavelength, and nothing for fine texture.
     Every frequency keeps its power in each field, so each side alone is an ordinary 1/f^beta field.
+    own_rng: draw each side's own (unshared) texture from this generator instead; `rng` advances as without
+    it, so the same study is rendered with the same shared layout under new independent texture
+    (benchmarks/registration_limits.py).
     """
     rows, cols = shape
     fy = np.fft.fftfreq(rows)[:, None].astype(np.float32)
@@ -61,15 +65,18 @@ def bilateral_power_law_fields(
     w_own = amplitude * np.sqrt(1.0 - shared_fraction)
     del f, amplitude, shared_fraction
 
-    def noise() -> np.ndarray:
-        spec = rng.standard_normal((rows, cols // 2 + 1), dtype=np.float32).astype(np.complex64)
-        spec.imag = rng.standard_normal((rows, cols // 2 + 1), dtype=np.float32)
+    def noise(draw: np.random.Generator) -> np.ndarray:
+        spec = draw.standard_normal((rows, cols // 2 + 1), dtype=np.float32).astype(np.complex64)
+        spec.imag = draw.standard_normal((rows, cols // 2 + 1), dtype=np.float32)
         return spec
 
-    common = noise() * w_shared
+    common = noise(rng) * w_shared
     fields = []
     for _ in range(2):
-        field = np.fft.irfft2(common + noise() * w_own, s=(rows, cols)).astype(np.float32)
+        own = noise(rng)
+        if own_rng is not None:
+            own = noise(own_rng)
+        field = np.fft.irfft2(common + own * w_own, s=(rows, cols)).astype(np.float32)
         field -= field.mean()
         field /= field.std() + 1e-12
         fields.append(field)
