@@ -3,6 +3,8 @@ balanced accuracy, Holm correction and the paired seed x study test."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
@@ -11,7 +13,7 @@ from train.metrics import (
     Bootstrap, auc, auc_with_ci, balanced_accuracy, balanced_accuracy_with_ci, detection_aucs, holm,
     equivalence_test, paired_auc_test, pixel_scores, resample_weights, weighted_aucs,
 )
-from train.probes import fit_probe, group_folds
+from train.probes import PROBE_CS, complete_splits, fit_probe, group_folds
 
 BOOT = Bootstrap(n_boot=400, seed=0)
 
@@ -157,3 +159,19 @@ def test_probe_regularisation_is_chosen_across_studies():
                              cv=StratifiedKFold(5, shuffle=True, random_state=0), scoring="neg_log_loss").fit(X, y)
     assert row_level.best_params_["logisticregression__C"] > 0.001
     assert group_folds(y, groups, 5) == 5 and group_folds(y[: 3 * per], groups[: 3 * per], 5) == 1
+
+
+def test_probe_regularisation_ignores_folds_missing_a_class():
+    """Studies hold pairs of both classes, so a study-grouped fold can miss one; such a fold scores NaN for
+    every C, and a search averaging it in picks the first C whatever the data say. On separable features the
+    folds that hold both classes choose the weak penalty, without a warning."""
+    rng = np.random.default_rng(60)
+    groups = np.repeat(np.arange(int(rng.integers(4, 20))), 4)
+    y = rng.random(len(groups)) < rng.uniform(0.05, 0.5)
+    folds = group_folds(y, groups, 5)
+    assert len(complete_splits(y, groups, folds, seed=0)) == folds - 1  # the case: one fold misses a class
+    X = y[:, None] * 3.0 + rng.normal(size=(len(y), 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = fit_probe(X, y, groups, seed=0)
+    assert model[-1].C == max(PROBE_CS)

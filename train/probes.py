@@ -38,21 +38,31 @@ def group_folds(y: np.ndarray, groups: np.ndarray, wanted: int) -> int:
     return min([wanted, *per_class])
 
 
+def complete_splits(y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Study-grouped, stratified (train, held-out) splits in which both sides hold every class. When studies
+    hold pairs of both classes, StratifiedGroupKFold cannot always give every fold every class; such a fold
+    scores nothing (log loss needs both classes, a fit needs them too), and GridSearchCV would average its
+    NaN into every C and pick the first."""
+    y = np.asarray(y)
+    n_classes = len(np.unique(y))
+    splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+    return [(train, held) for train, held in splitter.split(np.zeros(len(y)), y, groups)
+            if len(np.unique(y[train])) == n_classes and len(np.unique(y[held])) == n_classes]
+
+
 def fit_probe(X: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int, cv_folds: int = 5):
     """Standardised features -> class-balanced logistic regression (multinomial for > 2 classes). C is
     chosen by study-grouped, stratified cross-validation on (X, y) only -- the caller passes training
-    rows, never test rows; with fewer than 2 studies holding some class, C = 1."""
+    rows, never test rows -- over the folds that hold every class (`complete_splits`); with fewer than 2 such
+    folds, C = 1."""
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, class_weight="balanced"))
+    groups = np.asarray(groups).astype(str)
     folds = group_folds(y, groups, cv_folds)
-    if folds < 2:
+    splits = complete_splits(y, groups, folds, seed) if folds >= 2 else []
+    if len(splits) < 2:
         return model.fit(X, y)
-    search = GridSearchCV(
-        model,
-        {"logisticregression__C": list(PROBE_CS)},
-        cv=StratifiedGroupKFold(folds, shuffle=True, random_state=seed),
-        scoring="neg_log_loss",
-    )
-    return search.fit(X, y, groups=np.asarray(groups).astype(str)).best_estimator_
+    search = GridSearchCV(model, {"logisticregression__C": list(PROBE_CS)}, cv=splits, scoring="neg_log_loss")
+    return search.fit(X, y).best_estimator_
 
 
 def binary_probe(X_train, y_train, g_train, X_test, y_test, g_test, boot: Bootstrap, cv_folds: int = 5,
