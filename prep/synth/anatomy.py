@@ -73,7 +73,7 @@ def bilateral_power_law_fields(
     common = noise(rng) * w_shared
     fields = []
     for _ in range(2):
-        own = noise(rng)
+        own = noise(rng)  # drawn with or without own_rng, so everything drawn after it stays the same
         if own_rng is not None:
             own = noise(own_rng)
         field = np.fft.irfft2(common + own * w_own, s=(rows, cols)).astype(np.float32)
