@@ -58,14 +58,19 @@ def canonical_pair(study, view: str, tag: str, cfg: PrepConfig) -> dict:
             for lat, im in images.items()}
 
 
+def best_affine_points(truth: np.ndarray, canon: dict) -> np.ndarray:
+    """Where the least-squares affine on the true correspondences (canonical L -> canonical R) puts the true L
+    points, in stored R px: the floor any affine registration has against the generator's elastic part."""
+    left = np.hstack([canon["L"].frame.to_canonical(truth[:, :2]), np.ones((len(truth), 1))])
+    best, *_ = np.linalg.lstsq(left, canon["R"].frame.to_canonical(truth[:, 2:]), rcond=None)
+    return canon["R"].frame.to_original(left @ best)
+
+
 def point_errors(truth: np.ndarray, canon: dict, forward, backward, spacing_mm: float) -> tuple[np.ndarray, ...]:
     """(L -> R errors, R -> L errors, best-affine errors) in mm for the true correspondences of one pair."""
     ahead = map_stored_points(truth[:, :2], canon["L"].frame, canon["R"].frame, forward)
     back = map_stored_points(truth[:, 2:], canon["R"].frame, canon["L"].frame, backward)
-    left = canon["L"].frame.to_canonical(truth[:, :2])
-    right = canon["R"].frame.to_canonical(truth[:, 2:])
-    best, *_ = np.linalg.lstsq(np.hstack([left, np.ones((len(left), 1))]), right, rcond=None)
-    floor = canon["R"].frame.to_original(np.hstack([left, np.ones((len(left), 1))]) @ best)
+    floor = best_affine_points(truth, canon)
     return (np.linalg.norm(ahead - truth[:, 2:], axis=1) * spacing_mm,
             np.linalg.norm(back - truth[:, :2], axis=1) * spacing_mm,
             np.linalg.norm(floor - truth[:, 2:], axis=1) * spacing_mm)

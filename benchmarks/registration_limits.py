@@ -21,7 +21,7 @@ pair as the build does (`prep.pairs.register_pair`):
 
     python benchmarks/registration_limits.py [--pairs 30] [--scatter-pairs 12] [--realisations 8]
 
-~6 min on one core with the defaults. Results: docs/PERFORMANCE.md, "Registration: what limits the default draws".
+~1.5 min on one core with the defaults. Results: docs/PERFORMANCE.md, "Registration: what limits the default draws".
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from registration_bench import best_affine_points  # noqa: E402
 from registration_stress import canonical, render_pair  # noqa: E402
 
 from prep.config import PrepConfig  # noqa: E402
@@ -83,18 +84,21 @@ def independent_texture(realisation: int):
         anatomy.bilateral_power_law_fields = original
 
 
+def view_of(seed: int) -> str:
+    """The view a study seed is registered in: CC and MLO alternate, as in registration_stress."""
+    return "MLO" if seed % 2 else "CC"
+
+
 def fit_pair(seed: int, cfg: PrepConfig) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """(fitted true L points in R, mm, or None when QC rejects; true R points, mm; best affine's R points, mm)."""
-    view = "MLO" if seed % 2 else "CC"
+    view = view_of(seed)
     left, right, spacing, truth = render_pair(seed, view, "none", 0.0)
     canon = {lat: canonical(image, lat, view, spacing, str(seed), cfg) for lat, image in (("L", left), ("R", right))}
     forward, backward = register_pair(canon["L"], canon["R"], cfg)
-    design = np.hstack([truth[:, :2], np.ones((len(truth), 1))])
-    best, *_ = np.linalg.lstsq(design, truth[:, 2:], rcond=None)
     fitted = None
     if forward.reg_ok and backward.reg_ok:
         fitted = map_stored_points(truth[:, :2], canon["L"].frame, canon["R"].frame, forward) * spacing
-    return fitted, truth[:, 2:] * spacing, design @ best * spacing
+    return fitted, truth[:, 2:] * spacing, best_affine_points(truth, canon) * spacing
 
 
 def summary(errors: list[np.ndarray]) -> str:
@@ -133,8 +137,7 @@ def decomposition_row(seed: int, realisations: int, cfg: PrepConfig) -> tuple[st
         "floor": np.linalg.norm(best - true, axis=1),
     }
     cells = " | ".join(f"{np.median(parts[k]):.2f} / {np.percentile(parts[k], 95):.2f}" for k in parts)
-    view = "MLO" if seed % 2 else "CC"
-    return (f"| {seed} {view} | {len(fits)} / {realisations} | {cells} | "
+    return (f"| {seed} {view_of(seed)} | {len(fits)} / {realisations} | {cells} | "
             f"{np.median(parts['spread']) / np.sqrt(len(fits)):.2f} |"), parts
 
 

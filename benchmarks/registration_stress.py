@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from registration_bench import WRONG_FITS  # noqa: E402
+from registration_bench import WRONG_FITS, best_affine_points  # noqa: E402
 
 from prep.config import PrepConfig  # noqa: E402
 from prep.decode import DecodedImage  # noqa: E402
@@ -192,11 +192,7 @@ def run_cell(family: str, strength: float, seeds: list[int], cfg: PrepConfig) ->
             continue
         ahead = map_stored_points(truth[:, :2], canon["L"].frame, canon["R"].frame, forward)
         err = np.linalg.norm(ahead - truth[:, 2:], axis=1) * spacing
-        left = canon["L"].frame.to_canonical(truth[:, :2])
-        right = canon["R"].frame.to_canonical(truth[:, 2:])
-        design = np.hstack([left, np.ones((len(left), 1))])
-        best, *_ = np.linalg.lstsq(design, right, rcond=None)
-        floors.append(np.linalg.norm(canon["R"].frame.to_original(design @ best) - truth[:, 2:], axis=1) * spacing)
+        floors.append(np.linalg.norm(best_affine_points(truth, canon) - truth[:, 2:], axis=1) * spacing)
         if ok:
             right_flagged += int(bool(forward.identity_flag or backward.identity_flag))
             errors.append(err)
