@@ -215,14 +215,16 @@ def test_a_compression_difference_beyond_the_plain_stretch_bound_registers():
 def test_a_stretch_the_outline_contradicts_is_rejected():
     """The same breast on both sides judged at a 1 : 0.75 stretch: the fit would be a compression difference that
     the outline does not show, so QC rejects it (while the identity passes); and the rule itself: a stretch past
-    MAX_ANISOTROPY passes only with a close skin line and a high Dice, never past MAX_CONFIRMED_ANISOTROPY."""
+    MAX_UNCONFIRMED_ANISOTROPY passes only with a close skin line and a high Dice, never past MAX_CONFIRMED_ANISOTROPY."""
     img, mask, _, _, _ = pair(0.0, 1.0, (0.0, 0.0))
     grid = registration_grid(img, mask, MM_PER_PX, CFG)
     middle = 0.52 * img.shape[0]
     stretch = np.array([[1.0, 0.0, 0.0], [0.0, 0.75, 0.25 * middle]])
     assert judge_affine(grid, grid, np.hstack([np.eye(2), np.zeros((2, 1))]), CFG).reg_ok
     assert not judge_affine(grid, grid, stretch, CFG).reg_ok
-    assert stretch_confirmed(1.1, 20.0, 0.5)  # within MAX_ANISOTROPY nothing is asked
+    assert stretch_confirmed(1.08, 20.0, 0.5)  # within MAX_UNCONFIRMED_ANISOTROPY nothing is asked
+    assert stretch_confirmed(1.15, 1.0, 0.99)
+    assert not stretch_confirmed(1.15, 5.0, 0.99)  # within MAX_ANISOTROPY, but the skin line does not follow
     assert stretch_confirmed(1.4, 1.0, 0.99)
     assert not stretch_confirmed(1.4, 5.0, 0.99)
     assert not stretch_confirmed(1.4, 1.0, 0.9)
@@ -361,6 +363,44 @@ def test_a_pair_whose_rigid_outline_fit_spins_still_registers(monkeypatch):
     canon = {lat: stress.canonical(im, lat, "MLO", spacing, "5", cfg) for lat, im in (("L", left), ("R", right))}
     forward, backward = register_pair(canon["L"], canon["R"], cfg)
     assert forward.reg_ok and backward.reg_ok
+    error_mm = np.linalg.norm(map_stored_points(truth[:, :2], canon["L"].frame, canon["R"].frame, forward)
+                              - truth[:, 2:], axis=1) * spacing
+    assert np.median(error_mm) < 3.0 and error_mm.max() < 10.0
+
+
+@pytest.mark.parametrize("seed", [93, 366])
+def test_a_slid_and_stretched_mlo_fit_is_not_accepted(seed):
+    """Generator 2.0 MLO pairs where the shared pattern agrees best with the breast slid along the canvas cut and
+    stretched 1.11-1.13 : 1, 5-6 mm (median) from the truth, with the skin line 4-5 mm off the other breast's: QC
+    must not accept such a fit (it did before the stretch needed the skin line's confirmation past 1.1 : 1)."""
+    from prep.pairs import map_stored_points, register_pair
+    from prep.synth.study import make_study
+
+    study = make_study(seed, "small")
+    canon = _canonical_pair(study, "MLO")
+    forward, backward = register_pair(canon["L"], canon["R"], REAL_CFG)
+    truth = study.correspondences["MLO"]
+    error_mm = np.linalg.norm(map_stored_points(truth[:, :2], canon["L"].frame, canon["R"].frame, forward)
+                              - truth[:, 2:], axis=1) * study.images[0].spacing_mm
+    assert not (forward.reg_ok and backward.reg_ok) or np.median(error_mm) < 3.0, (forward.reason, np.median(error_mm))
+
+
+def test_a_first_fit_short_of_a_compression_difference_gives_way_to_the_stretched_fit(monkeypatch):
+    """Generator 2.0's MLO pair with the R breast compressed 20 % (registration_stress's compression_pct 20, seed 9):
+    the first fit stops at a 1.16 : 1 stretch in another basin, ~18 mm off with its skin line 4 mm from the other's;
+    that stretch now needs the skin line's confirmation, so the stretched second fit runs and lands within 3 mm."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import registration_stress as stress
+
+    from prep.pairs import map_stored_points, register_pair
+
+    cfg = PrepConfig(mm_per_px=0.4, patch_px=64)
+    left, right, spacing, truth = stress.render_pair(9, "MLO", "compression_pct", 20.0)
+    canon = {lat: stress.canonical(im, lat, "MLO", spacing, "9", cfg) for lat, im in (("L", left), ("R", right))}
+    forward, backward = register_pair(canon["L"], canon["R"], cfg)
+    assert forward.reg_ok and backward.reg_ok, (forward.reason, backward.reason)
     error_mm = np.linalg.norm(map_stored_points(truth[:, :2], canon["L"].frame, canon["R"].frame, forward)
                               - truth[:, 2:], axis=1) * spacing
     assert np.median(error_mm) < 3.0 and error_mm.max() < 10.0
