@@ -37,8 +37,8 @@ QC (`_judge`) decides `reg_ok`: outline agreement (blurred-mask ECC), shared-pat
 (`_outline_p90_mm`: the anterior skin line mapped through the fit must lie on the other breast's skin line), that
 the fit sits on the agreement peak (`_off_peak`: a wrong affine scores higher when moved towards the right one),
 Dice of the aligned masks, rotation and (isotropic) scale bounds, and a stretch past MAX_UNCONFIRMED_ANISOTROPY only
-where the skin line and the masks confirm it (`stretch_confirmed`). Pair identity (`_identity_flag`) flags, without rejecting,
-a pair whose breasts disagree in shared pattern, size or density beyond what one woman's do.
+where the skin line and the masks confirm it (`stretch_confirmed`). Pair identity (`_identity_flag`) flags, without
+rejecting, a pair whose breasts disagree in shared pattern, size or density beyond what one woman's do.
 `judge_affine` applies the same QC to any given affine. Degenerate input gives `reg_ok=False` with a reason
 code instead of an exception. Accuracy, QC and speed: benchmarks/registration_bench.py, docs/PERFORMANCE.md.
 

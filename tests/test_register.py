@@ -215,7 +215,8 @@ def test_a_compression_difference_beyond_the_plain_stretch_bound_registers():
 def test_a_stretch_the_outline_contradicts_is_rejected():
     """The same breast on both sides judged at a 1 : 0.75 stretch: the fit would be a compression difference that
     the outline does not show, so QC rejects it (while the identity passes); and the rule itself: a stretch past
-    MAX_UNCONFIRMED_ANISOTROPY passes only with a close skin line and a high Dice, never past MAX_CONFIRMED_ANISOTROPY."""
+    MAX_UNCONFIRMED_ANISOTROPY passes only with a close skin line and a high Dice, never past
+    MAX_CONFIRMED_ANISOTROPY."""
     img, mask, _, _, _ = pair(0.0, 1.0, (0.0, 0.0))
     grid = registration_grid(img, mask, MM_PER_PX, CFG)
     middle = 0.52 * img.shape[0]
@@ -346,11 +347,8 @@ def test_qc_rejects_a_mismatched_pair(realistic):
     assert not reg.reg_ok and reg.reason in {"ecc_failed", "low_ecc", "off_peak", "low_dice"}
 
 
-def test_a_pair_whose_rigid_outline_fit_spins_still_registers(monkeypatch):
-    """Generator 2.0's MLO pair with the R breast compressed 10 % (registration_stress's compression_pct 10, seed 5):
-    the rigid outline fit spins ~12 deg along the outline the canvas cuts, so every start about it lies 15-35 mm
-    from the truth; the starts about the centroid translation reach it, and the fit lands within 3 mm (it passed
-    QC 13 mm off before)."""
+def _registered_stress_pair(monkeypatch, seed: int, family: str, strength: float):
+    """(L -> R, R -> L, L -> R point errors in mm) of one of registration_stress's MLO pairs at 0.4 mm/px."""
     from pathlib import Path
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -359,12 +357,21 @@ def test_a_pair_whose_rigid_outline_fit_spins_still_registers(monkeypatch):
     from prep.pairs import map_stored_points, register_pair
 
     cfg = PrepConfig(mm_per_px=0.4, patch_px=64)
-    left, right, spacing, truth = stress.render_pair(5, "MLO", "compression_pct", 10.0)
-    canon = {lat: stress.canonical(im, lat, "MLO", spacing, "5", cfg) for lat, im in (("L", left), ("R", right))}
+    left, right, spacing, truth = stress.render_pair(seed, "MLO", family, strength)
+    canon = {lat: stress.canonical(im, lat, "MLO", spacing, str(seed), cfg) for lat, im in (("L", left), ("R", right))}
     forward, backward = register_pair(canon["L"], canon["R"], cfg)
-    assert forward.reg_ok and backward.reg_ok
     error_mm = np.linalg.norm(map_stored_points(truth[:, :2], canon["L"].frame, canon["R"].frame, forward)
                               - truth[:, 2:], axis=1) * spacing
+    return forward, backward, error_mm
+
+
+def test_a_pair_whose_rigid_outline_fit_spins_still_registers(monkeypatch):
+    """Generator 2.0's MLO pair with the R breast compressed 10 % (registration_stress's compression_pct 10, seed 5):
+    the rigid outline fit spins ~12 deg along the outline the canvas cuts, so every start about it lies 15-35 mm
+    from the truth; the starts about the centroid translation reach it, and the fit lands within 3 mm (it passed
+    QC 13 mm off before)."""
+    forward, backward, error_mm = _registered_stress_pair(monkeypatch, 5, "compression_pct", 10.0)
+    assert forward.reg_ok and backward.reg_ok
     assert np.median(error_mm) < 3.0 and error_mm.max() < 10.0
 
 
@@ -389,18 +396,6 @@ def test_a_first_fit_short_of_a_compression_difference_gives_way_to_the_stretche
     """Generator 2.0's MLO pair with the R breast compressed 20 % (registration_stress's compression_pct 20, seed 9):
     the first fit stops at a 1.16 : 1 stretch in another basin, ~18 mm off with its skin line 4 mm from the other's;
     that stretch now needs the skin line's confirmation, so the stretched second fit runs and lands within 3 mm."""
-    from pathlib import Path
-
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import registration_stress as stress
-
-    from prep.pairs import map_stored_points, register_pair
-
-    cfg = PrepConfig(mm_per_px=0.4, patch_px=64)
-    left, right, spacing, truth = stress.render_pair(9, "MLO", "compression_pct", 20.0)
-    canon = {lat: stress.canonical(im, lat, "MLO", spacing, "9", cfg) for lat, im in (("L", left), ("R", right))}
-    forward, backward = register_pair(canon["L"], canon["R"], cfg)
+    forward, backward, error_mm = _registered_stress_pair(monkeypatch, 9, "compression_pct", 20.0)
     assert forward.reg_ok and backward.reg_ok, (forward.reason, backward.reason)
-    error_mm = np.linalg.norm(map_stored_points(truth[:, :2], canon["L"].frame, canon["R"].frame, forward)
-                              - truth[:, 2:], axis=1) * spacing
     assert np.median(error_mm) < 3.0 and error_mm.max() < 10.0
