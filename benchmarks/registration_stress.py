@@ -44,13 +44,13 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from registration_bench import WRONG_FITS, best_affine_points  # noqa: E402
+from registration_bench import best_affine_points, wrong_fit_verdicts  # noqa: E402
 
 from prep.config import PrepConfig  # noqa: E402
 from prep.decode import DecodedImage  # noqa: E402
 from prep.geometry import map_points  # noqa: E402
 from prep.pairs import ImageInput, canonicalise, map_stored_points, register_pair  # noqa: E402
-from prep.register import compose_affines, judge_affine, register_grids  # noqa: E402
+from prep.register import register_grids  # noqa: E402
 from prep.synth import anatomy  # noqa: E402
 from prep.synth import study as synth_study  # noqa: E402
 
@@ -161,16 +161,6 @@ def canonical(image: np.ndarray, lat: str, view: str, spacing: float, tag: str, 
     return canonicalise(ImageInput(f"{tag}-{lat}", lat, view, DecodedImage(image, (spacing, spacing))), cfg)
 
 
-def wrong_fits_pass(left, right, forward, cfg: PrepConfig) -> list[bool]:
-    centre = tuple(float(v) for v in np.argwhere(left.mask)[:, ::-1].mean(axis=0))
-    out = []
-    for rotation, (dx, dy) in WRONG_FITS:
-        wrong = compose_affines(cv2.getRotationMatrix2D(centre, rotation, 1.0), forward.affine)
-        wrong[:, 2] += np.array([dx, dy]) / cfg.mm_per_px
-        out.append(judge_affine(left.grid, right.grid, wrong, cfg).reg_ok)
-    return out
-
-
 def run_cell(family: str, strength: float, seeds: list[int], cfg: PrepConfig) -> dict:
     errors, floors, passed, wrong, mismatch, mismatch_flagged, seconds, wrong_passed = [], [], [], [], [], [], [], 0
     right_flagged = 0
@@ -197,7 +187,7 @@ def run_cell(family: str, strength: float, seeds: list[int], cfg: PrepConfig) ->
             right_flagged += int(bool(forward.identity_flag or backward.identity_flag))
             errors.append(err)
             wrong_passed += int(np.median(err) > WRONG_PAIR_MEDIAN_MM)
-            wrong += wrong_fits_pass(canon["L"], canon["R"], forward, cfg)
+            wrong += wrong_fit_verdicts(canon, forward, cfg)
     for view in ("CC", "MLO"):
         same = [canon for v, canon in pairs if v == view]
         for canon, other in zip(same, same[1:] + same[:1]) if len(same) > 1 else ():
