@@ -119,11 +119,11 @@ def generator_row(label: str, seeds: list[int], cfg: PrepConfig) -> str:
     return f"| {label} | {len(seeds) - rejected} / {len(seeds)} | {summary(errors)} | {summary(floors)} |"
 
 
-def decomposition_row(seed: int, realisations: int, cfg: PrepConfig) -> tuple[str, dict]:
+def decomposition_row(seed: int, realisations: int, fit) -> tuple[str, dict]:
+    """One decomposed pair: `fit(seed, realisation)` -> (fitted points or None, true points, best affine's)."""
     fits, true, best = [], None, None
     for realisation in range(realisations):
-        with independent_texture(realisation):
-            fitted, true, best = fit_pair(seed, cfg)
+        fitted, true, best = fit(seed, realisation)
         if fitted is not None:
             fits.append(fitted)
     if len(fits) < 2:
@@ -139,6 +139,28 @@ def decomposition_row(seed: int, realisations: int, cfg: PrepConfig) -> tuple[st
     cells = " | ".join(f"{np.median(parts[k]):.2f} / {np.percentile(parts[k], 95):.2f}" for k in parts)
     return (f"| {seed} {view_of(seed)} | {len(fits)} / {realisations} | {cells} | "
             f"{np.median(parts['spread']) / np.sqrt(len(fits)):.2f} |"), parts
+
+
+def decomposition(seeds, realisations: int, fit) -> None:
+    """Print the decomposition table of `seeds` (see the module docstring), pooled over them in its last row."""
+    print(f"\ndecomposition over {realisations} independent textures per study (mm, median / p95 over points)\n"
+          "| study | QC passed | error | spread about the mean fit | mean fit vs best affine (bias) | best affine "
+          "| spread / sqrt(K) |\n|---|---|---|---|---|---|---|", flush=True)
+    pooled: dict[str, list] = {}
+    for seed in seeds:
+        line, parts = decomposition_row(seed, realisations, fit)
+        print(line, flush=True)
+        for key, values in parts.items():
+            pooled.setdefault(key, []).append(values)
+    cells = " | ".join(f"{np.median(np.concatenate(v)):.2f} / {np.percentile(np.concatenate(v), 95):.2f}"
+                       for v in pooled.values())
+    print(f"| all | | {cells} | |", flush=True)
+
+
+def generator_fit(seed: int, realisation: int, cfg: PrepConfig):
+    """generator 2.0's pair `seed` under its `realisation`-th draw of the texture the two sides do not share."""
+    with independent_texture(realisation):
+        return fit_pair(seed, cfg)
 
 
 def main() -> None:
@@ -158,18 +180,8 @@ def main() -> None:
           flush=True)
     for label in GENERATORS:
         print(generator_row(label, list(range(args.pairs)), cfg), flush=True)
-    print(f"\ndecomposition over {args.realisations} independent textures per study (mm, median / p95 over points)\n"
-          "| study | QC passed | error | spread about the mean fit | mean fit vs best affine (bias) | best affine "
-          "| spread / sqrt(K) |\n|---|---|---|---|---|---|---|", flush=True)
-    pooled: dict[str, list] = {}
-    for seed in range(args.scatter_pairs):
-        line, parts = decomposition_row(seed, args.realisations, cfg)
-        print(line, flush=True)
-        for key, values in parts.items():
-            pooled.setdefault(key, []).append(values)
-    cells = " | ".join(f"{np.median(np.concatenate(v)):.2f} / {np.percentile(np.concatenate(v), 95):.2f}"
-                       for v in pooled.values())
-    print(f"| all | | {cells} | |\n\n{time.perf_counter() - started:.0f} s", flush=True)
+    decomposition(range(args.scatter_pairs), args.realisations, functools.partial(generator_fit, cfg=cfg))
+    print(f"\n{time.perf_counter() - started:.0f} s", flush=True)
 
 
 if __name__ == "__main__":
