@@ -163,24 +163,36 @@ def generator_fit(seed: int, realisation: int, cfg: PrepConfig):
         return fit_pair(seed, cfg)
 
 
+def decomposition_arguments(parser: argparse.ArgumentParser, realisations: int) -> None:
+    """The decomposition's options and the canonical spacing, shared with registration_phantom."""
+    parser.add_argument("--scatter-pairs", type=int, default=12, help="studies in the decomposition; default 12")
+    parser.add_argument("--realisations", type=int, default=realisations,
+                        help=f"independent textures per decomposed study (0: no decomposition); default {realisations}")
+    parser.add_argument("--mm-per-px", type=float, default=0.4, help="canonical spacing; default 0.4 (the demo's)")
+
+
+def one_thread_config(mm_per_px: float, note: str = "") -> PrepConfig:
+    """The config the registration benchmarks run at (patch field 25.6 mm), after one OpenCV thread and the machine
+    line are set and printed."""
+    cv2.setNumThreads(1)
+    print(f"machine: {platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}, "
+          f"OpenCV {cv2.__version__}, one thread; {mm_per_px} mm/px{note}", flush=True)
+    return PrepConfig(mm_per_px=mm_per_px, patch_px=round(25.6 / mm_per_px))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=30, help="default-draw pairs per generator row; default 30")
-    parser.add_argument("--scatter-pairs", type=int, default=12, help="studies in the decomposition; default 12")
-    parser.add_argument("--realisations", type=int, default=8,
-                        help="independent textures per decomposed study; default 8")
-    parser.add_argument("--mm-per-px", type=float, default=0.4, help="canonical spacing; default 0.4 (the demo's)")
+    decomposition_arguments(parser, realisations=8)
     args = parser.parse_args()
-    cv2.setNumThreads(1)
-    cfg = PrepConfig(mm_per_px=args.mm_per_px, patch_px=round(25.6 / args.mm_per_px))
-    print(f"machine: {platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}, "
-          f"OpenCV {cv2.__version__}, one thread; {args.mm_per_px} mm/px", flush=True)
+    cfg = one_thread_config(args.mm_per_px)
     started = time.perf_counter()
     print("\n| generator | QC passed | fit L -> R median / p95 / worst (mm) | best affine |\n|---|---|---|---|",
           flush=True)
     for label in GENERATORS:
         print(generator_row(label, list(range(args.pairs)), cfg), flush=True)
-    decomposition(range(args.scatter_pairs), args.realisations, functools.partial(generator_fit, cfg=cfg))
+    if args.realisations:
+        decomposition(range(args.scatter_pairs), args.realisations, functools.partial(generator_fit, cfg=cfg))
     print(f"\n{time.perf_counter() - started:.0f} s", flush=True)
 
 

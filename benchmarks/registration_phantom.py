@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -47,7 +46,13 @@ from scipy.ndimage import map_coordinates  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from registration_bench import best_affine_points, wrong_fit_verdicts  # noqa: E402
-from registration_limits import decomposition, summary, view_of  # noqa: E402
+from registration_limits import (  # noqa: E402
+    decomposition,
+    decomposition_arguments,
+    one_thread_config,
+    summary,
+    view_of,
+)
 from registration_stress import WRONG_PAIR_MEDIAN_MM, canonical  # noqa: E402
 
 from prep.config import PrepConfig  # noqa: E402
@@ -265,16 +270,10 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=48, help="pairs per setting (CC and MLO alternate); default 48")
     parser.add_argument("--seed", type=int, default=0, help="first phantom seed; default 0")
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS), metavar="NAME",
-                        help=f"rows to run (default all): {', '.join(repr(s) for s in SETTINGS)}")
-    parser.add_argument("--realisations", type=int, default=0,
-                        help="unshared-texture draws per decomposed pair (0: no decomposition); e.g. 6")
-    parser.add_argument("--scatter-pairs", type=int, default=12, help="pairs in the decomposition; default 12")
-    parser.add_argument("--mm-per-px", type=float, default=0.4, help="canonical spacing; default 0.4 (the demo's)")
+                        help="rows to run (default all): " + ", ".join(repr(s) for s in SETTINGS).replace("%", "%%"))
+    decomposition_arguments(parser, realisations=0)
     args = parser.parse_args()
-    cv2.setNumThreads(1)
-    cfg = PrepConfig(mm_per_px=args.mm_per_px, patch_px=round(25.6 / args.mm_per_px))
-    print(f"machine: {platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}, "
-          f"OpenCV {cv2.__version__}, one thread; {args.mm_per_px} mm/px; {args.pairs} pairs per setting", flush=True)
+    cfg = one_thread_config(args.mm_per_px, f"; {args.pairs} pairs per setting")
     started = time.perf_counter()
     seeds = list(range(args.seed, args.seed + args.pairs))
     print(f"\n| setting | QC passed | fit L -> R median / p95 / worst (mm) | best affine | passed > "
