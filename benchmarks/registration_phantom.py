@@ -207,7 +207,8 @@ def make_pair(seed: int, view: str, settings: PhantomSettings = PhantomSettings(
         images.append(np.clip(image + 0.02, 0.0, 1.0).astype(np.float32))
         masks.append(mask)
     # true points: L breast pixels at least 3 mm inside the skin, kept where they land in the R breast
-    ys, xs = np.nonzero(cv2.erode(masks[0], np.ones((31, 31), np.uint8)))
+    inset = 2 * round(3.0 / SPACING_MM) + 1
+    ys, xs = np.nonzero(cv2.erode(masks[0], np.ones((inset, inset), np.uint8)))
     pick = rng.choice(len(xs), size=min(4000, len(xs)), replace=False)
     left = np.stack([xs[pick], ys[pick]], 1) * SPACING_MM
     right = warps[1].to_image(warps[0].to_body(left))
@@ -219,44 +220,49 @@ def make_pair(seed: int, view: str, settings: PhantomSettings = PhantomSettings(
     return images[0], images[1][:, ::-1].copy(), SPACING_MM, np.hstack([left, right])
 
 
-def register_phantom_pair(seed: int, settings: PhantomSettings, cfg: PrepConfig, own_seed: int | None = None):
-    """(canonical images by side, L -> R registration or None if an image failed, truth, spacing) of one pair,
-    registered as the build does (`prep.pairs.register_pair`)."""
+@dataclasses.dataclass(frozen=True)
+class PhantomFit:
+    """One phantom pair registered as the build does (`prep.pairs.register_pair`); points in R, mm."""
+
+    canon: dict  # canonical images by side
+    forward: object | None  # the L -> R Registration (None when an image failed canonicalisation)
+    fitted: np.ndarray | None  # the true L points through the fit, None unless QC passed both ways
+    true: np.ndarray  # the true R points
+    best: np.ndarray  # the true L points through the best affine
+
+
+def register_phantom_pair(seed: int, settings: PhantomSettings, cfg: PrepConfig,
+                          own_seed: int | None = None) -> PhantomFit:
     view = view_of(seed)
     left, right, spacing, truth = make_pair(seed, view, settings, own_seed)
     canon = {lat: canonical(image, lat, view, spacing, f"phantom{seed}", cfg)
              for lat, image in (("L", left), ("R", right))}
-    if any(c.info["status"] != "ok" for c in canon.values()):
-        return canon, None, truth, spacing
-    forward, backward = register_pair(canon["L"], canon["R"], cfg)
-    return canon, (forward if forward.reg_ok and backward.reg_ok else dataclasses.replace(forward, reg_ok=False)), \
-        truth, spacing
+    forward, fitted = None, None
+    if all(c.info["status"] == "ok" for c in canon.values()):
+        forward, backward = register_pair(canon["L"], canon["R"], cfg)
+        if forward.reg_ok and backward.reg_ok:
+            fitted = map_stored_points(truth[:, :2], canon["L"].frame, canon["R"].frame, forward) * spacing
+    return PhantomFit(canon, forward, fitted, truth[:, 2:] * spacing, best_affine_points(truth, canon) * spacing)
 
 
 def fit_pair(seed: int, settings: PhantomSettings, cfg: PrepConfig, own_seed: int | None = None):
     """(fitted true L points in R (mm) or None when QC rejects, true R points (mm), best affine's R points (mm))."""
-    canon, forward, truth, spacing = register_phantom_pair(seed, settings, cfg, own_seed)
-    fitted = None
-    if forward is not None and forward.reg_ok:
-        fitted = map_stored_points(truth[:, :2], canon["L"].frame, canon["R"].frame, forward) * spacing
-    return fitted, truth[:, 2:] * spacing, best_affine_points(truth, canon) * spacing
+    fit = register_phantom_pair(seed, settings, cfg, own_seed)
+    return fit.fitted, fit.true, fit.best
 
 
 def settings_row(label: str, seeds: list[int], cfg: PrepConfig) -> dict:
     settings = PhantomSettings(**SETTINGS[label])
     errors, floors, far, wrong, canons = [], [], 0, [], {}
     for seed in seeds:
-        canon, forward, truth, spacing = register_phantom_pair(seed, settings, cfg)
-        true = truth[:, 2:] * spacing
-        floors.append(np.linalg.norm(best_affine_points(truth, canon) * spacing - true, axis=1))
-        if forward is None:
-            continue
-        canons.setdefault(view_of(seed), []).append(canon)
-        if forward.reg_ok:
-            fitted = map_stored_points(truth[:, :2], canon["L"].frame, canon["R"].frame, forward) * spacing
-            errors.append(np.linalg.norm(fitted - true, axis=1))
+        fit = register_phantom_pair(seed, settings, cfg)
+        floors.append(np.linalg.norm(fit.best - fit.true, axis=1))
+        if fit.forward is not None:
+            canons.setdefault(view_of(seed), []).append(fit.canon)
+        if fit.fitted is not None:
+            errors.append(np.linalg.norm(fit.fitted - fit.true, axis=1))
             far += int(np.median(errors[-1]) > WRONG_PAIR_MEDIAN_MM)
-            wrong += wrong_fit_verdicts(canon, forward, cfg)
+            wrong += wrong_fit_verdicts(fit.canon, fit.forward, cfg)
     # another woman: each L against the next pair's R of the same view, counted when QC accepts it unflagged
     mismatched = [register_grids(canon["L"].grid, other["R"].grid, cfg)
                   for same in canons.values() for canon, other in zip(same, same[1:] + same[:1]) if len(same) > 1]

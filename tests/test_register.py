@@ -347,15 +347,20 @@ def test_qc_rejects_a_mismatched_pair(realistic):
     assert not reg.reg_ok and reg.reason in {"ecc_failed", "low_ecc", "off_peak", "low_dice"}
 
 
-def _registered_stress_pair(monkeypatch, seed: int, family: str, strength: float):
-    """(L -> R, R -> L, L -> R point errors in mm) of one of registration_stress's MLO pairs at 0.4 mm/px."""
+def _benchmark(monkeypatch, name: str):
+    """A module of benchmarks/ (the registration benchmarks' generators and pairs), imported for this test."""
+    import importlib
     from pathlib import Path
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import registration_stress as stress
+    return importlib.import_module(name)
 
+
+def _registered_stress_pair(monkeypatch, seed: int, family: str, strength: float):
+    """(L -> R, R -> L, L -> R point errors in mm) of one of registration_stress's MLO pairs at 0.4 mm/px."""
     from prep.pairs import map_stored_points, register_pair
 
+    stress = _benchmark(monkeypatch, "registration_stress")
     cfg = PrepConfig(mm_per_px=0.4, patch_px=64)
     left, right, spacing, truth = stress.render_pair(seed, "MLO", family, strength)
     canon = {lat: stress.canonical(im, lat, "MLO", spacing, str(seed), cfg) for lat, im in (("L", left), ("R", right))}
@@ -401,22 +406,12 @@ def test_a_first_fit_short_of_a_compression_difference_gives_way_to_the_stretche
     assert np.median(error_mm) < 3.0 and error_mm.max() < 10.0
 
 
-def _phantom(monkeypatch):
-    """benchmarks/registration_phantom.py: the bilateral phantom written apart from prep.synth."""
-    from pathlib import Path
-
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import registration_phantom
-
-    return registration_phantom
-
-
 @pytest.mark.parametrize("view", ["CC", "MLO"])
 def test_the_phantoms_truth_puts_each_left_point_on_its_right_twin(monkeypatch, view):
     """With the texture all shared and no noise to speak of, the phantom's two breasts are one body seen through two
     poses: its true correspondences must land on the same tissue (what every registration error it reports is
     measured against), and a truth off by 3 mm must not."""
-    phantom = _phantom(monkeypatch)
+    phantom = _benchmark(monkeypatch, "registration_phantom")  # written apart from prep.synth
     settings = phantom.PhantomSettings(shared_fraction=1.0)
     left, right, _, truth = phantom.make_pair(3, view, settings)
 
@@ -428,14 +423,14 @@ def test_the_phantoms_truth_puts_each_left_point_on_its_right_twin(monkeypatch, 
 
     assert len(truth) == 256
     assert agreement(truth[:, 2:]) > 0.95
-    assert agreement(truth[:, 2:] + 3.0 / 0.2) < agreement(truth[:, 2:]) - 0.1
+    assert agreement(truth[:, 2:] + 3.0 / phantom.SPACING_MM) < agreement(truth[:, 2:]) - 0.1
 
 
 def test_a_foreign_breast_sharing_its_texture_is_registered_to_its_affine(monkeypatch):
     """On the phantom (not our generator: its own shapes, texture model and poses) with the texture shared and the
     truth an affine, the information is there, and the registration must find it (median ~0.1-0.5 mm): what it
     misses on the phantom's default draws (docs/PERFORMANCE.md) is what the images do not carry."""
-    phantom = _phantom(monkeypatch)
+    phantom = _benchmark(monkeypatch, "registration_phantom")  # written apart from prep.synth
     cfg = PrepConfig(mm_per_px=0.4, patch_px=64)
     settings = phantom.PhantomSettings(shared_fraction=1.0, elastic_mm=(0.0, 0.0))
     for seed in (0, 1):
