@@ -24,8 +24,8 @@ and the mean fit's distance from the best affine (bias of the objective).
 
     python benchmarks/registration_phantom.py [--pairs 48] [--settings NAME ...] [--realisations 6]
 
-~3 min on one core for the default settings at 48 pairs. Results: docs/PERFORMANCE.md, "Registration on a
-phantom we did not tune on".
+~3 min on one core for the six settings at 48 pairs, ~1 min more with `--realisations 6`. Results:
+docs/PERFORMANCE.md, "Registration on a phantom we did not tune on".
 """
 
 from __future__ import annotations
