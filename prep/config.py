@@ -38,6 +38,9 @@ class PrepConfig:
                                       "the shared pattern.", PANEL)
     reg_refine_max_shift_mm: float = knob(25.0, "The finer levels of that fit may move no breast point by more "
                                           "than this (mm) from the coarsest level's answer.", PANEL, min=0.0)
+    reg_symmetric: bool = knob(True, "Average the L -> R fit with the inverse of an independent R -> L fit, kept "
+                               "where it passes QC both ways: neither breast's pattern is the template alone "
+                               "(doubles the fit's cost; docs/PERFORMANCE.md).", PANEL)
     reg_deformable: bool = knob(False, "After the affine, a smooth capped displacement fitted to the shared "
                                 "pattern, used only where it raises the agreement on held-back regions "
                                 "(prep.deform; measured not to help on generator 2.0, docs/PERFORMANCE.md).", PANEL)

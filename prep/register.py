@@ -29,7 +29,11 @@ both the independent texture and each side's own overall density.
      allowed up to MAX_CONFIRMED_ANISOTROPY (a compression difference up to ~30 %); QC accepts such a stretch only
      where the outline confirms it (`stretch_confirmed`), and the answer is used only if it passes.
 
-A pair is fitted once (L -> R); R -> L is its inverse (`inverse_registration`), judged again in its own frame.
+  E. if `cfg.reg_symmetric`, the same fit the other way round (R onto L), and the mean of the two (L -> R)
+     where it passes QC both ways (`register_grids`).
+
+A pair's registration is one L -> R affine; R -> L is its inverse (`inverse_registration`), judged again in its
+own frame.
 No non-rigid step: dense warps register unilateral lesions away, which would poison the labels.
 
 QC (`_judge`) decides `reg_ok`: outline agreement (blurred-mask ECC), shared-pattern agreement
@@ -651,7 +655,28 @@ def _grid_problem(ipsi: RegistrationGrid, contra: RegistrationGrid) -> Registrat
 
 
 def register_grids(ipsi: RegistrationGrid, contra: RegistrationGrid, cfg: PrepConfig) -> Registration:
-    """Affine ipsi canonical px -> contra canonical px from two prepared grids, with QC (never raises)."""
+    """Affine ipsi canonical px -> contra canonical px from two prepared grids, with QC (never raises).
+
+    Stage E (`cfg.reg_symmetric`): the fit one way (`_register_one_way`) is averaged with the inverse of an
+    independent fit the other way, and the mean is used where it passes QC in both directions, else the one-way
+    fit stands. Each one-way fit takes one breast's pattern as the template (its mask, its pixel grid) and is
+    pulled by the texture the two breasts do not share as seen from that side; the mean halves that asymmetry."""
+    forward = _register_one_way(ipsi, contra, cfg)
+    if not (forward.reg_ok and cfg.reg_symmetric and cfg.reg_refine_intensity):
+        return forward
+    backward = _register_one_way(contra, ipsi, cfg)
+    if not backward.reg_ok:
+        return forward
+    mean = 0.5 * (forward.affine + invert_affine(backward.affine))
+    grid_mean = compose_affines(invert_affine(ipsi.to_grid), mean, contra.to_grid)
+    judged = _judge(ipsi, contra, grid_mean, forward.method + "+symmetric", cfg)
+    if judged.reg_ok and inverse_registration(judged, ipsi, contra, cfg).reg_ok:
+        return judged
+    return forward
+
+
+def _register_one_way(ipsi: RegistrationGrid, contra: RegistrationGrid, cfg: PrepConfig) -> Registration:
+    """Stages A-D (module docstring): the fit of the ipsi pattern onto the contra one, with QC."""
     failed = _grid_problem(ipsi, contra)
     if failed is not None:
         return failed

@@ -78,11 +78,16 @@ def test_a_smooth_bend_is_recovered_better_than_by_the_affine(bent):
 
 
 def test_the_inverse_round_trips(bent):
-    _, _, _, (fwd, back), points = bent
+    """R -> L undoes L -> R wherever the contra point exists: on the contra canvas, where the inverse field is
+    defined (off it the field's edge value continues, and no patch pair is cut there)."""
+    _, contra, _, (fwd, back), points = bent
     assert back.displacement is not None and back.transform == "affine+flow"
     there = transform_points(points, fwd.affine, fwd.displacement)
-    again = transform_points(there, back.affine, back.displacement)
-    assert np.abs(again - points).max() * MM_PER_PX < 0.1
+    h, w = contra.image.shape
+    on_canvas = (there[:, 0] >= 0) & (there[:, 0] <= w - 1) & (there[:, 1] >= 0) & (there[:, 1] <= h - 1)
+    assert on_canvas.mean() > 0.9
+    again = transform_points(there[on_canvas], back.affine, back.displacement)
+    assert np.abs(again - points[on_canvas]).max() * MM_PER_PX < 0.03
 
 
 def test_the_displacement_cap_holds():
