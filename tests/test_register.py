@@ -437,3 +437,23 @@ def test_a_foreign_breast_sharing_its_texture_is_registered_to_its_affine(monkey
         fitted, true, _ = phantom.fit_pair(seed, settings, cfg)
         assert fitted is not None
         assert np.median(np.linalg.norm(fitted - true, axis=1)) < 1.0
+
+
+@pytest.mark.parametrize("seed", [4, 7])
+def test_the_registration_does_not_depend_on_which_breast_is_the_template(monkeypatch, seed):
+    """Fitting L onto R and R onto L give one registration and its inverse (the symmetric fit, stage E). A one-way
+    fit takes one breast as the template and is pulled its own way by the texture the two do not share: on these
+    phantom pairs the two one-way answers lie 1.2-1.5 mm apart (p90 over the breast), on others up to 13 mm."""
+    phantom = _benchmark(monkeypatch, "registration_phantom")
+    stress = _benchmark(monkeypatch, "registration_stress")
+    cfg = PrepConfig(mm_per_px=0.4, patch_px=64)
+    view = phantom.view_of(seed)
+    left, right, spacing, _ = phantom.make_pair(seed, view)
+    canon = {lat: stress.canonical(im, lat, view, spacing, str(seed), cfg) for lat, im in (("L", left), ("R", right))}
+    l_onto_r = register_grids(canon["L"].grid, canon["R"].grid, cfg)
+    r_onto_l = register_grids(canon["R"].grid, canon["L"].grid, cfg)
+    assert l_onto_r.reg_ok and r_onto_l.reg_ok
+    points = np.argwhere(canon["L"].mask)[::97, ::-1].astype(float)
+    apart_mm = np.linalg.norm(apply_affine(points, l_onto_r.affine)
+                              - apply_affine(points, invert_affine(r_onto_l.affine)), axis=1) * cfg.mm_per_px
+    assert np.percentile(apart_mm, 90) < 0.1
