@@ -56,7 +56,9 @@ def test_with_an_assumed_spacing_four_registered_pairs_verify(built):
     assert len(pairs) == 4 and pairs["reg_ok"].all() and (pairs["status"] == "ok").all()
     assert sorted(zip(pairs["study_id"], pairs["view"])) == [("P_00173", "CC"), ("P_00173", "MLO"),
                                                              ("P_00820", "CC"), ("P_00820", "MLO")]
-    assert (pairs["dice"] > 0.9).all()  # left and right breasts of one woman overlap after registration
+    # left and right breasts of one woman overlap after registration: Dice >= 0.97 on all four (issue 23's line;
+    # 0.971-0.987 with the symmetric fit, the P_00820 MLO pair at 0.965 with a one-way fit)
+    assert (pairs["dice"] >= 0.97).all(), pairs[["study_id", "view", "dice"]]
     images = pd.read_parquet(manifests / "images.parquet")
     assert len(images) == 8 and (images["spacing_source"] == "assumed").all()
     assert all(list(s) == [0.05, 0.05] for s in images["spacing_mm"])
