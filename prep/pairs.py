@@ -168,7 +168,8 @@ def canonicalise(image: ImageInput, cfg: PrepConfig) -> CanonicalImage:
 
 
 def register_pair(left: CanonicalImage, right: CanonicalImage, cfg: PrepConfig) -> tuple[Registration, Registration]:
-    """(L -> R, R -> L): one fit, the other direction its inverse (see `prep.register.inverse_registration`)."""
+    """(L -> R, R -> L): one registration (`register_grids`, symmetric by default), the other direction its inverse
+    (see `prep.register.inverse_registration`)."""
     grid_l, grid_r = (
         c.grid if c.grid is not None else registration_grid(c.image, c.mask, cfg.mm_per_px, cfg) for c in (left, right)
     )
