@@ -33,8 +33,7 @@ from prep.register import (
     compose_affines,
     grid_from_small,
     invert_affine,
-    inverse_registration,
-    register_grids,
+    register_both_ways,
     registration_grid,
 )
 from prep.segment import breast_area_mm2, segment_breast
@@ -168,13 +167,12 @@ def canonicalise(image: ImageInput, cfg: PrepConfig) -> CanonicalImage:
 
 
 def register_pair(left: CanonicalImage, right: CanonicalImage, cfg: PrepConfig) -> tuple[Registration, Registration]:
-    """(L -> R, R -> L): one registration (`register_grids`, symmetric by default), the other direction its inverse
-    (see `prep.register.inverse_registration`)."""
+    """(L -> R, R -> L): one registration (symmetric by default), the other direction its inverse
+    (`prep.register.register_both_ways`)."""
     grid_l, grid_r = (
         c.grid if c.grid is not None else registration_grid(c.image, c.mask, cfg.mm_per_px, cfg) for c in (left, right)
     )
-    forward = register_grids(grid_l, grid_r, cfg)
-    backward = inverse_registration(forward, grid_l, grid_r, cfg)
+    forward, backward = register_both_ways(grid_l, grid_r, cfg)
     if cfg.reg_deformable and forward.reg_ok and backward.reg_ok:
         forward, backward = with_displacement(forward, backward, grid_l, grid_r, cfg)
     return forward, backward

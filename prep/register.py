@@ -30,7 +30,7 @@ both the independent texture and each side's own overall density.
      where the outline confirms it (`stretch_confirmed`), and the answer is used only if it passes.
 
   E. if `cfg.reg_symmetric`, the same fit the other way round (R onto L), and the mean of the two (L -> R)
-     where it passes QC both ways (`register_grids`).
+     where it passes QC both ways (`register_both_ways`).
 
 A pair's registration is one L -> R affine; R -> L is its inverse (`inverse_registration`), judged again in its
 own frame.
@@ -655,24 +655,31 @@ def _grid_problem(ipsi: RegistrationGrid, contra: RegistrationGrid) -> Registrat
 
 
 def register_grids(ipsi: RegistrationGrid, contra: RegistrationGrid, cfg: PrepConfig) -> Registration:
-    """Affine ipsi canonical px -> contra canonical px from two prepared grids, with QC (never raises).
+    """Affine ipsi canonical px -> contra canonical px from two prepared grids, with QC (never raises); the
+    forward half of `register_both_ways`."""
+    return register_both_ways(ipsi, contra, cfg)[0]
+
+
+def register_both_ways(ipsi: RegistrationGrid, contra: RegistrationGrid,
+                       cfg: PrepConfig) -> tuple[Registration, Registration]:
+    """(ipsi -> contra, contra -> ipsi): one registration and its inverse (`inverse_registration`), each with QC.
 
     Stage E (`cfg.reg_symmetric`): the fit one way (`_register_one_way`) is averaged with the inverse of an
     independent fit the other way, and the mean is used where it passes QC in both directions, else the one-way
     fit stands. Each one-way fit takes one breast's pattern as the template (its mask, its pixel grid) and is
     pulled by the texture the two breasts do not share as seen from that side; the mean halves that asymmetry."""
     forward = _register_one_way(ipsi, contra, cfg)
-    if not (forward.reg_ok and cfg.reg_symmetric and cfg.reg_refine_intensity):
-        return forward
-    backward = _register_one_way(contra, ipsi, cfg)
-    if not backward.reg_ok:
-        return forward
-    mean = 0.5 * (forward.affine + invert_affine(backward.affine))
-    grid_mean = compose_affines(invert_affine(ipsi.to_grid), mean, contra.to_grid)
-    judged = _judge(ipsi, contra, grid_mean, forward.method + "+symmetric", cfg)
-    if judged.reg_ok and inverse_registration(judged, ipsi, contra, cfg).reg_ok:
-        return judged
-    return forward
+    if forward.reg_ok and cfg.reg_symmetric and cfg.reg_refine_intensity:
+        backward = _register_one_way(contra, ipsi, cfg)
+        if backward.reg_ok:
+            mean = 0.5 * (forward.affine + invert_affine(backward.affine))
+            grid_mean = compose_affines(invert_affine(ipsi.to_grid), mean, contra.to_grid)
+            judged = _judge(ipsi, contra, grid_mean, forward.method + "+symmetric", cfg)
+            if judged.reg_ok:
+                judged_back = inverse_registration(judged, ipsi, contra, cfg)
+                if judged_back.reg_ok:
+                    return judged, judged_back
+    return forward, inverse_registration(forward, ipsi, contra, cfg)
 
 
 def _register_one_way(ipsi: RegistrationGrid, contra: RegistrationGrid, cfg: PrepConfig) -> Registration:

@@ -16,6 +16,7 @@ from prep.register import (
     invert_affine,
     inverse_registration,
     judge_affine,
+    register_both_ways,
     register_contralateral,
     register_grids,
     registration_grid,
@@ -457,3 +458,7 @@ def test_the_registration_does_not_depend_on_which_breast_is_the_template(monkey
     apart_mm = np.linalg.norm(apply_affine(points, l_onto_r.affine)
                               - apply_affine(points, invert_affine(r_onto_l.affine)), axis=1) * cfg.mm_per_px
     assert np.percentile(apart_mm, 90) < 0.1
+    # the build's R -> L is the exact inverse of its L -> R, judged in the R frame
+    forward, backward = register_both_ways(canon["L"].grid, canon["R"].grid, cfg)
+    assert forward.method == l_onto_r.method and backward.reg_ok
+    np.testing.assert_allclose(backward.affine, invert_affine(forward.affine), atol=1e-9)
