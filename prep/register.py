@@ -118,6 +118,9 @@ POLISH_BLUR_MM = (1.2, 8.0)
 # the template mask of the fit: the ipsi breast grown by this (mm), so the skin line and the background just
 # outside it count
 OUTLINE_MARGIN_MM = 8.0
+# pixels kept around the template mask's bounding box (`PyramidLevel.template`): more than any ECC step reads
+# beyond a compared pixel (the fit runs with no pre-blur)
+TEMPLATE_MARGIN_PX = 2
 # coarse-to-fine levels of the affine fit (0.8, 1.6, 3.2 mm/px at the default grid)
 PYRAMID_LEVELS = 3
 # a pyramid level needs at least this many pixels a side
@@ -272,6 +275,30 @@ class PyramidLevel:
     canvas_mask: np.ndarray  # uint8: ones (every pixel of the canvas is valid input)
     from_grid: np.ndarray  # (2, 3) grid px -> level px
     mm_per_px: float
+    # as the template of a fit only the template mask's bounding box (plus TEMPLATE_MARGIN_PX) is compared, so
+    # the pattern and mask are kept cut to it, with the maps between its px and grid px. The background around a
+    # breast is about half of a canvas; leaving it out of every warp and ECC iteration changes no compared pixel.
+    template: np.ndarray = dataclasses.field(init=False, repr=False)
+    template_valid: np.ndarray = dataclasses.field(init=False, repr=False)
+    template_to_grid: np.ndarray = dataclasses.field(init=False, repr=False)  # (2, 3) template px -> grid px
+    grid_to_template: np.ndarray = dataclasses.field(init=False, repr=False)
+    level_to_grid: np.ndarray = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self):
+        ys, xs = np.nonzero(self.template_mask)
+        h, w = self.pattern.shape
+        if ys.size:
+            y0, y1 = max(0, ys.min() - TEMPLATE_MARGIN_PX), min(h, ys.max() + 1 + TEMPLATE_MARGIN_PX)
+            x0, x1 = max(0, xs.min() - TEMPLATE_MARGIN_PX), min(w, xs.max() + 1 + TEMPLATE_MARGIN_PX)
+        else:
+            y0, y1, x0, x1 = 0, h, 0, w
+        object.__setattr__(self, "template", np.ascontiguousarray(self.pattern[y0:y1, x0:x1]))
+        object.__setattr__(self, "template_valid", np.ascontiguousarray(self.template_mask[y0:y1, x0:x1]))
+        level_to_grid = invert_affine(self.from_grid)
+        template_to_grid = compose_affines(np.array([[1.0, 0.0, x0], [0.0, 1.0, y0]]), level_to_grid)
+        object.__setattr__(self, "level_to_grid", level_to_grid)
+        object.__setattr__(self, "template_to_grid", template_to_grid)
+        object.__setattr__(self, "grid_to_template", invert_affine(template_to_grid))
 
 
 def _polish_level(image: np.ndarray, mask: np.ndarray, mm_per_px: float) -> PyramidLevel:
@@ -302,19 +329,19 @@ def _pyramid(image: np.ndarray, mask: np.ndarray, mm_per_px: float) -> tuple[Pyr
 
 
 def _to_level(affine: np.ndarray, ipsi: PyramidLevel, contra: PyramidLevel) -> np.ndarray:
-    """A grid px affine (ipsi -> contra) in the px of one pyramid level."""
-    return compose_affines(invert_affine(ipsi.from_grid), affine, contra.from_grid)
+    """A grid px affine (ipsi -> contra) from the px of the ipsi level's template to the contra level's px."""
+    return compose_affines(ipsi.template_to_grid, affine, contra.from_grid)
 
 
 def _from_level(affine: np.ndarray, ipsi: PyramidLevel, contra: PyramidLevel) -> np.ndarray:
-    return compose_affines(ipsi.from_grid, affine, invert_affine(contra.from_grid))
+    return compose_affines(ipsi.grid_to_template, affine, contra.level_to_grid)
 
 
 def _ecc_affine(ipsi: PyramidLevel, contra: PyramidLevel, start: np.ndarray, criteria) -> tuple[float, np.ndarray] | None:
     """(ECC score, grid px affine) of an affine ECC at one level from a grid px start, or None if it diverged."""
     try:
         score, warp = cv2.findTransformECCWithMask(
-            ipsi.pattern, contra.pattern, ipsi.template_mask, contra.canvas_mask,
+            ipsi.template, contra.pattern, ipsi.template_valid, contra.canvas_mask,
             _to_level(start, ipsi, contra).astype(np.float32), cv2.MOTION_AFFINE, criteria, 1,
         )
     except cv2.error:
@@ -552,12 +579,12 @@ def _refine_intensity(ipsi: RegistrationGrid, contra: RegistrationGrid, start: n
 def _level_agreement(level_i: PyramidLevel, level_c: PyramidLevel, grid_affine: np.ndarray) -> float:
     """Correlation of the shared patterns at one level where the ipsi template sees the contra canvas."""
     affine = _to_level(grid_affine, level_i, level_c)
-    shape = level_i.pattern.shape
+    shape = level_i.template.shape
     seen = warp_to_template(level_c.canvas_mask.astype(np.float32), affine, shape) > 0.99
-    valid = (seen & (level_i.template_mask > 0)).astype(np.uint8)
+    valid = (seen & (level_i.template_valid > 0)).astype(np.uint8)
     if valid.sum() < MIN_LEVEL_PX**2:
         return float("nan")
-    return float(cv2.computeECC(level_i.pattern, warp_to_template(level_c.pattern, affine, shape), valid))
+    return float(cv2.computeECC(level_i.template, warp_to_template(level_c.pattern, affine, shape), valid))
 
 
 def _pattern_agreement(ipsi: RegistrationGrid, contra: RegistrationGrid, grid_affine: np.ndarray) -> float:
