@@ -12,6 +12,10 @@ breast one extra difference of a family at a strength:
   pectoral_mm (MLO)   R pulled that much less into the field: part of its pectoral muscle leaves the image
   fold_mm             a local skin fold: a Gaussian displacement (sigma 10 mm) of that amplitude near the skin line
   size_px             both stored images resampled to that width (the RSNA-layout false rejects were at 600 x 480)
+  breast_scale        both images declared at that multiple of their pixel spacing: the same pixels as breasts
+                      that much larger (or smaller) in mm, their texture coarser (finer) against the fit's mm bands
+                      (generator 2.0's breasts are large: median area ~26,000 mm2, the real CBIS-DDSM films' at
+                      0.05 mm/px 6,600-11,600)
 
 Ground truth: the generator's true correspondences (256 points per pair, through both sides' transforms).
 Per cell: median / p95 / worst point error (mm, L -> R, stored px x spacing) over the pairs QC passes, the
@@ -65,6 +69,7 @@ FAMILIES = {
     "pectoral_mm": (0.0, 5.0, 10.0, 20.0),
     "fold_mm": (0.0, 2.0, 4.0, 6.0),
     "size_px": (560.0, 480.0, 840.0),
+    "breast_scale": (1.0, 0.6, 0.8, 1.2, 1.4),
 }
 WRONG_PAIR_MEDIAN_MM = 3.0  # a QC-passed pair this far off (median) is a wrong fit that passed
 
@@ -141,7 +146,7 @@ def render_pair(seed: int, view: str, family: str, strength: float):
     """(stored L image, stored R image, spacing L, spacing R, true correspondences) of one stressed pair."""
     rng = np.random.default_rng([seed, 0x57E55])
     sign = 1.0 if (seed // 2) % 2 else -1.0
-    stress = family if family != "size_px" else "none"
+    stress = family if family not in ("size_px", "breast_scale") else "none"
     with stressing(stress, strength, sign, rng):
         study = synth_study.make_study(seed, "small", images=(("L", view), ("R", view)))
     left, right = (next(im for im in study.images if im.laterality == lat) for lat in "LR")
@@ -154,6 +159,8 @@ def render_pair(seed: int, view: str, family: str, strength: float):
         scale_xy = (shape[0] / left.image.shape[1], shape[1] / left.image.shape[0])
         truth = np.hstack([map_points(truth[:, :2], scale_xy), map_points(truth[:, 2:], scale_xy)])
         spacing = spacing / scale_xy[0]
+    if family == "breast_scale":
+        spacing = spacing * strength
     return images[0], images[1], spacing, truth
 
 
@@ -246,7 +253,7 @@ def main() -> None:
         for family in args.families:
             strengths = FAMILIES[family][1:]
             if args.quick:
-                strengths = strengths[-2:] if family != "size_px" else strengths
+                strengths = strengths[-2:] if family not in ("size_px", "breast_scale") else strengths
             for strength in strengths:
                 rows.append(run_cell(family, strength, list(range(args.seed, args.seed + n)), cfg))
                 print(f"  {scale} mm/px {family} {strength:g}: done", flush=True)
