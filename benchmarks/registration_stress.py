@@ -143,7 +143,7 @@ def stressing(family: str, strength: float, sign: float, rng: np.random.Generato
 
 
 def render_pair(seed: int, view: str, family: str, strength: float):
-    """(stored L image, stored R image, spacing L, spacing R, true correspondences) of one stressed pair."""
+    """(stored L image, stored R image, their spacing in mm/px, true correspondences) of one stressed pair."""
     rng = np.random.default_rng([seed, 0x57E55])
     sign = 1.0 if (seed // 2) % 2 else -1.0
     stress = family if family not in ("size_px", "breast_scale") else "none"
