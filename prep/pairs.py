@@ -31,8 +31,8 @@ from prep.register import (
     Registration,
     RegistrationGrid,
     compose_affines,
+    grid_affine,
     grid_from_small,
-    invert_affine,
     register_both_ways,
     registration_grid,
 )
@@ -182,9 +182,8 @@ def with_displacement(forward: Registration, backward: Registration, grid_l: Reg
                       grid_r: RegistrationGrid, cfg: PrepConfig) -> tuple[Registration, Registration]:
     """Both directions with the deformable stage's displacement (`prep.deform`) where its held-back check
     accepts one, else unchanged; R -> L gets the inverse displacement."""
-    grid_affine = compose_affines(invert_affine(grid_l.to_grid), forward.affine, grid_r.to_grid)
-    field, gain = fit_displacement(grid_l, grid_r, grid_affine, cfg.reg_mm_per_px, cfg.reg_deform_max_mm,
-                                   cfg.reg_deform_smooth_mm)
+    field, gain = fit_displacement(grid_l, grid_r, grid_affine(grid_l, grid_r, forward.affine), cfg.reg_mm_per_px,
+                                   cfg.reg_deform_max_mm, cfg.reg_deform_smooth_mm)
     if field is None:
         return forward, backward
     ahead = displacement_from_grid(field, grid_l.to_grid, gain)

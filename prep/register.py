@@ -668,8 +668,12 @@ def judge_affine(ipsi: RegistrationGrid, contra: RegistrationGrid, affine: np.nd
     failed = _grid_problem(ipsi, contra)
     if failed is not None:
         return failed
-    grid_affine = compose_affines(invert_affine(ipsi.to_grid), np.asarray(affine, np.float64), contra.to_grid)
-    return _judge(ipsi, contra, grid_affine, method, cfg)
+    return _judge(ipsi, contra, grid_affine(ipsi, contra, affine), method, cfg)
+
+
+def grid_affine(ipsi: RegistrationGrid, contra: RegistrationGrid, affine: np.ndarray) -> np.ndarray:
+    """An ipsi -> contra canonical px affine as the grid px affine the fit and QC work in."""
+    return compose_affines(invert_affine(ipsi.to_grid), np.asarray(affine, np.float64), contra.to_grid)
 
 
 def _grid_problem(ipsi: RegistrationGrid, contra: RegistrationGrid) -> Registration | None:
@@ -700,8 +704,7 @@ def register_both_ways(ipsi: RegistrationGrid, contra: RegistrationGrid,
         backward = _register_one_way(contra, ipsi, cfg)
         if backward.reg_ok:
             mean = 0.5 * (forward.affine + invert_affine(backward.affine))
-            grid_mean = compose_affines(invert_affine(ipsi.to_grid), mean, contra.to_grid)
-            judged = _judge(ipsi, contra, grid_mean, forward.method + "+symmetric", cfg)
+            judged = judge_affine(ipsi, contra, mean, cfg, method=forward.method + "+symmetric")
             if judged.reg_ok:
                 judged_back = inverse_registration(judged, ipsi, contra, cfg)
                 if judged_back.reg_ok:
@@ -743,8 +746,7 @@ def inverse_registration(forward: Registration, ipsi: RegistrationGrid, contra: 
     """
     if not np.isfinite(forward.affine).all():
         return dataclasses.replace(forward, area_ratio=1.0 / forward.area_ratio)
-    grid_forward = compose_affines(invert_affine(ipsi.to_grid), forward.affine, contra.to_grid)
-    return _judge(contra, ipsi, invert_affine(grid_forward), forward.method, cfg)
+    return _judge(contra, ipsi, invert_affine(grid_affine(ipsi, contra, forward.affine)), forward.method, cfg)
 
 
 def register_contralateral(
