@@ -59,6 +59,7 @@ class CDJobConfig:
     mm_per_px: float = knob_from(PrepConfig, "mm_per_px", 0.4, panel="Build")
     patch_px: int = knob_from(PrepConfig, "patch_px", 64, panel="Build")
     grid_patches: int = knob_from(PrepConfig, "grid_patches_per_direction", panel="Build")
+    prep_overrides: dict = field(default_factory=dict)  # other PrepConfig fields of the build and the extraction
     methods: tuple[str, ...] = knob_from(StudyConfig, "methods", CD_METHODS, panel="Methods",
                                          help="Label-free methods to pretrain and score: " + " | ".join(METHODS) + ".")
     supervised: bool = knob(True, "Add the supervised ceiling (uses the lesion labels) where train.finetune "
@@ -120,7 +121,8 @@ def build(cfg: CDJobConfig, archive: Path, say: Callable[[str], None]) -> tuple[
 def prep_config(cfg: CDJobConfig):
     from prep.config import PrepConfig
 
-    return PrepConfig(mm_per_px=cfg.mm_per_px, patch_px=cfg.patch_px, grid_patches_per_direction=cfg.grid_patches)
+    return PrepConfig(mm_per_px=cfg.mm_per_px, patch_px=cfg.patch_px, grid_patches_per_direction=cfg.grid_patches,
+                      **cfg.prep_overrides)
 
 
 def study_config(cfg: CDJobConfig, shards: Path, manifests: Path):

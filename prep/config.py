@@ -48,6 +48,10 @@ class PrepConfig:
     reg_deform_smooth_mm: float = knob(40.0, "That displacement is the optical flow of the shared pattern smoothed "
                                        "inside the breast at this Gaussian sigma (mm): only deformations on the "
                                        "scale of the shared coarse structure survive.", PANEL, min=0.1)
+    reg_offset_mm: float = knob(0.0, "An instrument, not a setting for real builds: move every registration by "
+                                "this much (mm) after QC, each pair in its own direction, to measure how much "
+                                "misregistration the method tolerates (benchmarks/registration_tolerance.py); "
+                                "recorded in pairs.parquet's method.", PANEL, min=0.0)
     max_rotation_deg: float = knob(20.0, "Registration QC: largest rotation (degrees) of the ipsi -> contra "
                                    "affine.", PANEL, min=0.0)
     scale_bounds: tuple[float, float] = knob((0.7, 1.4), "Registration QC: smallest and largest isotropic scale "
@@ -64,6 +68,9 @@ class PrepConfig:
         check_knobs(self)
         if not self.abnormal_overlap > 0:
             raise ConfigError("bad_option", f"--abnormal-overlap must be > 0, got {self.abnormal_overlap}")
+        if self.reg_offset_mm and self.reg_deformable:
+            raise ConfigError("bad_option", "--reg-offset-mm moves the affine registration; it does not combine "
+                              "with --reg-deformable")
         lo, hi = self.scale_bounds
         if not 0 < lo < 1 < hi:
             raise ConfigError("bad_option", f"--scale-bounds must satisfy 0 < lo < 1 < hi, got {lo} {hi}")

@@ -33,6 +33,7 @@ from prep.register import (
     compose_affines,
     grid_affine,
     grid_from_small,
+    invert_affine,
     register_both_ways,
     registration_grid,
 )
@@ -175,7 +176,29 @@ def register_pair(left: CanonicalImage, right: CanonicalImage, cfg: PrepConfig) 
     forward, backward = register_both_ways(grid_l, grid_r, cfg)
     if cfg.reg_deformable and forward.reg_ok and backward.reg_ok:
         forward, backward = with_displacement(forward, backward, grid_l, grid_r, cfg)
+    if cfg.reg_offset_mm:
+        forward, backward = offset_registration(forward, backward, cfg.reg_offset_mm / cfg.mm_per_px)
     return forward, backward
+
+
+def offset_registration(forward: Registration, backward: Registration,
+                        offset_px: float) -> tuple[Registration, Registration]:
+    """Both directions moved by `offset_px` (canonical px) where L lands in R, R -> L still the exact inverse:
+    the instrument `cfg.reg_offset_mm` (every point of the pair off by that much more, or less, than the fit
+    put it). QC's verdict and numbers stay those of the fit: the question is what an undetected error does.
+
+    The direction is drawn per pair from its fitted affine, so errors point every way across an archive, as a
+    fit's scatter does, and a rebuild (or `train detect`, or the contrast-detail extraction, which register the
+    same pair again) draws the same one."""
+    if not np.isfinite(forward.affine).all():
+        return forward, backward
+    rounded = np.round(forward.affine, 3).astype("<f8").tobytes()
+    angle = 2.0 * np.pi * int.from_bytes(hashlib.sha256(rounded).digest()[:8], "little") / 2.0**64
+    moved = forward.affine.copy()
+    moved[:, 2] += offset_px * np.array([np.cos(angle), np.sin(angle)])
+    method = f"{forward.method}+offset"
+    return (dataclasses.replace(forward, affine=moved, method=method),
+            dataclasses.replace(backward, affine=invert_affine(moved), method=method))
 
 
 def with_displacement(forward: Registration, backward: Registration, grid_l: RegistrationGrid,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import cv2
 import numpy as np
 import pytest
@@ -292,6 +294,28 @@ def test_realistic_pair_registers_within_target_both_ways(realistic):
         median, p95 = np.median(error_mm), np.percentile(error_mm, 95)
         assert median <= 1.4 and p95 <= 3.0, (median, p95)
     np.testing.assert_allclose(compose_affines(forward.affine, backward.affine), np.eye(3)[:2], atol=1e-9)
+
+
+def test_the_misregistration_instrument_moves_every_point_by_its_length(realistic):
+    """`reg_offset_mm` (benchmarks/registration_tolerance.py) moves where every L point lands in R by exactly that
+    many mm, the same way on every rerun, keeps R -> L the exact inverse and QC's verdict, and says so in the
+    method; it refuses to combine with the deformable stage, whose field it would not move."""
+    from prep.knobs import ConfigError
+    from prep.pairs import register_pair
+
+    _, canon, _ = realistic
+    fit, fit_back = register_pair(canon["L"], canon["R"], REAL_CFG)
+    offset_cfg = dataclasses.replace(REAL_CFG, reg_offset_mm=4.0)
+    moved, moved_back = register_pair(canon["L"], canon["R"], offset_cfg)
+    points = np.argwhere(canon["L"].mask)[::211, ::-1].astype(float)
+    off_mm = np.linalg.norm(apply_affine(points, moved.affine) - apply_affine(points, fit.affine), axis=1) * REAL_CFG.mm_per_px
+    np.testing.assert_allclose(off_mm, 4.0, atol=1e-9)
+    np.testing.assert_allclose(moved_back.affine, invert_affine(moved.affine), atol=1e-9)
+    assert (moved.reg_ok, moved_back.reg_ok, moved.dice) == (fit.reg_ok, fit_back.reg_ok, fit.dice)
+    assert moved.method == fit.method + "+offset"
+    np.testing.assert_array_equal(register_pair(canon["L"], canon["R"], offset_cfg)[0].affine, moved.affine)
+    with pytest.raises(ConfigError, match="reg-offset-mm"):
+        dataclasses.replace(REAL_CFG, reg_offset_mm=4.0, reg_deformable=True)
 
 
 @pytest.mark.parametrize("rotation_deg, shift_mm", [(6.0, (0.0, 0.0)), (0.0, (10.0, 0.0)), (0.0, (0.0, -10.0))])
