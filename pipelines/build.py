@@ -28,7 +28,7 @@ from pipelines.cluster import DaskSession
 from pipelines.errors import BuildError
 from pipelines.pair_work import estimate, plan_rejected_image_rows
 from pipelines.plan import BuildOptions, Plan, ShardGroup, no_pairs_hint, plan_build
-from pipelines.progress import build_progress, print_cluster, print_plan, print_summary
+from pipelines.progress import build_progress, print_cluster, print_line, print_plan, print_summary
 from pipelines.provenance import git_commit, package_versions
 from pipelines.resume import LOCK_FILE, resume_state
 from pipelines.worker import GroupTask, run_group
@@ -119,6 +119,10 @@ def build_in_session(root: Path, options: BuildOptions, dask: DaskSession | None
     build_started = started = time.perf_counter()
     plan = plan_build(root, options, dask)
     timings["plan_s"] = time.perf_counter() - started
+    if options.prep.reg_offset_mm:
+        print_line(console, f"[yellow]warning:[/] --reg-offset-mm {options.prep.reg_offset_mm:g}: every registration "
+                            "is moved that far off its fit on purpose (an instrument, benchmarks/"
+                            "registration_tolerance.py): these shards misalign every pair", markup=True)
     build = build or plan.default_build_name()
     shards_dir, manifests_dir = default_dirs(build, out, manifests)
     if not plan.groups and dry_run:

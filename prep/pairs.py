@@ -184,14 +184,15 @@ def register_pair(left: CanonicalImage, right: CanonicalImage, cfg: PrepConfig) 
 def offset_registration(forward: Registration, backward: Registration,
                         offset_px: float) -> tuple[Registration, Registration]:
     """Both directions moved by `offset_px` (canonical px) where L lands in R, R -> L still the exact inverse:
-    the instrument `cfg.reg_offset_mm` (every point of the pair off by that much more, or less, than the fit
-    put it). QC's verdict and numbers stay those of the fit: the question is what an undetected error does.
+    the instrument `cfg.reg_offset_mm` (each point lands that far from where the fit put it). QC's verdict and
+    numbers stay those of the fit: the question is what an undetected error does.
 
     The direction is drawn per pair from its fitted affine, so errors point every way across an archive, as a
-    fit's scatter does, and a rebuild (or `train detect`, or the contrast-detail extraction, which register the
-    same pair again) draws the same one."""
+    fit's scatter does, and registering the same pair again (a rebuild, the contrast-detail extraction) draws the
+    same one."""
     if not np.isfinite(forward.affine).all():
         return forward, backward
+    # rounded to 1e-3 px: a last-bit difference in the fit does not turn the direction
     rounded = np.round(forward.affine, 3).astype("<f8").tobytes()
     angle = 2.0 * np.pi * int.from_bytes(hashlib.sha256(rounded).digest()[:8], "little") / 2.0**64
     moved = forward.affine.copy()
