@@ -22,7 +22,6 @@ after a 1-min synthesis. Results: docs/PERFORMANCE.md "How much misregistration 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
