@@ -105,10 +105,11 @@ def main() -> None:
                         help="Registration offsets (mm); the first is the reference (0: the build as it is).")
     parser.add_argument("--methods", nargs="+", default=list(HEADLINE), help="Methods to train and score.")
     parser.add_argument("--seed", type=int, default=7, help="Seed of the synthetic archive (the demo's: 7).")
-    parser.add_argument("--trials-per-cell", type=int, default=DEMO_TRIALS_PER_CELL)
+    parser.add_argument("--trials-per-cell", type=int, default=DEMO_TRIALS_PER_CELL,
+                        help=f"Test lesions per lesion kind and contrast (the demo's: {DEMO_TRIALS_PER_CELL}).")
     parser.add_argument("--steps", type=int, default=60, help="Pretraining steps per method (the demo's: 60).")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--n-boot", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=2, help="Dask workers of each build and extraction processes.")
+    parser.add_argument("--n-boot", type=int, default=2000, help="Background-study bootstrap resamples.")
     args = parser.parse_args()
     if any(e < 0 for e in args.offsets):
         parser.error("--offsets must be >= 0 mm")
