@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(HEADLINE), help="Methods to train and score.")
     parser.add_argument("--seed", type=int, default=7, help="Seed of the synthetic archive (the demo's: 7).")
     parser.add_argument("--trials-per-cell", type=int, default=DEMO_TRIALS_PER_CELL,
-                        help=f"Test lesions per lesion kind and contrast (the demo's: {DEMO_TRIALS_PER_CELL}).")
+                        help=f"Test lesions per grid cell: kind, diameter, contrast (the demo's: {DEMO_TRIALS_PER_CELL}).")
     parser.add_argument("--steps", type=int, default=60, help="Pretraining steps per method (the demo's: 60).")
     parser.add_argument("--workers", type=int, default=2, help="Dask workers of each build and extraction processes.")
     parser.add_argument("--n-boot", type=int, default=2000, help="Background-study bootstrap resamples.")
