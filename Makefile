@@ -40,8 +40,12 @@ SOFT_OUT ?= softstudy
 SOFT_SEEDS ?= 0 1 2
 SOFT_STEPS ?= 300
 SOFT_CURVE ?= 60 300 1000
+# what an added registration error does to the demo's detection (benchmarks/registration_tolerance.py)
+TOL_DIR ?= tolerance
+TOL_OFFSETS ?= 0 2 4 8
+TOL_STEPS ?= 60
 
-.PHONY: venv demo test bench study study-archive ablation cd softlabel-study clean-demo
+.PHONY: venv demo test bench study study-archive ablation cd softlabel-study tolerance clean-demo
 
 # --no-compile: byte-compiling every file of torch and its neighbours at install costs minutes of CPU on 2 cores;
 # Python compiles the modules a command imports on first use instead (docs/PERFORMANCE.md "End to end")
@@ -97,6 +101,11 @@ cd: venv
 softlabel-study: venv
 	$(BIN)/python -m pipelines.softlabel_study --cd $(SOFT_CD) --out $(SOFT_OUT) --steps $(SOFT_STEPS) \
 		$(foreach s,$(SOFT_SEEDS),--seeds $(s)) $(foreach n,$(SOFT_CURVE),--curve-steps $(n))
+
+# the demo's contrast-detail job once per registration offset (every fit moved that many mm after QC, in training and
+# in the test patches) -> $(TOL_DIR)/tolerance.md and .json; resumes when rerun.
+tolerance: venv
+	$(BIN)/python benchmarks/registration_tolerance.py --out $(TOL_DIR) --offsets $(TOL_OFFSETS) --steps $(TOL_STEPS)
 
 bench: venv
 	$(BIN)/python benchmarks/prep_bench.py
