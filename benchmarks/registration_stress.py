@@ -71,6 +71,8 @@ FAMILIES = {
     "size_px": (560.0, 480.0, 840.0),
     "breast_scale": (1.0, 0.6, 0.8, 1.2, 1.4),
 }
+# families that change how the generator's own pair is stored or declared, not how the generator draws it
+STORAGE_FAMILIES = ("size_px", "breast_scale")
 WRONG_PAIR_MEDIAN_MM = 3.0  # a QC-passed pair this far off (median) is a wrong fit that passed
 
 
@@ -146,7 +148,7 @@ def render_pair(seed: int, view: str, family: str, strength: float):
     """(stored L image, stored R image, their spacing in mm/px, true correspondences) of one stressed pair."""
     rng = np.random.default_rng([seed, 0x57E55])
     sign = 1.0 if (seed // 2) % 2 else -1.0
-    stress = family if family not in ("size_px", "breast_scale") else "none"
+    stress = family if family not in STORAGE_FAMILIES else "none"
     with stressing(stress, strength, sign, rng):
         study = synth_study.make_study(seed, "small", images=(("L", view), ("R", view)))
     left, right = (next(im for im in study.images if im.laterality == lat) for lat in "LR")
@@ -253,7 +255,7 @@ def main() -> None:
         for family in args.families:
             strengths = FAMILIES[family][1:]
             if args.quick:
-                strengths = strengths[-2:] if family not in ("size_px", "breast_scale") else strengths
+                strengths = strengths[-2:] if family not in STORAGE_FAMILIES else strengths
             for strength in strengths:
                 rows.append(run_cell(family, strength, list(range(args.seed, args.seed + n)), cfg))
                 print(f"  {scale} mm/px {family} {strength:g}: done", flush=True)
